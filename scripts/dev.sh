@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian machine: installs what is missing, then runs.
+#   bash scripts/dev.sh demo    mount a demo bucket from an embedded S3 server and read it
+#   bash scripts/dev.sh test    run the test suite
+#   bash scripts/dev.sh bench   run the benchmark suite (args passed on, e.g. --quick)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SYSTEM_PACKAGES=(fuse3 libfuse3-dev pkg-config fio python3-venv)
+VENV=.venv
+
+install_system_packages() {
+  local missing=()
+  for p in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  echo "installing system packages: ${missing[*]}" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+install_python_package() {
+  local stamp="$VENV/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  [ -f "$stamp" ] && return
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e ".[test,bench]"
+  rm -f "$VENV"/.installed-* && touch "$stamp"
+}
+
+install_system_packages
+install_python_package
+export PATH="$PWD/$VENV/bin:$PATH"
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  demo)  exec tieredfs demo "$@" ;;
+  test)  exec python -m pytest -q "$@" ;;
+  bench) exec python -m bench "$@" ;;
+  *) echo "usage: bash scripts/dev.sh demo|test|bench [args]" >&2; exit 2 ;;
+esac

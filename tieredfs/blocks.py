@@ -1,0 +1,68 @@
+"""Block addresses and offset arithmetic.
+
+A block is one `block_size`-aligned range of one *version* of one object. The ETag
+is part of the address, so a changed object can never be served from an old
+version's blocks: the new ETag simply misses.
+"""
+
+from dataclasses import dataclass
+
+import xxhash
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectVersion:
+    """One version of one S3 object, as pinned by an open file."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    obj: ObjectVersion
+    index: int
+    block_size: int
+
+    @property
+    def start(self) -> int:
+        return self.index * self.block_size
+
+    @property
+    def length(self) -> int:
+        return max(0, min(self.block_size, self.obj.size - self.start))
+
+    @property
+    def id(self) -> str:
+        """Fixed-length, filesystem-safe address shared by every tier (32 hex chars)."""
+        o = self.obj
+        raw = f"{o.bucket}\0{o.key}\0{o.etag}\0{self.block_size}\0{self.index}".encode()
+        return xxhash.xxh3_128_hexdigest(raw)
+
+
+def block_count(size: int, block_size: int) -> int:
+    return (size + block_size - 1) // block_size
+
+
+def blocks_for_range(obj: ObjectVersion, offset: int, size: int, block_size: int) -> list[BlockRef]:
+    """The blocks covering [offset, offset+size) clipped to the object; [] past EOF."""
+    end = min(obj.size, offset + size)
+    if size <= 0 or offset >= end:
+        return []
+    first, last = offset // block_size, (end - 1) // block_size
+    return [BlockRef(obj, i, block_size) for i in range(first, last + 1)]
+
+
+def assemble(blocks: list[BlockRef], datas: list[bytes], offset: int, size: int) -> bytes:
+    """Cut [offset, offset+size) out of consecutive whole blocks."""
+    if not blocks:
+        return b""
+    base = blocks[0].start
+    lo = offset - base
+    hi = min(offset + size, blocks[-1].start + blocks[-1].length) - base
+    if len(datas) == 1:
+        return datas[0][lo:hi]
+    joined = b"".join(datas)
+    return joined[lo:hi]

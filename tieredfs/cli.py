@@ -1,0 +1,146 @@
+"""Command line: turns options into a Config and errors into one-line messages."""
+
+import functools
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from .config import build_config, load_toml, normalize
+from .errors import ConfigError, MountError, TieredError
+
+log = logging.getLogger("tieredfs")
+
+
+def setup_logging(debug: bool, log_file: Path | None = None) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s level=%(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def clear_errors(fn):
+    """Expected failures print one line and exit non-zero; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TieredError as e:
+            click.echo(f"tieredfs: error: {e}", err=True)
+            sys.exit(2 if isinstance(e, ConfigError) else 1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="tieredfs")
+def main():
+    """tieredfs: mount S3 through local and shared block caches."""
+
+
+_MOUNT_SETTINGS = {
+    "endpoint_url": click.option("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000"),
+    "region": click.option("--region"),
+    "cache_dir": click.option("--cache-dir", type=click.Path(path_type=Path),
+                              help="local block cache (default ~/.cache/tieredfs/BUCKET)"),
+    "cache_size": click.option("--cache-size", help="hard cap, bytes (20G) or % of the cache disk"),
+    "cache_min_free": click.option("--cache-min-free", help="keep this much of the cache disk free"),
+    "block_size": click.option("--block-size", help="block size, a power of two (default 1M)"),
+    "list_ttl": click.option("--list-ttl", type=float, help="seconds a directory listing is trusted"),
+    "s3_max_requests": click.option("--s3-max-requests", type=int, help="concurrent S3 requests"),
+    "read_deadline": click.option("--read-deadline", type=float,
+                                  help="seconds before a read that S3 cannot serve fails with EIO"),
+    "readahead_max": click.option("--readahead-max", help="largest readahead window per file"),
+    "readahead_budget": click.option("--readahead-budget", help="readahead memory for all files"),
+    "uid": click.option("--uid", type=int, help="owner shown for files (default: you)"),
+    "gid": click.option("--gid", type=int),
+    "log_file": click.option("--log-file", type=click.Path(path_type=Path)),
+}
+
+
+def mount_settings(fn):
+    for opt in reversed(_MOUNT_SETTINGS.values()):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("url")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@mount_settings
+@click.option("-o", "options", multiple=True, help="mount options, comma separated (allow_other,...)")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file")
+@click.option("-f", "--foreground", is_flag=True, help="stay attached (systemd, debugging)")
+@click.option("--debug", is_flag=True, default=None)
+@clear_errors
+def mount(url, mountpoint, options, config_file, foreground, **settings):
+    """Mount s3://BUCKET[/PREFIX] on MOUNTPOINT (read-only)."""
+    from . import daemon, service
+
+    file_values = load_toml(config_file) if config_file else {}
+    settings["fuse_options"] = [o for group in options for o in group.split(",") if o] or None
+    config = build_config(url, file_values, normalize(settings | {"mountpoint": mountpoint}))
+    config.mountpoint = config.mountpoint.absolute()
+    if foreground:
+        setup_logging(config.debug, config.log_file)
+        service.run(config, on_ready=lambda: None)
+        return
+    # Problems a user can fix are reported before detaching, with the terminal still attached.
+    service.check_mountpoint(config.mountpoint)
+    service.check_fuse()
+    log_file = config.log_file or config.effective_cache_dir / "tieredfs.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    setup_logging(config.debug, log_file)
+    daemon.run_detached(lambda ready: service.run(config, ready), str(log_file))
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("-z", "--lazy", is_flag=True, help="detach now even if files are open")
+@clear_errors
+def umount(mountpoint, lazy):
+    """Unmount MOUNTPOINT (also a mount whose daemon died)."""
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise MountError("fusermount3 not found: install the fuse3 package") from None
+    if proc.returncode != 0:
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unknown reason"
+        hint = " (files are open: close them or use --lazy)" if "busy" in why.lower() else ""
+        raise MountError(f"cannot unmount {mountpoint}: {why}{hint}")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, path_type=Path))
+@clear_errors
+def stats(mountpoint):
+    """Print the counters of the daemon serving MOUNTPOINT as JSON."""
+    from .fuse_ops import STATS_XATTR
+
+    try:
+        raw = os.getxattr(mountpoint, STATS_XATTR.decode())
+    except OSError as e:
+        raise MountError(f"{mountpoint} is not a tieredfs mount ({e.strerror})") from None
+    click.echo(json.dumps(json.loads(raw), indent=2, sort_keys=True))
+
+
+@main.command()
+@click.option("--mountpoint", type=click.Path(path_type=Path), help="where to mount (default: a temp dir)")
+@click.option("--keep", is_flag=True, help="leave the mount and S3 server up until Ctrl-C")
+@clear_errors
+def demo(mountpoint, keep):
+    """Serve a sample dataset from an embedded S3 server, mount it and read it back."""
+    from .demo import run_demo
+
+    run_demo(mountpoint, keep)

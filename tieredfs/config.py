@@ -1,0 +1,170 @@
+"""One validated settings object, fed by CLI options and an optional TOML file.
+
+Precedence: defaults < config file < command line. Everything is checked once in
+`Config.validate()`; code further down trusts the values it is given.
+"""
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]$")
+_SIZE_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB, "p": 1024**5}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """'64M', '1GiB', '1.5g', 4096 -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"{what}: cannot read {text!r} as a size (examples: 4096, 64M, 20G)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix/'); the prefix is a directory."""
+    if not url.startswith("s3://"):
+        raise ConfigError(f"bad URL {url!r}: expected s3://BUCKET[/PREFIX]")
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise ConfigError(f"bad URL {url!r}: {bucket!r} is not a valid bucket name")
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/" if prefix else "")
+
+
+def default_cache_dir(bucket: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tieredfs" / bucket
+
+
+@dataclass
+class Config:
+    bucket: str
+    prefix: str = ""
+    mountpoint: Path = Path(".")
+    endpoint_url: str | None = None
+    region: str | None = None
+    cache_dir: Path | None = None
+
+    # Blocks and caching.
+    block_size: int = 1 * MiB
+    cache_size: str = "10G"  # bytes or a percentage of the cache filesystem, e.g. "20%"
+    cache_min_free: int = 1 * GiB
+    list_ttl: float = 60.0
+
+    # S3 access.
+    s3_max_requests: int = 16
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 10.0
+    s3_max_attempts: int = 6
+    read_deadline: float = 60.0  # a FUSE read gets its bytes or EIO within this many seconds
+
+    # Readahead.
+    readahead_max: int = 64 * MiB
+    readahead_budget: int = 256 * MiB
+    small_file_threshold: int = 1 * MiB
+
+    # Mount.
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    fuse_options: list[str] = field(default_factory=list)
+    max_threads: int = 32
+    log_file: Path | None = None
+    debug: bool = False
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir or default_cache_dir(self.bucket)
+
+    def cache_size_bytes(self, fs_total: int) -> int:
+        """The hard cache cap; a percentage is taken of the cache filesystem's size."""
+        text = str(self.cache_size).strip()
+        if text.endswith("%"):
+            return int(fs_total * float(text[:-1]) / 100)
+        return parse_size(text, "cache-size")
+
+    def validate(self) -> "Config":
+        bs = self.block_size
+        if bs < 4 * KiB or bs > 64 * MiB or bs & (bs - 1):
+            raise ConfigError(f"block-size {bs} must be a power of two between 4K and 64M")
+        text = str(self.cache_size).strip()
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                raise ConfigError(f"cache-size {text!r}: bad percentage") from None
+            if not 0 < pct <= 100:
+                raise ConfigError(f"cache-size {text!r}: percentage must be in (0, 100]")
+        elif self.cache_size_bytes(0) < 16 * bs:
+            raise ConfigError(f"cache-size {text!r} is smaller than 16 blocks of {bs} bytes")
+        for name in ("s3_max_requests", "s3_max_attempts", "max_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
+        for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive")
+        if self.readahead_budget < self.block_size:
+            raise ConfigError("readahead-budget must hold at least one block")
+        if self.readahead_max < self.block_size:
+            raise ConfigError("readahead-max must be at least one block")
+        if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
+            raise ConfigError(f"endpoint-url {self.endpoint_url!r} must look like http(s)://HOST[:PORT]")
+        for opt in self.fuse_options:
+            if opt not in _ALLOWED_FUSE_OPTIONS and not opt.startswith("fsname="):
+                allowed = ", ".join(sorted(_ALLOWED_FUSE_OPTIONS))
+                raise ConfigError(f"mount option {opt!r} is not supported (supported: {allowed}, fsname=...)")
+        return self
+
+
+_ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
+_SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "small_file_threshold"}
+
+
+def load_toml(path: Path) -> dict:
+    """Read a TOML config file into Config field values (keys may use - or _)."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return normalize(raw, source=str(path))
+
+
+def normalize(values: dict, source: str = "options") -> dict:
+    """Map user-facing names and types onto Config fields; unknown keys are errors."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+        if name in _SIZE_FIELDS:
+            value = parse_size(value, key)
+        elif name in ("mountpoint", "cache_dir", "log_file") and value is not None:
+            value = Path(value).expanduser()
+        out[name] = value
+    return out
+
+
+def build_config(url: str, file_values: dict, cli_values: dict) -> Config:
+    bucket, prefix = parse_s3_url(url)
+    merged = {**file_values, **cli_values}
+    try:
+        return Config(bucket=bucket, prefix=prefix, **merged).validate()
+    except TypeError as e:
+        raise ConfigError(str(e)) from None

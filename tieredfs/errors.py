@@ -1,0 +1,82 @@
+"""Every exception tieredfs raises on purpose, and its errno at the FUSE edge.
+
+The CLI turns these into one-line messages; fuse_ops turns them into errno.
+Anything else escaping to either edge is a bug and is reported as EIO.
+"""
+
+import errno
+
+
+class TieredError(Exception):
+    """Base of all expected failures. `str()` is a message a user can act on."""
+
+    errno = errno.EIO
+
+
+# --- start-up and configuration ------------------------------------------------
+
+
+class ConfigError(TieredError):
+    """A setting or command-line value is invalid."""
+
+    errno = errno.EINVAL
+
+
+class MountError(TieredError):
+    """The mount point or FUSE itself cannot be used."""
+
+
+class BucketMissing(TieredError):
+    errno = errno.ENOENT
+
+
+class CredentialsRefused(TieredError):
+    errno = errno.EACCES
+
+
+class EndpointUnreachable(TieredError):
+    pass
+
+
+# --- data path ------------------------------------------------------------------
+
+
+class ObjectMissing(TieredError):
+    """The object is truly absent on S3 (404), not throttled or unreachable."""
+
+    errno = errno.ENOENT
+
+
+class ObjectChanged(TieredError):
+    """The object's ETag is no longer the one pinned at open(); mixing versions is refused."""
+
+    errno = errno.EIO
+
+
+class BackendUnavailable(TieredError):
+    """S3 did not give a correct answer within the retry budget and deadline."""
+
+    errno = errno.EIO
+
+
+class CacheCorrupt(TieredError):
+    """A cached block failed verification; callers treat it as a miss."""
+
+
+class CacheError(TieredError):
+    """The cache directory cannot be used (locked, unwritable, bad index)."""
+
+
+class CacheLocked(CacheError):
+    pass
+
+
+class ReadOnly(TieredError):
+    errno = errno.EROFS
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a reader sees for `exc`; unexpected exceptions become EIO."""
+    if isinstance(exc, TieredError):
+        return exc.errno
+    return errno.EIO

@@ -1,0 +1,104 @@
+"""What the mount does, independent of FUSE: names, handles, reads, stats.
+
+fuse_ops.py only translates between this and pyfuse3. Blocking namespace work
+(listing S3) runs in worker threads.
+"""
+
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import trio
+
+from .blocks import ObjectVersion
+from .errors import ObjectChanged, ObjectMissing, ReadOnly
+from .namespace import Namespace, Node
+from .reader import OpenFile, Reader
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+@dataclass
+class Opened:
+    fh: int
+    keep_cache: bool
+
+
+class FileSystem:
+    def __init__(self, namespace: Namespace, reader: Reader, bucket: str,
+                 list_limiter: trio.CapacityLimiter, stats: Callable[[], dict]):
+        self.namespace = namespace
+        self.reader = reader
+        self.bucket = bucket
+        self._list_limiter = list_limiter
+        self._stats = stats
+        self._fh = itertools.count(1)
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, list[Node]] = {}
+        self._etag_at_last_open: dict[int, str] = {}
+
+    async def _ns(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._list_limiter)
+
+    # --- names -----------------------------------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes) -> Node:
+        return await self._ns(self.namespace.lookup, parent, name)
+
+    async def getattr(self, ino: int) -> Node:
+        return self.namespace.node(ino)
+
+    async def opendir(self, ino: int) -> int:
+        """Snapshot the entries so readdir offsets stay valid while S3 changes."""
+        entries = await self._ns(self.namespace.children, ino)
+        fh = next(self._fh)
+        self._dirs[fh] = entries
+        return fh
+
+    def readdir(self, fh: int, start: int) -> list[tuple[Node, int]]:
+        entries = self._dirs.get(fh, [])
+        return [(entries[i], i + 1) for i in range(max(0, start), len(entries))]
+
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # --- files ---------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> Opened:
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("tieredfs is read-only")
+        node = self.namespace.node(ino)
+        if node.is_dir:
+            raise IsADirectoryError(node.name)
+        f = OpenFile(next(self._fh), ino, ObjectVersion(self.bucket, node.key, node.etag, node.size))
+        self._files[f.fh] = f
+        # The kernel may keep this inode's pages only if they are of the same version.
+        keep = self._etag_at_last_open.get(ino) == node.etag
+        self._etag_at_last_open[ino] = node.etag
+        await self.reader.opened(f)
+        return Opened(f.fh, keep)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        f = self._files[fh]
+        try:
+            return await self.reader.read(f, offset, size)
+        except (ObjectMissing, ObjectChanged):
+            # S3 moved on: the next open should see the current listing.
+            self.namespace.mark_stale(f.ino)
+            self._etag_at_last_open.pop(f.ino, None)
+            raise
+
+    def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is not None:
+            self.reader.released(f)
+
+    def open_files(self) -> int:
+        return len(self._files)
+
+    def stats_json(self) -> bytes:
+        snap = self._stats()
+        snap["fs.open_files"] = len(self._files)
+        return json.dumps(snap, sort_keys=True).encode()

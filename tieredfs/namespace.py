@@ -1,0 +1,162 @@
+"""S3 keys under the mount prefix, seen as a directory tree.
+
+Each directory is listed lazily (one delimited ListObjectsV2, all pages) the first
+time it is needed and again once its listing is older than the TTL. Inode numbers
+are stable for a (parent, name, kind) for the life of the mount.
+
+Keys that cannot be a path are skipped with one log line each (docs/namespace.md):
+empty components (`a//b`), `.` and `..`, names over 255 bytes. When a key is both a
+file and a prefix (`a` and `a/b`), the directory wins.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import ObjectMissing
+from .tiers.s3 import Listing
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+NAME_MAX = 255
+
+
+@dataclass
+class Node:
+    ino: int
+    parent: int
+    name: bytes
+    is_dir: bool
+    key: str  # object key for a file, prefix ending in "/" for a directory ("" for a bucket root)
+    size: int = 0
+    mtime_ns: int = 0
+    etag: str = ""
+
+
+@dataclass
+class _Dir:
+    children: dict[bytes, int] = field(default_factory=dict)
+    listed_at: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def fs_name(component: str) -> bytes | None:
+    """The filename for one key component, or None if it cannot be a safe path name."""
+    if component in ("", ".", "..") or "\0" in component:
+        return None
+    name = component.encode("utf-8", "surrogateescape")
+    return name if len(name) <= NAME_MAX else None
+
+
+class Namespace:
+    def __init__(self, root_prefix: str, list_dir: Callable[[str], Listing], ttl: float,
+                 mount_time_ns: int, clock: Callable[[], float] = time.monotonic):
+        self._list_dir = list_dir
+        self._ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._nodes: dict[int, Node] = {ROOT_INO: Node(ROOT_INO, ROOT_INO, b"", True, root_prefix,
+                                                       mtime_ns=mount_time_ns)}
+        self._dirs: dict[int, _Dir] = {ROOT_INO: _Dir()}
+        self._next_ino = ROOT_INO + 1
+        self._mount_time_ns = mount_time_ns
+        self._skipped: set[str] = set()
+
+    # --- queries (blocking: may list S3) -------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        with self._lock:
+            try:
+                return self._nodes[ino]
+            except KeyError:
+                raise ObjectMissing(f"inode {ino} is unknown") from None
+
+    def lookup(self, parent: int, name: bytes) -> Node:
+        d = self._fresh_dir(parent)
+        with self._lock:
+            ino = d.children.get(name)
+            if ino is None:
+                raise ObjectMissing(f"no entry {name!r}")
+            return self._nodes[ino]
+
+    def children(self, ino: int) -> list[Node]:
+        d = self._fresh_dir(ino)
+        with self._lock:
+            return [self._nodes[i] for _, i in sorted(d.children.items())]
+
+    def mark_stale(self, ino: int) -> None:
+        """Forget a directory's listing so the next lookup sees S3's current state."""
+        with self._lock:
+            node = self._nodes.get(ino)
+            d = self._dirs.get(ino if node is None or node.is_dir else node.parent)
+            if d is not None:
+                d.listed_at = None
+
+    # --- listing -------------------------------------------------------------------------
+
+    def _fresh_dir(self, ino: int) -> _Dir:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise NotADirectoryError(node.name)
+        d = self._dirs[ino]
+        if self._is_fresh(d):
+            return d
+        with d.lock:  # one listing per directory at a time; others wait for its result
+            if not self._is_fresh(d):
+                self._apply(node, self._list_dir(node.key))
+                d.listed_at = self._clock()
+        return d
+
+    def _is_fresh(self, d: _Dir) -> bool:
+        return d.listed_at is not None and self._clock() - d.listed_at < self._ttl
+
+    def _apply(self, parent: Node, listing: Listing) -> None:
+        plen = len(parent.key)
+        entries: dict[bytes, tuple[bool, str, int, int, str]] = {}
+        for prefix in listing.prefixes:
+            name = self._checked(prefix[plen:-1], prefix)
+            if name is not None:
+                entries[name] = (True, prefix, 0, self._mount_time_ns, "")
+        for obj in listing.objects:
+            component = obj.key[plen:]
+            if component == "":
+                continue  # the directory marker of `parent` itself
+            name = self._checked(component, obj.key)
+            if name is None:
+                continue
+            if name in entries:
+                self._skip(obj.key, "a directory of the same name hides it")
+                continue
+            entries[name] = (False, obj.key, obj.size, obj.mtime_ns, obj.etag)
+        with self._lock:
+            self._replace_children(parent.ino, entries)
+
+    def _replace_children(self, parent: int, entries: dict) -> None:
+        d = self._dirs[parent]
+        children = {}
+        for name, (is_dir, key, size, mtime_ns, etag) in entries.items():
+            ino = d.children.get(name)
+            node = self._nodes.get(ino) if ino is not None else None
+            if node is None or node.is_dir != is_dir:
+                node = Node(self._next_ino, parent, name, is_dir, key)
+                self._next_ino += 1
+                self._nodes[node.ino] = node
+                if is_dir:
+                    self._dirs[node.ino] = _Dir()
+            node.size, node.mtime_ns, node.etag = size, mtime_ns, etag
+            children[name] = node.ino
+        d.children = children
+
+    def _checked(self, component: str, key: str) -> bytes | None:
+        name = fs_name(component)
+        if name is None:
+            self._skip(key, "its path has an empty, '.', '..' or over-long component")
+        return name
+
+    def _skip(self, key: str, why: str) -> None:
+        if key not in self._skipped and len(self._skipped) < 100_000:
+            self._skipped.add(key)
+            log.warning("event=key_skipped key=%r reason=%r", key[:300], why)

@@ -1,0 +1,41 @@
+"""read(file, offset, size) over the tier chain: split into blocks, fetch, assemble."""
+
+from dataclasses import dataclass, field
+
+from .blocks import ObjectVersion, assemble, blocks_for_range
+from .tiers.chain import TierChain
+
+
+@dataclass
+class OpenFile:
+    """One open() of one object version; reads never mix versions."""
+
+    fh: int
+    ino: int
+    obj: ObjectVersion
+    stream: object = field(default=None)  # readahead state, owned by the readahead engine
+
+
+class Reader:
+    def __init__(self, chain: TierChain, block_size: int, readahead=None):
+        self.chain = chain
+        self.block_size = block_size
+        self.readahead = readahead
+
+    async def read(self, f: OpenFile, offset: int, size: int) -> bytes:
+        refs = blocks_for_range(f.obj, offset, size, self.block_size)
+        if not refs:
+            return b""
+        if self.readahead is not None:
+            datas = await self.readahead.read_blocks(f, refs)
+        else:
+            datas = await self.chain.get_many(refs)
+        return assemble(refs, datas, offset, size)
+
+    async def opened(self, f: OpenFile) -> None:
+        if self.readahead is not None:
+            await self.readahead.opened(f)
+
+    def released(self, f: OpenFile) -> None:
+        if self.readahead is not None:
+            self.readahead.released(f)

@@ -1,0 +1,139 @@
+"""The composition root: builds every component from a Config and runs the mount.
+
+Nothing else constructs its own collaborators. Start-up checks run before the
+mount exists, so a failure leaves nothing mounted.
+"""
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from . import fuse_ops
+from .config import Config
+from .errors import MountError
+from .filesystem import FileSystem
+from .namespace import Namespace
+from .reader import Reader
+from .stats import Registry
+from .tiers.chain import TierChain
+from .tiers.s3 import S3Backend, S3Tier
+
+log = logging.getLogger(__name__)
+
+
+def check_mountpoint(path: Path) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mount point {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"mount point {path} is a dead tieredfs mount: "
+                             f"run 'tieredfs umount {path}' first") from None
+        raise MountError(f"mount point {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"mount point {path} is already a mount point (busy)")
+
+
+def check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: install fuse3 and load the fuse kernel module")
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 not found: install the fuse3 package")
+
+
+class Daemon:
+    """Every component of one mount, wired together."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.registry = Registry()
+        c = config
+        self.backend = S3Backend(
+            c.bucket, endpoint_url=c.endpoint_url, region=c.region, max_requests=c.s3_max_requests,
+            connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
+            max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
+            counters=self.registry.counters("s3"))
+        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns())
+        self.upper_tiers: list = []
+        self.capacity = 0
+
+    def check_remote(self) -> None:
+        self.backend.check_bucket()
+
+    def build_fs(self) -> FileSystem:
+        """Objects bound to the trio run (limiters) are built inside it."""
+        c = self.config
+        chain = TierChain(
+            self.upper_tiers, S3Tier(self.backend),
+            disk_limiter=trio.CapacityLimiter(c.max_threads),
+            s3_limiter=trio.CapacityLimiter(c.s3_max_requests),
+            max_span=max(1, c.readahead_max // c.block_size),
+            counters=self.registry.counters("chain"))
+        reader = Reader(chain, c.block_size)
+        return FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
+                          self.registry.snapshot)
+
+    def fuse_options(self) -> set[str]:
+        return {"fsname=tieredfs", "subtype=tieredfs", "ro", "default_permissions",
+                *self.config.fuse_options}
+
+
+def run(config: Config, on_ready: Callable[[], None]) -> None:
+    """Check, mount, serve until unmounted or signalled, clean up."""
+    check_mountpoint(config.mountpoint)
+    check_fuse()
+    daemon = Daemon(config)
+    daemon.check_remote()
+    trio.run(_serve, daemon, on_ready)
+
+
+async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
+    c = daemon.config
+    fs = daemon.build_fs()
+    ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
+                           block_size=c.block_size, capacity=daemon.capacity)
+    try:
+        fuse_ops.mount(ops, str(c.mountpoint), daemon.fuse_options())
+    except RuntimeError as e:
+        raise MountError(f"cannot mount on {c.mountpoint}: {e}") from None
+    session = _Session()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
+            # Ready only once the mount answers a request.
+            await trio.to_thread.run_sync(os.stat, c.mountpoint)
+            log.info("event=mounted bucket=%s prefix=%r mountpoint=%s", c.bucket, c.prefix,
+                     c.mountpoint)
+            on_ready()
+    finally:
+        fuse_ops.close(unmount=not session.ended_by_kernel)
+        log.info("event=unmounted mountpoint=%s", c.mountpoint)
+
+
+class _Session:
+    ended_by_kernel = False
+
+    async def serve(self, scope: trio.CancelScope, max_tasks: int) -> None:
+        await fuse_ops.serve(max_tasks)
+        self.ended_by_kernel = True  # fusermount3 -u: nothing left to unmount
+        scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("event=signal signal=%s action=unmount", signal.Signals(sig).name)
+            scope.cancel()
+            return

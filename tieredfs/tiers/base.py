@@ -1,0 +1,21 @@
+"""The one interface every tier offers to the chain.
+
+Calls are blocking and run in worker threads; a tier never talks to another tier.
+"""
+
+from typing import Protocol
+
+from ..blocks import BlockRef
+
+
+class Tier(Protocol):
+    name: str
+
+    def get(self, ref: BlockRef) -> bytes | None:
+        """The block's verified bytes, or None on a miss (including a corrupt copy)."""
+
+    def put(self, ref: BlockRef, data: bytes) -> None:
+        """Offer a block fetched from below; a tier may decline (full, failing) silently."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start, flat name -> number."""

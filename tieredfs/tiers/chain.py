@@ -1,0 +1,140 @@
+"""Lookup order across tiers, fill-up of the tiers above a hit, and single-flight.
+
+Runs on the trio thread; every tier call goes to a worker thread through a bounded
+limiter. Concurrent requests for the same block share one fetch.
+"""
+
+import logging
+
+import trio
+
+from ..blocks import BlockRef
+from ..errors import TieredError
+from ..stats import Counters
+from .base import Tier
+from .s3 import S3Tier
+
+log = logging.getLogger(__name__)
+
+
+class _Abandoned(Exception):
+    """The fetching task was cancelled (e.g. a prefetch on close); waiters fetch themselves."""
+
+
+class _Flight:
+    """The one fetch of a block that other requesters wait on."""
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+    async def wait(self) -> bytes:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.data
+
+
+class TierChain:
+    def __init__(self, upper: list[Tier], s3: S3Tier, *, disk_limiter: trio.CapacityLimiter,
+                 s3_limiter: trio.CapacityLimiter, max_span: int, counters: Counters):
+        self.upper = upper
+        self.s3 = s3
+        self._disk = disk_limiter
+        self._s3 = s3_limiter
+        self._max_span = max_span
+        self.counters = counters
+        self._flights: dict[str, _Flight] = {}
+
+    async def get(self, ref: BlockRef) -> bytes:
+        return (await self.get_many([ref]))[0]
+
+    async def get_many(self, refs: list[BlockRef]) -> list[bytes]:
+        """All blocks, fetching the misses in as few ranged GETs as contiguity allows."""
+        results: dict[int, bytes] = {}
+        waits: list[tuple[int, _Flight]] = []
+        owned: list[tuple[int, BlockRef, _Flight]] = []
+        for i, ref in enumerate(refs):
+            flight = self._flights.get(ref.id)
+            if flight is not None:
+                self.counters.add("single_flight_joins")
+                waits.append((i, flight))
+            else:
+                flight = self._flights[ref.id] = _Flight()
+                owned.append((i, ref, flight))
+        try:
+            await self._resolve(owned)
+        finally:
+            for _, ref, flight in owned:
+                self._flights.pop(ref.id, None)
+                if not flight.done.is_set():
+                    flight.error = _Abandoned()
+                    flight.done.set()
+        for i, _, flight in owned:
+            results[i] = await flight.wait()
+        for i, flight in waits:
+            try:
+                results[i] = await flight.wait()
+            except _Abandoned:
+                results[i] = await self.get(refs[i])
+        return [results[i] for i in range(len(refs))]
+
+    async def _resolve(self, owned: list[tuple[int, BlockRef, "_Flight"]]) -> None:
+        misses = []
+        for i, ref, flight in owned:
+            data = await self._from_upper(ref)
+            if data is not None:
+                flight.data = data
+                flight.done.set()
+            else:
+                misses.append((ref, flight))
+        async with trio.open_nursery() as nursery:
+            for span in _spans(misses, self._max_span):
+                nursery.start_soon(self._fetch_span, span)
+
+    async def _from_upper(self, ref: BlockRef) -> bytes | None:
+        for tier in self.upper:
+            data = await trio.to_thread.run_sync(tier.get, ref, limiter=self._disk)
+            if data is not None:
+                self.counters.add(f"hits.{tier.name}")
+                return data
+        return None
+
+    async def _fetch_span(self, span: list[tuple[BlockRef, "_Flight"]]) -> None:
+        refs = [ref for ref, _ in span]
+        try:
+            datas = await trio.to_thread.run_sync(self._fetch_and_fill, refs, limiter=self._s3)
+        except TieredError as e:
+            for _, flight in span:
+                flight.error = e
+                flight.done.set()
+            return
+        self.counters.add("hits.s3", len(refs))
+        for (_, flight), data in zip(span, datas):
+            flight.data = data
+            flight.done.set()
+
+    def _fetch_and_fill(self, refs: list[BlockRef]) -> list[bytes]:
+        """Worker thread: one ranged GET, then offer each block to the tiers above."""
+        datas = self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
+        for ref, data in zip(refs, datas):
+            for tier in self.upper:
+                tier.put(ref, data)
+        return datas
+
+    def stats(self) -> dict[str, int]:
+        return self.counters.snapshot()
+
+
+def _spans(misses: list[tuple[BlockRef, _Flight]], max_span: int) -> list[list]:
+    """Group consecutive blocks of one object into runs of at most max_span blocks."""
+    spans: list[list] = []
+    for ref, flight in sorted(misses, key=lambda m: (m[0].obj.key, m[0].index)):
+        last = spans[-1][-1][0] if spans else None
+        if (last is not None and last.obj == ref.obj and last.index + 1 == ref.index
+                and len(spans[-1]) < max_span):
+            spans[-1].append((ref, flight))
+        else:
+            spans.append([(ref, flight)])
+    return spans

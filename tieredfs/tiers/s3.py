@@ -1,0 +1,225 @@
+"""Tier 3: S3 through boto3 (the only module that imports boto3/botocore).
+
+Every request goes through one semaphore (bounded concurrency, bounded connection
+pool) and one retry loop with backoff and a deadline. Every ranged GET is pinned to
+an ETag with If-Match and its body length is checked: botocore does not verify
+ranged bodies, and a short body must become a retry, never wrong bytes.
+"""
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3.exceptions
+
+from ..blocks import BlockRef, ObjectVersion
+from ..errors import (
+    BackendUnavailable,
+    BucketMissing,
+    CredentialsRefused,
+    EndpointUnreachable,
+    ObjectChanged,
+    ObjectMissing,
+)
+from ..stats import Counters
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "429", "TooManyRequests",
+}
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
+               "InvalidToken"}
+_TRANSIENT = (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way another attempt may fix."""
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    size: int
+    mtime_ns: int
+    etag: str
+
+
+@dataclass
+class Listing:
+    prefixes: list[str]
+    objects: list[ListedObject]
+
+
+class S3Backend:
+    def __init__(self, bucket: str, *, endpoint_url: str | None, region: str | None,
+                 max_requests: int, connect_timeout: float, read_timeout: float,
+                 max_attempts: int, deadline: float, counters: Counters):
+        self.bucket = bucket
+        self.max_attempts = max_attempts
+        self.deadline = deadline
+        self.counters = counters
+        self._slots = threading.BoundedSemaphore(max_requests)
+        cfg = botocore.config.Config(
+            max_pool_connections=max_requests,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"total_max_attempts": 1},  # our own loop retries, including short bodies
+            region_name=region or "us-east-1",
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        self._client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=cfg)
+
+    # --- public operations -----------------------------------------------------
+
+    def check_bucket(self) -> None:
+        """Fail fast at mount time with a message naming the actual problem."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.NoCredentialsError:
+            raise CredentialsRefused("no AWS credentials found (set AWS_ACCESS_KEY_ID/"
+                                     "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)") from None
+        except botocore.exceptions.ClientError as e:
+            code, status = _code_status(e)
+            if status == 404 or code in ("NoSuchBucket", "404"):
+                raise BucketMissing(f"bucket {self.bucket!r} does not exist") from None
+            if code in _AUTH_CODES or status == 403:
+                raise CredentialsRefused(f"access to bucket {self.bucket!r} refused ({code}): "
+                                         "check the credentials and the bucket policy") from None
+            raise BackendUnavailable(f"bucket {self.bucket!r}: S3 answered {status} {code}") from None
+        except (botocore.exceptions.EndpointConnectionError,
+                botocore.exceptions.ConnectTimeoutError) as e:
+            raise EndpointUnreachable(f"cannot reach S3 endpoint: {e}") from None
+        except _TRANSIENT as e:
+            raise EndpointUnreachable(f"cannot talk to S3 endpoint: {e}") from None
+
+    def list_dir(self, prefix: str) -> Listing:
+        """One directory level under `prefix` (all pages)."""
+        listing = Listing([], [])
+        token = None
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list", lambda: self._client.list_objects_v2(**kwargs))
+            listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
+            listing.objects.extend(
+                ListedObject(o["Key"], o["Size"], int(o["LastModified"].timestamp() * 1e9),
+                             o.get("ETag", "").strip('"'))
+                for o in page.get("Contents", ()))
+            if not page.get("IsTruncated"):
+                return listing
+            token = page["NextContinuationToken"]
+
+    def head(self, key: str) -> ListedObject:
+        resp = self._call("head", lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        return ListedObject(key, resp["ContentLength"], int(resp["LastModified"].timestamp() * 1e9),
+                            resp.get("ETag", "").strip('"'))
+
+    def get_range(self, obj: ObjectVersion, start: int, length: int) -> bytes:
+        """Exactly `length` bytes of version `obj.etag` from `start`, or an exception."""
+        if length <= 0:
+            return b""
+
+        def attempt() -> bytes:
+            resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
+                                           Range=f"bytes={start}-{start + length - 1}")
+            with resp["Body"] as body:
+                data = body.read()
+            got_range = resp.get("ContentRange", "")
+            if len(data) != length or (got_range and not got_range.startswith(f"bytes {start}-")):
+                self.counters.add("short_bodies")
+                raise _Retry(f"asked {length} bytes at {start}, got {len(data)} ({got_range})")
+            return data
+
+        data = self._call("get", attempt)
+        self.counters.add("bytes", len(data))
+        return data
+
+    # --- the retry loop ------------------------------------------------------------
+
+    def _call(self, kind: str, fn):
+        stop_at = time.monotonic() + self.deadline
+        last = "no attempt made"
+        for attempt in range(self.max_attempts):
+            if attempt:
+                self.counters.add("retries")
+                pause = min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                if time.monotonic() + pause >= stop_at:
+                    break
+                time.sleep(pause)
+            try:
+                with self._slots:
+                    self.counters.add(f"requests.{kind}")
+                    return fn()
+            except _Retry as e:
+                last = str(e)
+            except botocore.exceptions.ClientError as e:
+                last = self._classify(e, kind)
+            except botocore.exceptions.NoCredentialsError:
+                raise CredentialsRefused("no AWS credentials found") from None
+            except _TRANSIENT as e:
+                self.counters.add("transport_errors")
+                last = f"{type(e).__name__}: {e}"
+            if time.monotonic() >= stop_at:
+                break
+        self.counters.add("failures")
+        raise BackendUnavailable(f"S3 {kind} failed after retries: {last}")
+
+    def _classify(self, e: "botocore.exceptions.ClientError", kind: str) -> str:
+        """Raise for answers another attempt cannot change; return a reason to retry."""
+        code, status = _code_status(e)
+        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
+            self.counters.add("throttled" if code in ("SlowDown", "Throttling", "429") else "server_errors")
+            return f"{status} {code}"
+        if code in ("PreconditionFailed", "InvalidRange") or status in (412, 416):
+            raise ObjectChanged(f"object changed on S3 since it was opened ({code})")
+        if code == "NoSuchBucket":
+            raise BucketMissing(f"bucket {self.bucket!r} no longer exists")
+        if code in ("NoSuchKey", "404") or status == 404:
+            raise ObjectMissing(f"object no longer exists on S3 ({kind})")
+        if code in _AUTH_CODES or status == 403:
+            raise CredentialsRefused(f"S3 refused the credentials ({code})")
+        raise BackendUnavailable(f"S3 {kind} answered {status} {code}")
+
+
+def _code_status(e: "botocore.exceptions.ClientError") -> tuple[str, int]:
+    err = e.response.get("Error", {})
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return str(err.get("Code", status)), int(status or 0)
+
+
+class S3Tier:
+    """The bottom of the chain: never misses; raises TieredError instead."""
+
+    name = "s3"
+
+    def __init__(self, backend: S3Backend):
+        self.backend = backend
+
+    def get(self, ref: BlockRef) -> bytes:
+        return self.backend.get_range(ref.obj, ref.start, ref.length)
+
+    def get_span(self, refs: list[BlockRef]) -> list[bytes]:
+        """Consecutive blocks in one ranged GET, split back into blocks."""
+        first = refs[0]
+        length = sum(r.length for r in refs)
+        data = self.backend.get_range(first.obj, first.start, length)
+        out, pos = [], 0
+        for r in refs:
+            out.append(data[pos:pos + r.length])
+            pos += r.length
+        return out
+
+    def put(self, ref: BlockRef, data: bytes) -> None:
+        """S3 is the source of truth; blocks are never written back."""
+
+    def stats(self) -> dict[str, int]:
+        return self.backend.counters.snapshot()
+
