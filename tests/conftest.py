@@ -1,0 +1,171 @@
+"""Shared fixtures: a real moto S3 server on 127.0.0.1 and real FUSE mounts of it.
+
+Every fixture that starts something stops it, even when the test fails: mounts are
+unmounted with fusermount3 -u (then lazily), daemons are killed by PID.
+"""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tieredfs.devserver import DevS3Server, wait_until
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aws_env():
+    old = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    os.environ.pop("AWS_PROFILE", None)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3server(aws_env):
+    server = DevS3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3server):
+    return boto3.client("s3", endpoint_url=s3server.url)
+
+
+@pytest.fixture
+def bucket(s3, request):
+    """A fresh, empty bucket for this test."""
+    name = f"t{next(_bucket_ids)}-{os.getpid()}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def tieredfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tieredfs", *args]
+
+
+class Mount:
+    """One real tieredfs daemon in the foreground, serving `path`."""
+
+    def __init__(self, url: str, path: Path, endpoint: str, cache_dir: Path, log: Path,
+                 extra: list[str]):
+        self.url, self.path, self.endpoint = url, path, endpoint
+        self.cache_dir, self.log, self.extra = cache_dir, log, extra
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Mount":
+        cmd = tieredfs_cmd("mount", self.url, str(self.path), "--endpoint-url", self.endpoint,
+                           "--cache-dir", str(self.cache_dir), "--foreground", *self.extra)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        ok = wait_until(lambda: os.path.ismount(self.path) or self.proc.poll() is not None, 30)
+        if not ok or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"mount failed:\n{self.log.read_text()}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stats(self) -> dict:
+        import json
+        return json.loads(os.getxattr(self.path, "user.tieredfs.stats"))
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash); the dead mount stays until stop()."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        unmount(self.path)
+        if self.proc is not None:
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        unmount(self.path, lazy=True)
+
+    def restart(self) -> "Mount":
+        self.stop()
+        return self.start()
+
+
+def unmount(path: Path, lazy: bool = False) -> None:
+    if os.path.ismount(path) or _is_dead_mount(path):
+        subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), str(path)],
+                       capture_output=True, timeout=30)
+
+
+def _is_dead_mount(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return False
+    except OSError:
+        return str(path) in Path("/proc/mounts").read_text()
+
+
+@pytest.fixture
+def mount_factory(s3server, tmp_path):
+    """mount_factory(bucket, *extra_args, cache_dir=None, prefix='') -> a started Mount."""
+    mounts: list[Mount] = []
+    counter = itertools.count()
+
+    def factory(bucket: str, *extra: str, cache_dir: Path | None = None, prefix: str = "",
+                endpoint: str | None = None, start: bool = True) -> Mount:
+        n = next(counter)
+        path = tmp_path / f"mnt{n}"
+        path.mkdir()
+        m = Mount(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}", path,
+                  endpoint or s3server.url, cache_dir or tmp_path / f"cache{n}",
+                  tmp_path / f"daemon{n}.log", list(extra))
+        mounts.append(m)
+        return m.start() if start else m
+
+    yield factory
+    for m in mounts:
+        m.stop()
+
+
+@pytest.fixture
+def put(s3, bucket):
+    """put(key, data) uploads to this test's bucket and returns the data."""
+
+    def _put(key: str, data: bytes) -> bytes:
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+        return data
+
+    return _put
+
+
+def read_file(path, chunk: int = 1 << 20) -> bytes:
+    with open(path, "rb") as f:
+        out = bytearray()
+        while piece := f.read(chunk):
+            out += piece
+        return bytes(out)
+
+
+def deadline_call(fn, seconds: float):
+    """Run fn; fail the test if it takes longer than `seconds` (a hang detector, not a benchmark)."""
+    start = time.monotonic()
+    result = fn()
+    assert time.monotonic() - start < seconds, f"took longer than {seconds}s"
+    return result
