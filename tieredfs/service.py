@@ -24,6 +24,7 @@ from .namespace import Namespace
 from .reader import Reader
 from .stats import Registry
 from .tiers.chain import TierChain
+from .tiers.local import CacheDir, LocalTier, open_index
 from .tiers.s3 import S3Backend, S3Tier
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,26 @@ class Daemon:
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
             counters=self.registry.counters("s3"))
         self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns())
-        self.upper_tiers: list = []
-        self.capacity = 0
+        self.cache_dir = CacheDir(c.effective_cache_dir)
+        self.cache_dir.create()
+        self.cache_dir.lock(str(c.mountpoint))
+        self.local = self._build_local_tier()
+        self.upper_tiers = [self.local]
+
+    def _build_local_tier(self) -> LocalTier:
+        c = self.config
+        st = os.statvfs(self.cache_dir.path)
+        self.capacity = c.cache_size_bytes(st.f_blocks * st.f_frsize)
+        # Room for ~2 KiB of index per block, whatever the cache size; the map is sparse.
+        map_size = max(1 << 30, self.capacity // c.block_size * 2048)
+        local = LocalTier(self.cache_dir, open_index(self.cache_dir, map_size), capacity=self.capacity,
+                          min_free=c.cache_min_free, counters=self.registry.counters("local"))
+        self.registry.add_source(local.gauges)
+        return local
+
+    def close(self) -> None:
+        self.local.close()
+        self.cache_dir.unlock()
 
     def check_remote(self) -> None:
         self.backend.check_bucket()
@@ -94,8 +113,11 @@ def run(config: Config, on_ready: Callable[[], None]) -> None:
     check_mountpoint(config.mountpoint)
     check_fuse()
     daemon = Daemon(config)
-    daemon.check_remote()
-    trio.run(_serve, daemon, on_ready)
+    try:
+        daemon.check_remote()
+        trio.run(_serve, daemon, on_ready)
+    finally:
+        daemon.close()
 
 
 async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
@@ -114,9 +136,10 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
             nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
             # Ready only once the mount answers a request.
             await trio.to_thread.run_sync(os.stat, c.mountpoint)
-            log.info("event=mounted bucket=%s prefix=%r mountpoint=%s", c.bucket, c.prefix,
-                     c.mountpoint)
+            log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
+                     c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
             on_ready()
+            nursery.start_soon(_sweep_orphans, daemon.local)
     finally:
         fuse_ops.close(unmount=not session.ended_by_kernel)
         log.info("event=unmounted mountpoint=%s", c.mountpoint)
@@ -137,3 +160,13 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             log.info("event=signal signal=%s action=unmount", signal.Signals(sig).name)
             scope.cancel()
             return
+
+
+async def _sweep_orphans(local: LocalTier, first_delay: float = 10.0, period: float = 3600.0) -> None:
+    """Remove files a crash left without an index entry; gently, never at start-up."""
+    await trio.sleep(first_delay)
+    while True:
+        for subdir in await trio.to_thread.run_sync(local.fanout_dirs):
+            await trio.to_thread.run_sync(local.sweep_dir, subdir)
+            await trio.sleep(0.01)
+        await trio.sleep(period)

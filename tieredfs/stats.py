@@ -41,6 +41,11 @@ class Counters:
 class Registry:
     def __init__(self):
         self._counters: list[Counters] = []
+        self._sources = []
+
+    def add_source(self, snapshot) -> None:
+        """A component whose stats() are computed when read (gauges such as bytes used)."""
+        self._sources.append(snapshot)
 
     def counters(self, prefix: str) -> Counters:
         c = Counters(prefix)
@@ -51,4 +56,6 @@ class Registry:
         out: dict[str, int] = {}
         for c in self._counters:
             out.update(c.snapshot())
+        for source in self._sources:
+            out.update(source())
         return dict(sorted(out.items()))

@@ -1,0 +1,215 @@
+"""The LMDB index of the local block cache (the only module that imports lmdb).
+
+Per block: length, xxh3-64 checksum, eviction queue and position, access frequency,
+insert and last-access times. Eviction is S3-FIFO (docs/cache.md): new blocks enter a
+small FIFO; only blocks read again while there move to the main FIFO, so one big
+scan passes through the small queue without flushing the hot set.
+
+The queue order lives in LMDB too (key = queue + sequence number), so a restart
+needs no scan: the oldest block of each queue is one cursor step away.
+"""
+
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from .errors import CacheError
+
+log = logging.getLogger(__name__)
+
+SMALL, MAIN = 0, 1
+SMALL_SHARE = 0.10  # the small queue's share of the capacity, as in the S3-FIFO paper
+MAX_FREQ = 3
+
+_ENTRY = struct.Struct("<IQBQBdd")  # length, checksum, queue, seq, freq, inserted, last_access
+_ORDER = struct.Struct(">BQ")  # queue, seq: big-endian so keys sort in FIFO order
+_U64 = struct.Struct("<Q")
+_SEQ = struct.Struct(">Q")  # ghost order keys: big-endian to sort oldest first
+
+
+@dataclass
+class Entry:
+    length: int
+    checksum: int
+    queue: int
+    seq: int
+    freq: int
+    inserted: float
+    last_access: float
+
+    def pack(self) -> bytes:
+        return _ENTRY.pack(self.length, self.checksum, self.queue, self.seq, self.freq,
+                           self.inserted, self.last_access)
+
+
+def _unpack(raw: bytes) -> Entry:
+    return Entry(*_ENTRY.unpack(raw))
+
+
+class BlockIndex:
+    def __init__(self, path: Path, map_size: int):
+        try:
+            self.env = lmdb.open(str(path), map_size=map_size, max_dbs=5, subdir=True,
+                                 # Block files are checksummed, so losing the last commits in an
+                                 # OS crash costs only cache hits; fsync per insert would cost more.
+                                 sync=False, metasync=False, readahead=False, max_readers=256)
+        except lmdb.Error as e:
+            raise CacheError(f"cannot open cache index {path}: {e}") from None
+        self._blocks = self.env.open_db(b"blocks")
+        self._order = self.env.open_db(b"order")
+        self._ghosts = self.env.open_db(b"ghosts")
+        self._ghost_order = self.env.open_db(b"ghost_order")
+        self._meta = self.env.open_db(b"meta")
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def lookup(self, block_id: bytes) -> Entry | None:
+        with self.env.begin(db=self._blocks) as txn:
+            raw = txn.get(block_id)
+        return _unpack(raw) if raw is not None else None
+
+    def totals(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            small, main = self._used(txn, SMALL), self._used(txn, MAIN)
+            count = txn.stat(self._blocks)["entries"]
+            ghosts = txn.stat(self._ghosts)["entries"]
+        return {"used_bytes": small + main, "small_bytes": small, "main_bytes": main,
+                "blocks": count, "ghosts": ghosts}
+
+    def oldest_insert(self) -> float | None:
+        with self.env.begin() as txn:
+            times = [e.inserted for q in (SMALL, MAIN) if (e := self._head(txn, q)[1])]
+        return min(times) if times else None
+
+    def entries(self):
+        """Every (block_id, Entry); a snapshot, for `cache check`."""
+        with self.env.begin(db=self._blocks) as txn:
+            return [(bytes(k), _unpack(v)) for k, v in txn.cursor()]
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def make_room(self, needed: int, capacity: int, hits: dict[bytes, int]) -> list[bytes]:
+        """Evict until used + needed <= capacity; return the evicted ids (files to delete)."""
+        evicted: list[bytes] = []
+        with self.env.begin(write=True) as txn:
+            self._apply_hits(txn, hits)
+            while self._used(txn, SMALL) + self._used(txn, MAIN) + needed > capacity:
+                victim = self._evict_one(txn, capacity)
+                if victim is None:
+                    break
+                evicted.append(victim)
+        return evicted
+
+    def insert(self, block_id: bytes, length: int, checksum: int) -> None:
+        now = time.time()
+        with self.env.begin(write=True) as txn:
+            self._delete(txn, block_id)
+            was_ghost = txn.pop(block_id, db=self._ghosts)
+            if was_ghost is not None:
+                txn.delete(was_ghost, db=self._ghost_order)
+            queue = MAIN if was_ghost is not None else SMALL
+            self._append(txn, block_id, Entry(length, checksum, queue, 0, 0, now, now))
+
+    def remove(self, block_ids: list[bytes]) -> None:
+        with self.env.begin(write=True) as txn:
+            for block_id in block_ids:
+                self._delete(txn, block_id)
+
+    def clear(self) -> None:
+        with self.env.begin(write=True) as txn:
+            for db in (self._blocks, self._order, self._ghosts, self._ghost_order, self._meta):
+                txn.drop(db, delete=False)
+
+    def apply_hits(self, hits: dict[bytes, int]) -> None:
+        with self.env.begin(write=True) as txn:
+            self._apply_hits(txn, hits)
+
+    # --- internals (inside a write transaction) ---------------------------------------------
+
+    def _apply_hits(self, txn, hits: dict[bytes, int]) -> None:
+        now = time.time()
+        for block_id, n in hits.items():
+            raw = txn.get(block_id, db=self._blocks)
+            if raw is not None:
+                e = _unpack(raw)
+                e.freq, e.last_access = min(MAX_FREQ, e.freq + n), now
+                txn.put(block_id, e.pack(), db=self._blocks)
+
+    def _evict_one(self, txn, capacity: int) -> bytes | None:
+        """One S3-FIFO step; returns an evicted id, or None when nothing is left."""
+        while True:
+            use_small = self._used(txn, SMALL) > capacity * SMALL_SHARE or self._used(txn, MAIN) == 0
+            block_id, e = self._head(txn, SMALL if use_small else MAIN)
+            if e is None:
+                return None
+            if e.freq > 0:
+                # Read again since it was queued: give it another lap in the main queue.
+                self._unlink(txn, block_id, e)
+                e.queue, e.freq = MAIN, (0 if use_small else e.freq - 1)
+                self._append(txn, block_id, e)
+                continue
+            self._unlink(txn, block_id, e)
+            if use_small:
+                self._remember_ghost(txn, block_id, capacity // max(1, e.length))
+            return block_id
+
+    def _head(self, txn, queue: int) -> tuple[bytes | None, Entry | None]:
+        cur = txn.cursor(db=self._order)
+        if cur.set_range(_ORDER.pack(queue, 0)) and cur.key()[0] == queue:
+            block_id = bytes(cur.value())
+            raw = txn.get(block_id, db=self._blocks)
+            if raw is not None:
+                return block_id, _unpack(raw)
+            cur.delete()  # an order key without an entry: a leftover, drop it
+            return self._head(txn, queue)
+        return None, None
+
+    def _append(self, txn, block_id: bytes, e: Entry) -> None:
+        e.seq = self._next(txn, b"seq")
+        txn.put(block_id, e.pack(), db=self._blocks)
+        txn.put(_ORDER.pack(e.queue, e.seq), block_id, db=self._order)
+        self._add_used(txn, e.queue, e.length)
+
+    def _unlink(self, txn, block_id: bytes, e: Entry) -> None:
+        txn.delete(_ORDER.pack(e.queue, e.seq), db=self._order)
+        txn.delete(block_id, db=self._blocks)
+        self._add_used(txn, e.queue, -e.length)
+
+    def _delete(self, txn, block_id: bytes) -> None:
+        raw = txn.get(block_id, db=self._blocks)
+        if raw is not None:
+            self._unlink(txn, block_id, _unpack(raw))
+
+    def _remember_ghost(self, txn, block_id: bytes, limit: int) -> None:
+        seq = self._next(txn, b"ghost_seq")
+        txn.put(block_id, _SEQ.pack(seq), db=self._ghosts)
+        txn.put(_SEQ.pack(seq), block_id, db=self._ghost_order)
+        if txn.stat(self._ghosts)["entries"] > max(16, limit):
+            cur = txn.cursor(db=self._ghost_order)
+            if cur.first():
+                txn.delete(bytes(cur.value()), db=self._ghosts)
+                cur.delete()
+
+    def _used(self, txn, queue: int) -> int:
+        raw = txn.get(b"used.%d" % queue, db=self._meta)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def _add_used(self, txn, queue: int, delta: int) -> None:
+        txn.put(b"used.%d" % queue, _U64.pack(max(0, self._used(txn, queue) + delta)), db=self._meta)
+
+    def _next(self, txn, name: bytes) -> int:
+        raw = txn.get(name, db=self._meta)
+        n = (_U64.unpack(raw)[0] if raw else 0) + 1
+        txn.put(name, _U64.pack(n), db=self._meta)
+        return n

@@ -1,0 +1,289 @@
+"""Tier 1: block files on the node's disk, indexed by LMDB (index.py).
+
+Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/cd/<32-hex id>.
+Write order is data file (temp + rename) then index entry, so a crash leaves at most
+an orphan file, swept later in the background. Every read is verified against the
+checksum in the index; a bad block is dropped and reported as a miss.
+
+The capacity is enforced on insert: room is made (evicting) and reserved before the
+file is written, so concurrent fills cannot overshoot it.
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import xxhash
+
+from ..blocks import BlockRef
+from ..errors import CacheError, CacheLocked
+from ..index import BlockIndex
+from ..stats import Counters
+
+log = logging.getLogger(__name__)
+
+_STATVFS_TTL = 1.0
+_ORPHAN_AGE = 60.0  # a file this young may be a fill whose index entry is being written
+
+
+class CacheDir:
+    """The paths of one cache directory and its single-owner lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.blocks = self.path / "blocks"
+        self.index = self.path / "index.lmdb"
+        self.lock_path = self.path / "lock"
+        self._lock_fd: int | None = None
+
+    def block_path(self, hex_id: str) -> Path:
+        return self.blocks / hex_id[:2] / hex_id[2:4] / hex_id
+
+    def create(self) -> None:
+        try:
+            self.blocks.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create cache dir {self.path}: {e.strerror}") from None
+
+    def lock(self, owner: str) -> None:
+        """Become the one daemon using this cache dir, or say who already is."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheLocked(f"cache dir {self.path} is in use by {self.holder() or 'another process'}")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {owner}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def holder(self) -> str | None:
+        """'tieredfs pid N (mounted at M)' if a live daemon holds the lock, else None."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                pid, _, mnt = os.read(fd, 4096).decode(errors="replace").strip().partition(" ")
+                return f"tieredfs pid {pid} (mounted at {mnt})"
+        finally:
+            os.close(fd)
+
+    def holder_mountpoint(self) -> str | None:
+        text = self.holder()
+        return text.partition("(mounted at ")[2].rstrip(")") if text else None
+
+
+def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
+    """Open the index; an unreadable one is moved aside and replaced by an empty one."""
+    try:
+        index = BlockIndex(cache.index, map_size)
+        index.totals()
+        return index
+    except CacheError as e:
+        aside = cache.index.with_name(f"index.lmdb.corrupt-{int(time.time())}")
+        log.warning("event=cache_index_unreadable error=%r action=start_empty moved_to=%s", str(e), aside)
+        os.rename(cache.index, aside)
+        return BlockIndex(cache.index, map_size)
+
+
+class LocalTier:
+    name = "local"
+
+    def __init__(self, cache: CacheDir, index: BlockIndex, *, capacity: int, min_free: int,
+                 counters: Counters):
+        self.cache = cache
+        self.index = index
+        self.capacity = capacity
+        self.min_free = min_free
+        self.counters = counters
+        self._room = threading.Lock()
+        self._reserved = 0
+        self._hits: dict[bytes, int] = {}
+        self._hits_lock = threading.Lock()
+        self._free_at = (0.0, 0)
+        self._said: set[str] = set()
+
+    # --- Tier interface ----------------------------------------------------------------
+
+    def get(self, ref: BlockRef) -> bytes | None:
+        hex_id = ref.id
+        block_id = bytes.fromhex(hex_id)
+        entry = self.index.lookup(block_id)
+        if entry is None:
+            self.counters.add("misses")
+            return None
+        try:
+            with open(self.cache.block_path(hex_id), "rb") as f:
+                data = f.read(entry.length + 1)
+        except OSError as e:
+            return self._drop(block_id, f"unreadable: {e.strerror}")
+        if len(data) != entry.length or len(data) != ref.length:
+            return self._drop(block_id, f"length {len(data)} != {entry.length}")
+        if xxhash.xxh3_64_intdigest(data) != entry.checksum:
+            return self._drop(block_id, "checksum mismatch")
+        self.counters.add("hits")
+        self.counters.add("hit_bytes", len(data))
+        self._note_hit(block_id)
+        return data
+
+    def put(self, ref: BlockRef, data: bytes) -> None:
+        """Store a block if room can be made; failures are counted, never raised."""
+        if len(data) != ref.length:
+            return
+        hex_id = ref.id
+        block_id = bytes.fromhex(hex_id)
+        try:
+            if self.index.lookup(block_id) is not None:
+                return
+            if not self._reserve(len(data)):
+                self.counters.add("declined")
+                return
+            try:
+                self._write_file(hex_id, data)
+                self.index.insert(block_id, len(data), xxhash.xxh3_64_intdigest(data))
+                self.counters.add("fills")
+                self.counters.add("fill_bytes", len(data))
+            finally:
+                with self._room:
+                    self._reserved -= len(data)
+        except (OSError, CacheError) as e:
+            code = getattr(e, "errno", None)
+            kind = "disk_full" if code in (errno.ENOSPC, errno.EDQUOT) else "write_errors"
+            self.counters.add(kind)
+            self._say_once(kind, f"event=cache_{kind} dir={self.cache.path} error={e!r} "
+                                 "action=serving_from_lower_tiers")
+
+    def stats(self) -> dict[str, int]:
+        return self.counters.snapshot() | self.gauges()
+
+    def gauges(self) -> dict[str, int]:
+        return {f"local.{k}": v for k, v in self.index.totals().items()}
+
+    # --- capacity ------------------------------------------------------------------------
+
+    def _reserve(self, n: int) -> bool:
+        with self._room:
+            capacity = self._effective_capacity()
+            if n > capacity:
+                return False
+            evicted = self.index.make_room(self._reserved + n, capacity, self._take_hits())
+            self._reserved += n
+        for block_id in evicted:
+            self._unlink(block_id.hex())
+        if evicted:
+            self.counters.add("evictions", len(evicted))
+        return True
+
+    def _effective_capacity(self) -> int:
+        """The configured cap, lowered so the cache disk keeps `min_free` bytes free."""
+        at, free = self._free_at
+        if time.monotonic() - at > _STATVFS_TTL:
+            st = os.statvfs(self.cache.path)
+            free = st.f_bavail * st.f_frsize
+            self._free_at = (time.monotonic(), free)
+        used = self.index.totals()["used_bytes"]
+        return max(0, min(self.capacity, used + free - self.min_free))
+
+    def _take_hits(self) -> dict[bytes, int]:
+        with self._hits_lock:
+            hits, self._hits = self._hits, {}
+        return hits
+
+    def _note_hit(self, block_id: bytes) -> None:
+        # Batched: frequencies reach LMDB when room is next made, not one write per read.
+        with self._hits_lock:
+            self._hits[block_id] = self._hits.get(block_id, 0) + 1
+            flush = len(self._hits) >= 65536
+        if flush:
+            self.index.apply_hits(self._take_hits())
+
+    # --- files -------------------------------------------------------------------------------
+
+    def _write_file(self, hex_id: str, data: bytes) -> None:
+        path = self.cache.block_path(hex_id)
+        tmp = path.with_name(f"{hex_id}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        try:
+            with f:
+                f.write(data)
+            os.rename(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+    def _unlink(self, hex_id: str) -> None:
+        _remove(self.cache.block_path(hex_id))
+
+    def _drop(self, block_id: bytes, why: str) -> None:
+        self.counters.add("corrupt")
+        self._say_once("corrupt", f"event=cache_block_corrupt id={block_id.hex()} reason={why!r} "
+                                  "action=dropped_and_refetched (further ones are only counted)")
+        self.index.remove([block_id])
+        self._unlink(block_id.hex())
+        return None
+
+    def _say_once(self, what: str, line: str) -> None:
+        if what not in self._said:
+            self._said.add(what)
+            log.warning(line)
+
+    # --- background upkeep --------------------------------------------------------------------
+
+    def sweep_dir(self, subdir: Path) -> int:
+        """Remove orphans (no index entry, or stale temp files) from one fan-out directory."""
+        removed = 0
+        now = time.time()
+        try:
+            names = os.listdir(subdir)
+        except OSError:
+            return 0
+        for name in names:
+            path = subdir / name
+            try:
+                if now - path.stat().st_mtime < _ORPHAN_AGE:
+                    continue
+                if ".tmp-" in name or len(name) != 32 or self.index.lookup(bytes.fromhex(name)) is None:
+                    path.unlink()
+                    removed += 1
+            except (OSError, ValueError):
+                continue
+        self.counters.add("orphans_swept", removed)
+        return removed
+
+    def fanout_dirs(self) -> list[Path]:
+        try:
+            return [self.cache.blocks / a / b for a in sorted(os.listdir(self.cache.blocks))
+                    for b in sorted(os.listdir(self.cache.blocks / a))]
+        except OSError:
+            return []
+
+    def close(self) -> None:
+        hits = self._take_hits()
+        if hits:
+            self.index.apply_hits(hits)
+        self.index.close()
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
