@@ -144,3 +144,46 @@ def demo(mountpoint, keep):
     from .demo import run_demo
 
     run_demo(mountpoint, keep)
+
+
+@main.group()
+def cache():
+    """Inspect, verify or empty a local cache dir."""
+
+
+_cache_dir_option = click.option("--cache-dir", required=True, type=click.Path(path_type=Path))
+
+
+@cache.command("info")
+@_cache_dir_option
+@clear_errors
+def cache_info(cache_dir):
+    """Size, blocks, oldest block, and the hit ratio if a daemon is using it."""
+    from . import cache_admin
+
+    click.echo(json.dumps(cache_admin.info(cache_dir), indent=2))
+
+
+@cache.command("clear")
+@_cache_dir_option
+@click.option("--force", is_flag=True, help="even while a daemon is using it")
+@clear_errors
+def cache_clear(cache_dir, force):
+    """Delete every cached block."""
+    from . import cache_admin
+
+    click.echo(f"dropped {cache_admin.clear(cache_dir, force)} blocks from {cache_dir}")
+
+
+@cache.command("check")
+@_cache_dir_option
+@click.option("--drop", is_flag=True, help="remove the blocks that fail verification")
+@clear_errors
+def cache_check(cache_dir, drop):
+    """Verify every block against its checksum; exit 1 if any is corrupt and not dropped."""
+    from . import cache_admin
+
+    report = cache_admin.check(cache_dir, drop)
+    click.echo(json.dumps(report, indent=2))
+    if report["corrupt"] and not drop:
+        sys.exit(1)

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import xxhash
@@ -27,6 +28,11 @@ from ..stats import Counters
 log = logging.getLogger(__name__)
 
 _STATVFS_TTL = 1.0
+# Reads of one block within this many seconds of the access that began its current use
+# (its fill, or the last counted hit) are one use: the kernel's 128 KiB pieces of a 1 MiB
+# block, or a prefetched block then read, must not look like re-use to the eviction.
+CORRELATION_WINDOW = 2.0
+_RECENT_MAX = 65536
 _ORPHAN_AGE = 60.0  # a file this young may be a fill whose index entry is being written
 
 
@@ -113,6 +119,7 @@ class LocalTier:
         self._room = threading.Lock()
         self._reserved = 0
         self._hits: dict[bytes, int] = {}
+        self._recent: OrderedDict[bytes, float] = OrderedDict()
         self._hits_lock = threading.Lock()
         self._free_at = (0.0, 0)
         self._said: set[str] = set()
@@ -155,6 +162,7 @@ class LocalTier:
             try:
                 self._write_file(hex_id, data)
                 self.index.insert(block_id, len(data), xxhash.xxh3_64_intdigest(data))
+                self._note_use(block_id, time.monotonic())
                 self.counters.add("fills")
                 self.counters.add("fill_bytes", len(data))
             finally:
@@ -205,11 +213,23 @@ class LocalTier:
 
     def _note_hit(self, block_id: bytes) -> None:
         # Batched: frequencies reach LMDB when room is next made, not one write per read.
+        now = time.monotonic()
         with self._hits_lock:
+            began = self._recent.get(block_id)
+            if began is not None and now - began < CORRELATION_WINDOW:
+                return
             self._hits[block_id] = self._hits.get(block_id, 0) + 1
             flush = len(self._hits) >= 65536
+        self._note_use(block_id, now)
         if flush:
             self.index.apply_hits(self._take_hits())
+
+    def _note_use(self, block_id: bytes, now: float) -> None:
+        with self._hits_lock:
+            self._recent[block_id] = now
+            self._recent.move_to_end(block_id)
+            if len(self._recent) > _RECENT_MAX:
+                self._recent.popitem(last=False)
 
     # --- files -------------------------------------------------------------------------------
 

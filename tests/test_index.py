@@ -1,0 +1,197 @@
+"""Eviction order and capacity of the local tier, without a mount (real LMDB, real files)."""
+
+import os
+import threading
+
+import pytest
+
+from tieredfs.blocks import BlockRef, ObjectVersion
+from tieredfs.index import MAIN, SMALL, BlockIndex
+from tieredfs.stats import Counters
+from tieredfs.tiers import local as local_mod
+from tieredfs.tiers.local import CacheDir, LocalTier, open_index
+
+BS = 4096
+
+
+def ids(n, start=0):
+    return [i.to_bytes(16, "big") for i in range(start, start + n)]
+
+
+@pytest.fixture
+def index(tmp_path):
+    idx = BlockIndex(tmp_path / "index.lmdb", 1 << 26)
+    yield idx
+    idx.env.close()
+
+
+def fill(index, block_ids, capacity, hits=None):
+    evicted = []
+    for b in block_ids:
+        evicted += index.make_room(BS, capacity, hits or {})
+        index.insert(b, BS, 0)
+    return evicted
+
+
+def test_fifo_order_without_reuse(index):
+    blocks = ids(20)
+    evicted = fill(index, blocks, 10 * BS)
+    assert evicted == blocks[:10]  # oldest first
+    assert index.totals()["used_bytes"] == 10 * BS
+
+
+def test_reused_block_survives_a_scan_that_would_flush_lru(index):
+    capacity = 20 * BS
+    hot = ids(4, start=1000)
+    fill(index, hot, capacity)
+    index.apply_hits({b: 1 for b in hot})  # read again after their first use
+    scan = ids(200)
+    fill(index, scan, capacity)
+    for b in hot:
+        e = index.lookup(b)
+        assert e is not None and e.queue == MAIN, "hot block was flushed by a one-pass scan"
+    # An LRU of the same size would keep only the last 20 scanned blocks.
+    assert index.totals()["used_bytes"] <= capacity
+
+
+def test_ghost_readmission_goes_to_main(index):
+    capacity = 10 * BS
+    fill(index, ids(15), capacity)
+    first = ids(1)[0]
+    assert index.lookup(first) is None
+    fill(index, [first], capacity)
+    assert index.lookup(first).queue == MAIN
+
+
+def test_new_blocks_enter_small_queue(index):
+    fill(index, ids(3), 100 * BS)
+    assert {index.lookup(b).queue for b in ids(3)} == {SMALL}
+
+
+def test_remove_and_clear_account_bytes(index):
+    fill(index, ids(5), 100 * BS)
+    index.remove(ids(2))
+    assert index.totals()["blocks"] == 3 and index.totals()["used_bytes"] == 3 * BS
+    index.clear()
+    assert index.totals() == {"used_bytes": 0, "small_bytes": 0, "main_bytes": 0, "blocks": 0, "ghosts": 0}
+
+
+def make_tier(path, capacity, min_free=0):
+    cache = CacheDir(path)
+    cache.create()
+    return LocalTier(cache, open_index(cache, 1 << 26), capacity=capacity, min_free=min_free,
+                     counters=Counters("local"))
+
+
+def refs(n, key="k", etag="e"):
+    obj = ObjectVersion("b", key, etag, n * BS)
+    return [BlockRef(obj, i, BS) for i in range(n)]
+
+
+def du(path):
+    total = 0
+    for d, _, files in os.walk(path / "blocks"):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(d, f))
+            except FileNotFoundError:
+                pass  # evicted while we walked
+    return total
+
+
+def test_concurrent_fills_never_exceed_capacity(tmp_path):
+    capacity = 32 * BS
+    tier = make_tier(tmp_path, capacity)
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], du(tmp_path))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    all_refs = refs(400)
+
+    def writer(part):
+        for r in part:
+            tier.put(r, os.urandom(BS))
+
+    threads = [threading.Thread(target=writer, args=(all_refs[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert tier.index.totals()["used_bytes"] <= capacity
+    assert du(tmp_path) <= capacity
+    # Files being written are reserved first; only an unlink in progress may lag by a block.
+    assert peak[0] <= capacity + 8 * BS
+    tier.close()
+
+
+def test_get_verifies_and_drops_corrupt_block(tmp_path):
+    tier = make_tier(tmp_path, 100 * BS)
+    r = refs(1)[0]
+    data = os.urandom(BS)
+    tier.put(r, data)
+    assert tier.get(r) == data
+    path = tier.cache.block_path(r.id)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert tier.get(r) is None
+    assert tier.counters.get("corrupt") == 1
+    assert not path.exists() and tier.index.lookup(bytes.fromhex(r.id)) is None
+    tier.close()
+
+
+def test_reads_within_one_use_are_not_reuse(tmp_path, monkeypatch):
+    tier = make_tier(tmp_path, 100 * BS)
+    r = refs(1)[0]
+    tier.put(r, os.urandom(BS))
+    for _ in range(8):  # e.g. the kernel's pieces of one block
+        tier.get(r)
+    assert tier._take_hits() == {}
+    monkeypatch.setattr(local_mod, "CORRELATION_WINDOW", 0.0)
+    tier.get(r)
+    assert tier._take_hits() == {bytes.fromhex(r.id): 1}
+    tier.close()
+
+
+def test_min_free_lowers_capacity(tmp_path):
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    tier = make_tier(tmp_path, 100 * BS, min_free=free + BS)  # the disk is "full" for us
+    r = refs(1)[0]
+    tier.put(r, os.urandom(BS))
+    assert tier.get(r) is None
+    assert tier.counters.get("declined") == 1
+    tier.close()
+
+
+def test_unreadable_index_is_moved_aside(tmp_path):
+    cache = CacheDir(tmp_path)
+    cache.create()
+    cache.index.mkdir()
+    (cache.index / "data.mdb").write_bytes(b"\xde\xad" * 8192)
+    idx = open_index(cache, 1 << 26)
+    assert idx.totals()["blocks"] == 0
+    assert any(p.name.startswith("index.lmdb.corrupt-") for p in tmp_path.iterdir())
+    idx.env.close()
+
+
+def test_sweep_removes_orphans_only(tmp_path, monkeypatch):
+    tier = make_tier(tmp_path, 100 * BS)
+    kept = refs(1)[0]
+    tier.put(kept, os.urandom(BS))
+    kept_path = tier.cache.block_path(kept.id)
+    orphan = kept_path.with_name("ab" * 16)
+    orphan.write_bytes(b"x")
+    temp = kept_path.with_name(kept.id + ".tmp-1-2")
+    temp.write_bytes(b"y")
+    monkeypatch.setattr(local_mod, "_ORPHAN_AGE", -1.0)
+    assert tier.sweep_dir(kept_path.parent) == 2
+    assert kept_path.exists() and not orphan.exists() and not temp.exists()
+    tier.close()
