@@ -1,0 +1,262 @@
+"""Tier 1 through a real mount: hits, restarts, corruption, capacity, scans, crashes.
+
+GETs are counted on the S3 server. Reads that must reach the daemon first drop the
+kernel's page cache for that file (posix_fadvise), since a page-cache hit never
+reaches the local tier at all.
+"""
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import tieredfs_cmd
+from tieredfs.tiers.local import CORRELATION_WINDOW
+
+K = 1024
+BS = 64 * K
+SMALL = ("--block-size", "64K")
+
+
+def read_uncached(path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out = bytearray()
+        while chunk := os.read(fd, 1 << 20):
+            out += chunk
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def gets(s3server) -> int:
+    return s3server.counts().get("GET", 0)
+
+
+def block_files(cache_dir):
+    return [p for p in (cache_dir / "blocks").rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def dataset(put):
+    return {f"d/f{i}.bin": put(f"d/f{i}.bin", os.urandom(3 * BS + 100 * i)) for i in range(4)}
+
+
+def verify_all(mnt, dataset):
+    for key, data in dataset.items():
+        assert read_uncached(mnt.path / key) == data, key
+
+
+def test_second_read_and_restart_make_no_gets(bucket, dataset, mount_factory, s3server):
+    m = mount_factory(bucket, *SMALL)
+    verify_all(m, dataset)
+    s3server.reset_counts()
+    verify_all(m, dataset)
+    assert gets(s3server) == 0
+    assert m.stats()["local.hits"] >= len(dataset) * 3
+    m.restart()
+    s3server.reset_counts()
+    verify_all(m, dataset)
+    assert gets(s3server) == 0
+    assert m.stats()["local.hits"] >= len(dataset) * 3
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_block_files_are_refetched(bucket, dataset, mount_factory, s3server, damage):
+    m = mount_factory(bucket, *SMALL)
+    verify_all(m, dataset)
+    files = block_files(m.cache_dir)
+    for p in files:
+        if damage == "flip":
+            raw = bytearray(p.read_bytes())
+            raw[len(raw) // 2] ^= 0x01
+            p.write_bytes(bytes(raw))
+        elif damage == "truncate":
+            os.truncate(p, p.stat().st_size // 2)
+        else:
+            p.unlink()
+    s3server.reset_counts()
+    verify_all(m, dataset)
+    assert m.stats()["local.corrupt"] == len(files)
+    # Every block came again from S3, once (consecutive misses may share one GET).
+    assert s3server.counts()["GET_BYTES"] == sum(len(v) for v in dataset.values())
+    assert "event=cache_block_corrupt" in m.log.read_text()
+
+
+def test_deleted_index_starts_empty(bucket, dataset, mount_factory, s3server):
+    m = mount_factory(bucket, *SMALL)
+    verify_all(m, dataset)
+    m.stop()
+    shutil.rmtree(m.cache_dir / "index.lmdb")
+    m.start()
+    s3server.reset_counts()
+    verify_all(m, dataset)
+    assert gets(s3server) > 0 and m.stats()["local.blocks"] > 0
+
+
+def test_capacity_is_a_hard_limit(bucket, put, mount_factory):
+    cap = 16 * BS
+    data = {f"big{i}": put(f"big{i}", os.urandom(12 * BS)) for i in range(4)}  # 3x the cache
+    m = mount_factory(bucket, *SMALL, "--cache-size", str(cap), "--cache-min-free", "0")
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            total = 0
+            for p in block_files(m.cache_dir):
+                try:
+                    total += p.stat().st_size
+                except FileNotFoundError:
+                    pass
+            peak[0] = max(peak[0], total)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        readers = [threading.Thread(target=lambda k=k: read_uncached(m.path / k)) for k in data]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
+    finally:
+        stop.set()
+        watcher.join()
+    for k, v in data.items():
+        assert read_uncached(m.path / k) == v
+    stats = m.stats()
+    assert stats["local.used_bytes"] <= cap
+    assert stats["local.evictions"] > 0
+    assert peak[0] <= cap + BS  # one unlink may trail the index by a block
+
+
+def test_hot_set_survives_a_scan(bucket, put, mount_factory, s3server):
+    hot = put("hot.bin", os.urandom(4 * BS))
+    scan = put("scan.bin", os.urandom(64 * BS))  # 4x the cache
+    m = mount_factory(bucket, *SMALL, "--cache-size", str(16 * BS), "--cache-min-free", "0")
+    for _ in range(2):  # two separate uses, so the blocks count as re-used
+        assert read_uncached(m.path / "hot.bin") == hot
+        time.sleep(CORRELATION_WINDOW + 0.2)
+    assert read_uncached(m.path / "scan.bin") == scan
+    s3server.reset_counts()
+    assert read_uncached(m.path / "hot.bin") == hot
+    # With plain LRU the scan would have evicted all of hot.bin: 4 GETs here.
+    assert gets(s3server) == 0
+
+
+def test_single_flight(bucket, put, mount_factory, s3server):
+    data = put("one.bin", os.urandom(BS))
+    m = mount_factory(bucket, *SMALL)
+    os.listdir(m.path)
+    s3server.reset_counts()
+    barrier = threading.Barrier(16)
+    results = [None] * 16
+
+    def reader(i):
+        barrier.wait()
+        results[i] = read_uncached(m.path / "one.bin")
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r == data for r in results)
+    assert gets(s3server) == 1
+
+
+def test_second_daemon_on_same_cache_dir_is_refused(bucket, put, mount_factory, tmp_path):
+    put("x", b"x")
+    m = mount_factory(bucket)
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = subprocess.run(tieredfs_cmd("mount", f"s3://{bucket}", str(other), "--endpoint-url",
+                                       m.endpoint, "--cache-dir", str(m.cache_dir), "--foreground"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert f"in use by tieredfs pid {m.pid}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.ismount(other)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_cache_on_a_full_disk_still_serves_correct_bytes(bucket, put, mount_factory, tiny_tmpfs):
+    data = {f"f{i}": put(f"f{i}", os.urandom(6 * BS + i)) for i in range(4)}  # 1.5 MiB > 512 KiB
+    # Fill the tmpfs almost to the brim so the cache runs out of space mid-way.
+    filler = tiny_tmpfs / "filler"
+    m = mount_factory(bucket, *SMALL, "--cache-min-free", "0", cache_dir=tiny_tmpfs / "cache")
+    with open(filler, "wb") as f:
+        try:
+            f.write(os.urandom(256 * K))
+        except OSError:
+            pass
+    for _ in range(2):
+        for k, v in data.items():
+            assert read_uncached(m.path / k) == v
+    stats = m.stats()
+    assert stats["local.fills"] > 0
+    assert stats.get("local.disk_full", 0) + stats.get("local.declined", 0) + stats.get("local.evictions", 0) > 0
+
+
+def test_kill_during_fills_then_restart_serves_correct_bytes(bucket, put, mount_factory):
+    data = {f"k/f{i}": put(f"k/f{i}", os.urandom(5 * BS + i)) for i in range(12)}
+    m = mount_factory(bucket, *SMALL)
+    for round_ in range(3):
+        stop = threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                for k in data:
+                    try:
+                        read_uncached(m.path / k)
+                    except OSError:
+                        return  # the daemon is gone
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3 + 0.2 * round_)
+        m.kill()
+        stop.set()
+        for t in threads:
+            t.join()
+        m.restart()
+        for k, v in data.items():
+            assert read_uncached(m.path / k) == v, (round_, k)
+    proc = subprocess.run(tieredfs_cmd("cache", "check", "--cache-dir", str(m.cache_dir)),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_cache_cli(bucket, dataset, mount_factory):
+    m = mount_factory(bucket, *SMALL)
+    verify_all(m, dataset)
+    run = lambda *a: subprocess.run(tieredfs_cmd("cache", *a, "--cache-dir", str(m.cache_dir)),
+                                    capture_output=True, text=True)
+    info = run("info")
+    assert info.returncode == 0 and '"blocks": 15' in info.stdout and f"pid {m.pid}" in info.stdout
+    assert '"hit_ratio_since_start"' in info.stdout
+    refused = run("clear")
+    assert refused.returncode == 1 and "in use by" in refused.stderr
+    victim = block_files(m.cache_dir)[0]
+    victim.write_bytes(b"garbage")
+    check = run("check")
+    assert check.returncode == 1 and '"corrupt": 1' in check.stdout
+    assert run("check", "--drop").returncode == 0
+    assert run("check").returncode == 0
+    m.stop()
+    cleared = run("clear")
+    assert cleared.returncode == 0 and "dropped 14 blocks" in cleared.stdout
+    assert block_files(m.cache_dir) == []
