@@ -260,3 +260,17 @@ def test_cache_cli(bucket, dataset, mount_factory):
     cleared = run("clear")
     assert cleared.returncode == 0 and "dropped 14 blocks" in cleared.stdout
     assert block_files(m.cache_dir) == []
+
+
+def test_cache_dir_on_a_completely_full_disk_serves_from_s3(bucket, put, mount_factory, tiny_tmpfs):
+    data = put("a.bin", os.urandom(3 * BS))
+    with open(tiny_tmpfs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    m = mount_factory(bucket, *SMALL, cache_dir=tiny_tmpfs / "cache")
+    assert read_uncached(m.path / "a.bin") == data
+    assert "event=cache_unusable" in m.log.read_text()

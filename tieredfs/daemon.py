@@ -46,9 +46,9 @@ def _child(start, write_end: int) -> int:
         log.error("event=start_failed error=%r", str(e))
         pipe.tell(f"ERR {e}")
         return 1
-    except BaseException:
+    except BaseException as e:
         log.exception("event=daemon_crashed")
-        pipe.tell("ERR unexpected failure, see the log")
+        pipe.tell(f"ERR unexpected failure ({type(e).__name__}: {e}), see the log")
         return 1
 
 

@@ -18,7 +18,7 @@ import trio
 
 from . import fuse_ops
 from .config import Config
-from .errors import MountError
+from .errors import CacheError, MountError
 from .filesystem import FileSystem
 from .namespace import Namespace
 from .reader import Reader
@@ -28,6 +28,8 @@ from .tiers.local import CacheDir, LocalTier, open_index
 from .tiers.s3 import S3Backend, S3Tier
 
 log = logging.getLogger(__name__)
+
+_MIN_FREE_TO_OPEN_INDEX = 8 << 20
 
 
 def check_mountpoint(path: Path) -> None:
@@ -69,22 +71,35 @@ class Daemon:
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))
+        self.capacity = 0
         self.local = self._build_local_tier()
-        self.upper_tiers = [self.local]
+        self.upper_tiers = [self.local] if self.local else []
 
-    def _build_local_tier(self) -> LocalTier:
+    def _build_local_tier(self) -> LocalTier | None:
         c = self.config
         st = os.statvfs(self.cache_dir.path)
-        self.capacity = c.cache_size_bytes(st.f_blocks * st.f_frsize)
+        capacity = c.cache_size_bytes(st.f_blocks * st.f_frsize)
         # Room for ~2 KiB of index per block, whatever the cache size; the map is sparse.
-        map_size = max(1 << 30, self.capacity // c.block_size * 2048)
-        local = LocalTier(self.cache_dir, open_index(self.cache_dir, map_size), capacity=self.capacity,
-                          min_free=c.cache_min_free, counters=self.registry.counters("local"))
+        map_size = max(1 << 30, capacity // c.block_size * 2048)
+        free = st.f_bavail * st.f_frsize
+        try:
+            if free < _MIN_FREE_TO_OPEN_INDEX:
+                # LMDB writes its lock file through mmap: on a full tmpfs that is SIGBUS, not ENOSPC.
+                raise CacheError(f"only {free} bytes free on the cache disk")
+            index = open_index(self.cache_dir, map_size)
+        except CacheError as e:
+            log.warning("event=cache_unusable dir=%s error=%r action=serving_from_s3_only",
+                        self.cache_dir.path, str(e))
+            return None
+        self.capacity = capacity
+        local = LocalTier(self.cache_dir, index, capacity=capacity, min_free=c.cache_min_free,
+                          counters=self.registry.counters("local"))
         self.registry.add_source(local.gauges)
         return local
 
     def close(self) -> None:
-        self.local.close()
+        if self.local:
+            self.local.close()
         self.cache_dir.unlock()
 
     def check_remote(self) -> None:
@@ -139,7 +154,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
             log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
                      c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
             on_ready()
-            nursery.start_soon(_sweep_orphans, daemon.local)
+            if daemon.local:
+                nursery.start_soon(_sweep_orphans, daemon.local)
     finally:
         fuse_ops.close(unmount=not session.ended_by_kernel)
         log.info("event=unmounted mountpoint=%s", c.mountpoint)

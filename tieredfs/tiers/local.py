@@ -63,9 +63,12 @@ class CacheDir:
         except BlockingIOError:
             os.close(fd)
             raise CacheLocked(f"cache dir {self.path} is in use by {self.holder() or 'another process'}")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {owner}\n".encode())
         self._lock_fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {owner}\n".encode())
+        except OSError:
+            pass  # a full disk: the flock still protects; only the "who" is missing
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -100,6 +103,8 @@ def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
         index.totals()
         return index
     except CacheError as e:
+        if not cache.index.exists():
+            raise  # nothing to move aside: the disk itself refuses (full, read-only)
         aside = cache.index.with_name(f"index.lmdb.corrupt-{int(time.time())}")
         log.warning("event=cache_index_unreadable error=%r action=start_empty moved_to=%s", str(e), aside)
         os.rename(cache.index, aside)
