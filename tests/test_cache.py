@@ -187,21 +187,18 @@ def test_second_daemon_on_same_cache_dir_is_refused(bucket, put, mount_factory, 
 def tiny_tmpfs(tmp_path):
     path = tmp_path / "tmpfs"
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(path)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(path)], check=True)
     yield path
     subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_cache_on_a_full_disk_still_serves_correct_bytes(bucket, put, mount_factory, tiny_tmpfs):
-    data = {f"f{i}": put(f"f{i}", os.urandom(6 * BS + i)) for i in range(4)}  # 1.5 MiB > 512 KiB
-    # Fill the tmpfs almost to the brim so the cache runs out of space mid-way.
-    filler = tiny_tmpfs / "filler"
+    data = {f"f{i}": put(f"f{i}", os.urandom(6 * BS + i)) for i in range(4)}  # 1.5 MiB
     m = mount_factory(bucket, *SMALL, "--cache-min-free", "0", cache_dir=tiny_tmpfs / "cache")
-    with open(filler, "wb") as f:
-        try:
-            f.write(os.urandom(256 * K))
-        except OSError:
-            pass
+    # Leave the cache about 512 KiB of the 12 MiB tmpfs, so it runs out of space mid-way.
+    st = os.statvfs(tiny_tmpfs)
+    with open(tiny_tmpfs / "filler", "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - 512 * K))
     for _ in range(2):
         for k, v in data.items():
             assert read_uncached(m.path / k) == v
@@ -264,13 +261,12 @@ def test_cache_cli(bucket, dataset, mount_factory):
 
 def test_cache_dir_on_a_completely_full_disk_serves_from_s3(bucket, put, mount_factory, tiny_tmpfs):
     data = put("a.bin", os.urandom(3 * BS))
-    with open(tiny_tmpfs / "filler", "wb") as f:
+    with open(tiny_tmpfs / "filler", "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 4096)
-                f.flush()
         except OSError:
-            pass
+            pass  # the tmpfs is now completely full
     m = mount_factory(bucket, *SMALL, cache_dir=tiny_tmpfs / "cache")
     assert read_uncached(m.path / "a.bin") == data
     assert "event=cache_unusable" in m.log.read_text()
