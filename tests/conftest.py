@@ -87,6 +87,10 @@ class Mount:
         import json
         return json.loads(os.getxattr(self.path, "user.tieredfs.stats"))
 
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until every fetched block has been written to the cache (writes are behind reads)."""
+        assert wait_until(lambda: self.stats().get("chain.fill_queue_bytes", 0) == 0, timeout)
+
     def kill(self) -> None:
         """SIGKILL the daemon (a crash); the dead mount stays until stop()."""
         if self.proc and self.proc.poll() is None:

@@ -49,6 +49,7 @@ def dataset(put):
 def verify_all(mnt, dataset):
     for key, data in dataset.items():
         assert read_uncached(mnt.path / key) == data, key
+    mnt.settle()
 
 
 def test_second_read_and_restart_make_no_gets(bucket, dataset, mount_factory, s3server):
@@ -128,6 +129,7 @@ def test_capacity_is_a_hard_limit(bucket, put, mount_factory):
         watcher.join()
     for k, v in data.items():
         assert read_uncached(m.path / k) == v
+    m.settle()
     stats = m.stats()
     assert stats["local.used_bytes"] <= cap
     assert stats["local.evictions"] > 0
@@ -140,8 +142,10 @@ def test_hot_set_survives_a_scan(bucket, put, mount_factory, s3server):
     m = mount_factory(bucket, *SMALL, "--cache-size", str(16 * BS), "--cache-min-free", "0")
     for _ in range(2):  # two separate uses, so the blocks count as re-used
         assert read_uncached(m.path / "hot.bin") == hot
+        m.settle()
         time.sleep(CORRELATION_WINDOW + 0.2)
     assert read_uncached(m.path / "scan.bin") == scan
+    m.settle()
     s3server.reset_counts()
     assert read_uncached(m.path / "hot.bin") == hot
     # With plain LRU the scan would have evicted all of hot.bin: 4 GETs here.
@@ -202,6 +206,7 @@ def test_cache_on_a_full_disk_still_serves_correct_bytes(bucket, put, mount_fact
     for _ in range(2):
         for k, v in data.items():
             assert read_uncached(m.path / k) == v
+        m.settle()
     stats = m.stats()
     assert stats["local.fills"] > 0
     assert stats.get("local.disk_full", 0) + stats.get("local.declined", 0) + stats.get("local.evictions", 0) > 0

@@ -55,14 +55,18 @@ def blocks_for_range(obj: ObjectVersion, offset: int, size: int, block_size: int
     return [BlockRef(obj, i, block_size) for i in range(first, last + 1)]
 
 
-def assemble(blocks: list[BlockRef], datas: list[bytes], offset: int, size: int) -> bytes:
-    """Cut [offset, offset+size) out of consecutive whole blocks."""
+def assemble(blocks: list[BlockRef], datas: list[bytes], offset: int, size: int) -> bytes | memoryview:
+    """Cut [offset, offset+size) out of consecutive whole blocks.
+
+    Within one block the result is a view, not a copy: pyfuse3 takes any buffer.
+    """
     if not blocks:
         return b""
     base = blocks[0].start
     lo = offset - base
     hi = min(offset + size, blocks[-1].start + blocks[-1].length) - base
     if len(datas) == 1:
-        return datas[0][lo:hi]
+        data = datas[0]
+        return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
     joined = b"".join(datas)
     return joined[lo:hi]

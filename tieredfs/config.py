@@ -70,10 +70,13 @@ class Config:
     s3_max_attempts: int = 6
     read_deadline: float = 60.0  # a FUSE read gets its bytes or EIO within this many seconds
 
-    # Readahead.
-    readahead_max: int = 64 * MiB
-    readahead_budget: int = 256 * MiB
-    small_file_threshold: int = 1 * MiB
+    # Readahead (docs/readahead.md).
+    readahead_max: int = 64 * MiB  # largest window one file keeps fetched ahead of its reader
+    readahead_budget: int = 256 * MiB  # prefetch bytes in flight or buffered, all files together
+    request_size: int = 8 * MiB  # bytes per prefetch GET (several blocks in one request)
+    small_file_threshold: int = 1 * MiB  # objects up to this size are fetched whole on first read
+    kernel_readahead: int = 4 * MiB  # the kernel's own readahead on the mount (needs root)
+    cache_write_queue: int = 64 * MiB  # fetched blocks waiting to be written to the cache
 
     # Mount.
     uid: int = field(default_factory=os.getuid)
@@ -118,6 +121,8 @@ class Config:
             raise ConfigError("readahead-budget must hold at least one block")
         if self.readahead_max < self.block_size:
             raise ConfigError("readahead-max must be at least one block")
+        if self.request_size < self.block_size:
+            raise ConfigError("request-size must be at least one block")
         if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
             raise ConfigError(f"endpoint-url {self.endpoint_url!r} must look like http(s)://HOST[:PORT]")
         for opt in self.fuse_options:
@@ -128,7 +133,8 @@ class Config:
 
 
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
-_SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "small_file_threshold"}
+_SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
+                "small_file_threshold", "kernel_readahead", "cache_write_queue"}
 
 
 def load_toml(path: Path) -> dict:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from .blocks import ObjectVersion, assemble, blocks_for_range
+from .readahead import ReadaheadEngine
 from .tiers.chain import TierChain
 
 
@@ -17,12 +18,12 @@ class OpenFile:
 
 
 class Reader:
-    def __init__(self, chain: TierChain, block_size: int, readahead=None):
+    def __init__(self, chain: TierChain, block_size: int, readahead: ReadaheadEngine | None = None):
         self.chain = chain
         self.block_size = block_size
         self.readahead = readahead
 
-    async def read(self, f: OpenFile, offset: int, size: int) -> bytes:
+    async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
         refs = blocks_for_range(f.obj, offset, size, self.block_size)
         if not refs:
             return b""

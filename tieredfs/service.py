@@ -21,15 +21,18 @@ from .config import Config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem
 from .namespace import Namespace
+from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from .reader import Reader
 from .stats import Registry
 from .tiers.chain import TierChain
+from .tiers.filler import Filler
 from .tiers.local import CacheDir, LocalTier, open_index
 from .tiers.s3 import S3Backend, S3Tier
 
 log = logging.getLogger(__name__)
 
 _MIN_FREE_TO_OPEN_INDEX = 8 << 20
+_FLUSH_SECONDS = 10.0  # on unmount, how long queued cache writes may still take
 
 
 def check_mountpoint(path: Path) -> None:
@@ -105,18 +108,33 @@ class Daemon:
     def check_remote(self) -> None:
         self.backend.check_bucket()
 
-    def build_fs(self) -> FileSystem:
+    def build_fs(self) -> tuple[FileSystem, ReadaheadEngine]:
         """Objects bound to the trio run (limiters) are built inside it."""
         c = self.config
+        request_blocks = max(1, min(c.request_size, c.readahead_budget) // c.block_size)
+        disk = trio.CapacityLimiter(c.max_threads)
+        self.filler = Filler(self.upper_tiers, max_bytes=c.cache_write_queue, writers=4,
+                             limiter=disk, counters=self.registry.counters("chain"))
+        self.registry.add_source(self.filler.gauges)
         chain = TierChain(
-            self.upper_tiers, S3Tier(self.backend),
-            disk_limiter=trio.CapacityLimiter(c.max_threads),
+            self.upper_tiers, S3Tier(self.backend), self.filler,
+            disk_limiter=disk,
             s3_limiter=trio.CapacityLimiter(c.s3_max_requests),
-            max_span=max(1, c.readahead_max // c.block_size),
+            max_span=request_blocks,
             counters=self.registry.counters("chain"))
-        reader = Reader(chain, c.block_size)
-        return FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
-                          self.registry.snapshot)
+        settings = ReadaheadSettings(
+            block_size=c.block_size, min_window=min(2, c.readahead_max // c.block_size),
+            max_window=c.readahead_max // c.block_size, request_blocks=request_blocks,
+            small_object=c.small_file_threshold)
+        counters = self.registry.counters("readahead")
+        # Demand reads keep a quarter of the S3 slots: prefetch never queues them all behind it.
+        engine = ReadaheadEngine(chain, settings, MemoryBudget(c.readahead_budget, counters),
+                                 trio.CapacityLimiter(max(1, c.s3_max_requests * 3 // 4)), counters)
+        self.registry.add_source(engine.gauges)
+        reader = Reader(chain, c.block_size, engine)
+        fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
+                        self.registry.snapshot)
+        return fs, engine
 
     def fuse_options(self) -> set[str]:
         return {"fsname=tieredfs", "subtype=tieredfs", "ro", "default_permissions",
@@ -137,7 +155,7 @@ def run(config: Config, on_ready: Callable[[], None]) -> None:
 
 async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
     c = daemon.config
-    fs = daemon.build_fs()
+    fs, engine = daemon.build_fs()
     ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
                            block_size=c.block_size, capacity=daemon.capacity)
     try:
@@ -149,8 +167,12 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
+            engine.start(nursery)
+            nursery.start_soon(daemon.filler.run)
             # Ready only once the mount answers a request.
             await trio.to_thread.run_sync(os.stat, c.mountpoint)
+            if c.kernel_readahead:
+                _tune_kernel_readahead(c.mountpoint, c.kernel_readahead)
             log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
                      c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
             on_ready()
@@ -159,6 +181,18 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
     finally:
         fuse_ops.close(unmount=not session.ended_by_kernel)
         log.info("event=unmounted mountpoint=%s", c.mountpoint)
+        with trio.move_on_after(_FLUSH_SECONDS, shield=True):
+            await daemon.filler.flush()
+
+
+def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:
+    """Let the kernel send 1 MiB reads and keep several in flight (its default is 128 KiB)."""
+    dev = os.stat(mountpoint).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        knob.write_text(str(max(4, nbytes // 1024)))
+    except OSError as e:
+        log.info("event=kernel_readahead_unchanged knob=%s error=%r (needs root)", knob, e.strerror)
 
 
 class _Session:

@@ -12,6 +12,7 @@ from ..blocks import BlockRef
 from ..errors import TieredError
 from ..stats import Counters
 from .base import Tier
+from .filler import Filler
 from .s3 import S3Tier
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ class _Flight:
 
 
 class TierChain:
-    def __init__(self, upper: list[Tier], s3: S3Tier, *, disk_limiter: trio.CapacityLimiter,
-                 s3_limiter: trio.CapacityLimiter, max_span: int, counters: Counters):
+    def __init__(self, upper: list[Tier], s3: S3Tier, filler: Filler, *,
+                 disk_limiter: trio.CapacityLimiter, s3_limiter: trio.CapacityLimiter, max_span: int,
+                 counters: Counters):
         self.upper = upper
         self.s3 = s3
+        self.filler = filler
         self._disk = disk_limiter
         self._s3 = s3_limiter
         self._max_span = max_span
@@ -81,9 +84,22 @@ class TierChain:
         return [results[i] for i in range(len(refs))]
 
     async def _resolve(self, owned: list[tuple[int, BlockRef, "_Flight"]]) -> None:
+        unwritten = []
+        for _, ref, flight in owned:
+            data = self.filler.pending(ref)
+            if data is not None:
+                self.counters.add("hits.fill_queue")
+                flight.data = data
+                flight.done.set()
+            else:
+                unwritten.append((ref, flight))
+        refs = [ref for ref, _ in unwritten]
+        if self.upper and refs:
+            found = await trio.to_thread.run_sync(self._from_upper, refs, limiter=self._disk)
+        else:
+            found = [None] * len(refs)
         misses = []
-        for i, ref, flight in owned:
-            data = await self._from_upper(ref)
+        for (ref, flight), data in zip(unwritten, found):
             if data is not None:
                 flight.data = data
                 flight.done.set()
@@ -93,35 +109,37 @@ class TierChain:
             for span in _spans(misses, self._max_span):
                 nursery.start_soon(self._fetch_span, span)
 
-    async def _from_upper(self, ref: BlockRef) -> bytes | None:
-        for tier in self.upper:
-            data = await trio.to_thread.run_sync(tier.get, ref, limiter=self._disk)
-            if data is not None:
-                self.counters.add(f"hits.{tier.name}")
-                return data
-        return None
+    def _from_upper(self, refs: list[BlockRef]) -> list[bytes | None]:
+        """Worker thread: each block from the first tier above S3 that has it (one hop for all)."""
+        found = []
+        for ref in refs:
+            data = None
+            for tier in self.upper:
+                data = tier.get(ref)
+                if data is not None:
+                    self.counters.add(f"hits.{tier.name}")
+                    break
+            found.append(data)
+        return found
 
     async def _fetch_span(self, span: list[tuple[BlockRef, "_Flight"]]) -> None:
         refs = [ref for ref, _ in span]
         try:
-            datas = await trio.to_thread.run_sync(self._fetch_and_fill, refs, limiter=self._s3)
+            datas = await trio.to_thread.run_sync(self._fetch, refs, limiter=self._s3)
         except TieredError as e:
             for _, flight in span:
                 flight.error = e
                 flight.done.set()
             return
         self.counters.add("hits.s3", len(refs))
-        for (_, flight), data in zip(span, datas):
+        for (ref, flight), data in zip(span, datas):
+            self.filler.offer(ref, data)
             flight.data = data
             flight.done.set()
 
-    def _fetch_and_fill(self, refs: list[BlockRef]) -> list[bytes]:
-        """Worker thread: one ranged GET, then offer each block to the tiers above."""
-        datas = self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
-        for ref, data in zip(refs, datas):
-            for tier in self.upper:
-                tier.put(ref, data)
-        return datas
+    def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
+        """Worker thread: consecutive blocks in one ranged GET."""
+        return self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
 
     def stats(self) -> dict[str, int]:
         return self.counters.snapshot()

@@ -206,11 +206,15 @@ class S3Tier:
     def get(self, ref: BlockRef) -> bytes:
         return self.backend.get_range(ref.obj, ref.start, ref.length)
 
-    def get_span(self, refs: list[BlockRef]) -> list[bytes]:
-        """Consecutive blocks in one ranged GET, split back into blocks."""
+    def get_span(self, refs: list[BlockRef]) -> list[memoryview]:
+        """Consecutive blocks in one ranged GET, split back into blocks.
+
+        The blocks are views of the one body, not copies: copying 8 MiB per request was a
+        measurable share of a cold read's CPU.
+        """
         first = refs[0]
         length = sum(r.length for r in refs)
-        data = self.backend.get_range(first.obj, first.start, length)
+        data = memoryview(self.backend.get_range(first.obj, first.start, length))
         out, pos = [], 0
         for r in refs:
             out.append(data[pos:pos + r.length])

@@ -1,0 +1,240 @@
+"""Readahead: per-open-file sequential detection and prefetch, under one global memory budget.
+
+Each open file has a `Stream`. A read close to where the last one ended is sequential:
+the window (blocks kept fetched ahead of the reader) doubles from `min_window` up to
+`max_window`; a read elsewhere is random: the window closes and what was buffered for the
+old position is dropped. Prefetch goes through the tier chain in requests of
+`request_blocks` blocks (one ranged GET each when the blocks are cold), so prefetched
+blocks also land in the tiers above S3, and a demand read of a block being prefetched
+joins that fetch (the chain's single-flight).
+
+Prefetched bytes are held in memory until read. Bytes in flight or held, over all files,
+never exceed the budget: a prefetch that cannot take its bytes is not issued (counted as
+`budget_denied`) and is tried again at the file's next read. Each sequential stream may
+hold at most a fair share of the budget (budget / sequential streams, at least one
+request), so many readers all make progress and none starves the others.
+
+Demand reads are not limited by the budget: they are bounded by the FUSE worker count.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from .blocks import BlockRef, ObjectVersion, block_count
+from .errors import TieredError
+from .stats import Counters
+from .tiers.chain import TierChain
+
+log = logging.getLogger(__name__)
+
+
+class MemoryBudget:
+    """Bytes that prefetch may have in flight or buffered, shared by every open file."""
+
+    def __init__(self, limit: int, counters: Counters):
+        self.limit = limit
+        self.used = 0
+        self.counters = counters
+
+    def try_take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            self.counters.add("budget_denied")
+            return False
+        self.used += n
+        self.counters.max("budget_peak_bytes", self.used)
+        return True
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+
+
+@dataclass
+class Stream:
+    """Readahead state of one open file."""
+
+    obj: ObjectVersion
+    blocks: int
+    next_index: int = 0  # the block after the furthest one read
+    window: int = 0  # blocks to keep fetched ahead of next_index
+    issued: int = 0  # prefetch has been issued for blocks below this
+    held: int = 0  # budget bytes this stream holds (in flight + buffered)
+    position: int = 0  # bumped on every random jump: older prefetches are not kept
+    buffered: dict[int, bytes] = field(default_factory=dict)
+    scopes: set = field(default_factory=set)
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class ReadaheadSettings:
+    block_size: int
+    min_window: int  # blocks
+    max_window: int  # blocks
+    request_blocks: int  # blocks per prefetch request
+    small_object: int  # bytes: objects up to this size are fetched whole on first read
+
+
+class ReadaheadEngine:
+    def __init__(self, chain: TierChain, settings: ReadaheadSettings, budget: MemoryBudget,
+                 prefetch_slots: trio.CapacityLimiter, counters: Counters):
+        self.chain = chain
+        self.s = settings
+        self.budget = budget
+        self._slots = prefetch_slots
+        self.counters = counters
+        self._nursery: trio.Nursery | None = None
+        self._sequential: set[int] = set()  # ids of streams with an open window
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Prefetch tasks run in the mount's nursery, so unmount cancels them."""
+        self._nursery = nursery
+
+    # --- the Reader's hooks -----------------------------------------------------------------
+
+    async def opened(self, f) -> None:
+        f.stream = Stream(f.obj, block_count(f.obj.size, self.s.block_size))
+
+    def released(self, f) -> None:
+        st: Stream = f.stream
+        st.closed = True
+        for scope in list(st.scopes):
+            scope.cancel()
+        self._drop(st, set(st.buffered))
+        self._sequential.discard(id(st))
+
+    async def read_blocks(self, f, refs: list[BlockRef]) -> list[bytes]:
+        st: Stream = f.stream
+        start = self._follow(st, refs[0].index, refs[-1].index)
+        if st.window:
+            # Issued before the demand fetch, so a cold demand block rides in a whole request
+            # (one GET for several blocks) that this read then joins.
+            self._schedule(st, start)
+        return await self._gather(st, refs)
+
+    # --- access pattern ------------------------------------------------------------------------
+
+    def _follow(self, st: Stream, first: int, last: int) -> int:
+        """Update the window from where this read falls; return where prefetch may start.
+
+        The kernel's own readahead sends several reads at once and they arrive out of order:
+        a read a little ahead of or behind the last one is still sequential, and the blocks
+        it skipped are prefetched with it rather than left to single-block demand reads.
+        """
+        near = st.next_index - max(2, st.window) <= first <= st.next_index + max(2, st.window)
+        if near:
+            start = min(first, st.next_index)
+            if last >= st.next_index:
+                st.window = min(self.s.max_window, max(self.s.min_window, st.window * 2))
+                self.counters.max("window_peak_blocks", st.window)
+                self._sequential.add(id(st))
+            st.next_index = max(st.next_index, last + 1)
+            return start
+        self.counters.add("random_reads")
+        st.window = 0
+        self._sequential.discard(id(st))
+        st.next_index = st.issued = last + 1
+        st.position += 1
+        self._drop(st, set(st.buffered))
+        return first
+
+    # --- demand path ---------------------------------------------------------------------------
+
+    async def _gather(self, st: Stream, refs: list[BlockRef]) -> list[bytes]:
+        wanted = refs
+        if st.obj.size <= self.s.small_object and st.issued < st.blocks:
+            # A small object is read whole on first touch: one GET instead of one per block.
+            wanted = [BlockRef(st.obj, i, self.s.block_size) for i in range(st.blocks)]
+            st.issued = st.blocks
+        have = {r.index: self._take(st, r.index) for r in wanted}
+        missing = [r for r in wanted if have[r.index] is None]
+        if missing:
+            for r, data in zip(missing, await self.chain.get_many(missing)):
+                have[r.index] = data
+        asked = {r.index for r in refs}
+        for r in wanted:
+            if r.index not in asked:
+                self._keep(st, r.index, have[r.index])
+        return [have[r.index] for r in refs]
+
+    def _take(self, st: Stream, index: int) -> bytes | None:
+        data = st.buffered.pop(index, None)
+        if data is not None:
+            self._release(st, len(data))
+            self.counters.add("used_bytes", len(data))
+        return data
+
+    def _keep(self, st: Stream, index: int, data: bytes) -> None:
+        """Hold a block fetched along with a demand read, if the budget allows."""
+        if not st.closed and index not in st.buffered and self.budget.try_take(len(data)):
+            st.held += len(data)
+            st.buffered[index] = data
+
+    def _drop(self, st: Stream, indexes: set[int]) -> None:
+        for index in indexes:
+            data = st.buffered.pop(index, None)
+            if data is not None:
+                self._release(st, len(data))
+                self.counters.add("wasted_bytes", len(data))
+
+    def _release(self, st: Stream, n: int) -> None:
+        st.held -= n
+        self.budget.give_back(n)
+
+    # --- prefetch ------------------------------------------------------------------------------
+
+    def _fair_share(self) -> int:
+        request = self.s.request_blocks * self.s.block_size
+        return max(request, self.budget.limit // max(1, len(self._sequential)))
+
+    def _schedule(self, st: Stream, first: int) -> None:
+        """Issue prefetch requests up to the window, as far as budget and fair share allow."""
+        if self._nursery is None:
+            return
+        start = max(st.issued, first)
+        end = min(st.blocks, st.next_index + st.window)
+        share = self._fair_share()
+        while start < end:
+            stop = min(end, start + self.s.request_blocks)
+            if stop - start < self.s.request_blocks <= st.window and stop < st.blocks:
+                return  # a wide window tops up in whole requests, not one block per read
+            refs = [BlockRef(st.obj, i, self.s.block_size) for i in range(start, stop)]
+            nbytes = sum(r.length for r in refs)
+            if st.held + nbytes > share or not self.budget.try_take(nbytes):
+                return
+            st.held += nbytes
+            st.issued = stop
+            self._nursery.start_soon(self._prefetch, st, refs, nbytes)
+            start = stop
+
+    async def _prefetch(self, st: Stream, refs: list[BlockRef], nbytes: int) -> None:
+        scope = trio.CancelScope()
+        st.scopes.add(scope)
+        kept = 0
+        position = st.position
+        try:
+            with scope:
+                async with self._slots:
+                    if st.closed:
+                        return
+                    datas = await self.chain.get_many(refs)
+                self.counters.add("prefetched_bytes", sum(len(d) for d in datas))
+                for ref, data in zip(refs, datas):
+                    if st.closed or st.position != position or ref.index in st.buffered:
+                        self.counters.add("wasted_bytes", len(data))
+                    elif ref.index < st.next_index:
+                        self.counters.add("used_bytes", len(data))  # the reader joined this fetch
+                    else:
+                        st.buffered[ref.index] = data
+                        kept += len(data)
+        except TieredError as e:
+            # The reader's own read of these blocks will retry and report the error.
+            self.counters.add("errors")
+            log.debug("event=prefetch_failed key=%r error=%r", st.obj.key, str(e))
+        finally:
+            st.scopes.discard(scope)
+            self._release(st, nbytes - kept)
+
+    def gauges(self) -> dict[str, int]:
+        return {"readahead.budget_used_bytes": self.budget.used,
+                "readahead.sequential_streams": len(self._sequential)}

@@ -1,0 +1,97 @@
+"""Write-behind of fetched blocks into the tiers above S3.
+
+A reader never waits for a cache write: measured here, creating a 1 MiB block file took
+~5 ms under load (ext4 allocating new blocks), five times the time to fetch it from a
+loopback S3. Blocks wait in a bounded queue and are written by a few background tasks;
+while queued they are served from the queue, so a re-read does not go back to S3. When
+the queue is full the block is not cached (counted as `fill_skipped`): the reader keeps
+network speed and the cache fills as fast as its disk allows.
+
+On unmount the queue is flushed for a bounded time, so a clean restart finds what was read.
+"""
+
+import logging
+from collections import OrderedDict
+
+import trio
+
+from ..blocks import BlockRef
+from ..stats import Counters
+from .base import Tier
+
+log = logging.getLogger(__name__)
+
+
+class Filler:
+    def __init__(self, tiers: list[Tier], *, max_bytes: int, writers: int,
+                 limiter: trio.CapacityLimiter, counters: Counters):
+        self.tiers = tiers
+        self.max_bytes = max_bytes
+        self.writers = writers
+        self._limiter = limiter
+        self.counters = counters
+        self._queue: OrderedDict[str, tuple[BlockRef, bytes]] = OrderedDict()
+        self._writing: dict[str, bytes] = {}
+        self._bytes = 0
+        self._wakeup = trio.Event()
+
+    def offer(self, ref: BlockRef, data: bytes) -> None:
+        """Queue a block for the tiers above (trio thread); never blocks."""
+        if not self.tiers or ref.id in self._queue or ref.id in self._writing:
+            return
+        if self._bytes + len(data) > self.max_bytes:
+            self.counters.add("fill_skipped")
+            return
+        # A view would keep its whole multi-block GET body alive while queued: copy it.
+        self._queue[ref.id] = (ref, bytes(data))
+        self._bytes += len(data)
+        self.counters.max("fill_queue_peak_bytes", self._bytes)
+        self._wakeup.set()
+
+    def pending(self, ref: BlockRef) -> bytes | None:
+        """A block fetched but not yet written, if it is."""
+        item = self._queue.get(ref.id)
+        if item is not None:
+            return item[1]
+        return self._writing.get(ref.id)
+
+    async def run(self) -> None:
+        """The background writers; they live in the mount's nursery."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.writers):
+                nursery.start_soon(self._writer)
+
+    async def flush(self) -> None:
+        """Write everything queued (unmount); the caller bounds the time."""
+        while self._queue:
+            await self._write_next()
+
+    async def _writer(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            await self._write_next()
+
+    async def _write_next(self) -> None:
+        block_id, (ref, data) = self._queue.popitem(last=False)
+        self._writing[block_id] = data
+        try:
+            await trio.to_thread.run_sync(self._put, ref, data, limiter=self._limiter)
+        finally:
+            del self._writing[block_id]
+            self._bytes -= len(data)
+
+    def _put(self, ref: BlockRef, data: bytes) -> None:
+        for tier in self.tiers:
+            try:
+                tier.put(ref, data)
+            except Exception:
+                # A tier's put never raises for expected conditions; a bug here must cost only
+                # this block's caching, not the mount.
+                self.counters.add("fill_bugs")
+                log.exception("event=fill_failed tier=%s", tier.name)
+
+    def gauges(self) -> dict[str, int]:
+        return {"chain.fill_queue_bytes": self._bytes}
