@@ -26,8 +26,14 @@ install_python_package() {
   local stamp="$VENV/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
   [ -f "$stamp" ] && return
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e ".[test,bench]"
+  echo "installing tieredfs and its Python dependencies into $VENV" >&2
+  local log="$VENV/pip-install.log"
+  # pip's output goes to a log, shown only if the install fails.
+  if ! { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e ".[test,bench]"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "error: installing the Python package failed (log: $log)" >&2
+    exit 1
+  fi
   rm -f "$VENV"/.installed-* && touch "$stamp"
 }
 

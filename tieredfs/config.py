@@ -72,11 +72,13 @@ class Config:
 
     # Readahead (docs/readahead.md).
     readahead_max: int = 64 * MiB  # largest window one file keeps fetched ahead of its reader
-    readahead_budget: int = 256 * MiB  # prefetch bytes in flight or buffered, all files together
+    readahead_budget: int = 128 * MiB  # prefetch bytes in flight or buffered, all files together
     request_size: int = 8 * MiB  # bytes per prefetch GET (several blocks in one request)
     small_file_threshold: int = 1 * MiB  # objects up to this size are fetched whole on first read
     kernel_readahead: int = 4 * MiB  # the kernel's own readahead on the mount (needs root)
-    cache_write_queue: int = 64 * MiB  # fetched blocks waiting to be written to the cache
+    dir_prefetch: int = 8  # small files fetched ahead when a directory is read in order; 0 = off
+    cache_write_queue: int = 32 * MiB  # fetched blocks waiting to be written to the cache
+    cache_fill_wait: float = 2.0  # seconds a fetch may wait for that queue; 0 = cache best effort
 
     # Mount.
     uid: int = field(default_factory=os.getuid)
@@ -114,9 +116,13 @@ class Config:
         for name in ("s3_max_requests", "s3_max_attempts", "max_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.dir_prefetch <= 256:
+            raise ConfigError("dir-prefetch must be between 0 and 256 files")
         for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
+        if not 0 <= self.cache_fill_wait <= 60:
+            raise ConfigError("cache-fill-wait must be between 0 and 60 seconds")
         if self.readahead_budget < self.block_size:
             raise ConfigError("readahead-budget must hold at least one block")
         if self.readahead_max < self.block_size:

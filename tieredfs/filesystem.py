@@ -7,6 +7,7 @@ fuse_ops.py only translates between this and pyfuse3. Blocking namespace work
 import itertools
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +19,7 @@ from .namespace import Namespace, Node
 from .reader import OpenFile, Reader
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_WALKS_REMEMBERED = 1024  # directories whose last opened position is kept
 
 
 @dataclass
@@ -28,10 +30,12 @@ class Opened:
 
 class FileSystem:
     def __init__(self, namespace: Namespace, reader: Reader, bucket: str,
-                 list_limiter: trio.CapacityLimiter, stats: Callable[[], dict]):
+                 list_limiter: trio.CapacityLimiter, stats: Callable[[], dict], dir_prefetch: int = 0):
         self.namespace = namespace
         self.reader = reader
         self.bucket = bucket
+        self._dir_prefetch = dir_prefetch
+        self._walks: OrderedDict[int, int] = OrderedDict()  # directory -> last opened position
         self._list_limiter = list_limiter
         self._stats = stats
         self._fh = itertools.count(1)
@@ -78,7 +82,20 @@ class FileSystem:
         keep = self._etag_at_last_open.get(ino) == node.etag
         self._etag_at_last_open[ino] = node.etag
         await self.reader.opened(f)
+        if self._dir_prefetch:
+            self._follow_walk(node)
         return Opened(f.fh, keep)
+
+    def _follow_walk(self, node: Node) -> None:
+        """Opening a directory's files in name order: fetch the next ones before they are asked."""
+        pos, after = self.namespace.next_siblings(node.ino, self._dir_prefetch)
+        last = self._walks.pop(node.parent, None)
+        self._walks[node.parent] = pos
+        if len(self._walks) > _WALKS_REMEMBERED:
+            self._walks.popitem(last=False)
+        if last is not None and 0 < pos - last <= 2:
+            self.reader.prefetch_objects([ObjectVersion(self.bucket, n.key, n.etag, n.size)
+                                          for n in after if not n.is_dir])
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         f = self._files[fh]

@@ -41,6 +41,8 @@ class _Dir:
     children: dict[bytes, int] = field(default_factory=dict)
     listed_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    order: list[int] | None = None  # children's inodes in name order, built when first asked
+    position: dict[int, int] = field(default_factory=dict)
 
 
 def fs_name(component: str) -> bytes | None:
@@ -86,6 +88,24 @@ class Namespace:
         d = self._fresh_dir(ino)
         with self._lock:
             return [self._nodes[i] for _, i in sorted(d.children.items())]
+
+    def next_siblings(self, ino: int, count: int) -> tuple[int, list[Node]]:
+        """(position of `ino` in its directory's name order, the next `count` entries).
+
+        From the listing already held: never lists S3, so it is cheap enough for open().
+        """
+        with self._lock:
+            node = self._nodes.get(ino)
+            d = self._dirs.get(node.parent) if node is not None else None
+            if d is None or node.ino == ROOT_INO:
+                return -1, []
+            if d.order is None:
+                d.order = [i for _, i in sorted(d.children.items())]
+                d.position = {i: n for n, i in enumerate(d.order)}
+            pos = d.position.get(ino, -1)
+            if pos < 0:
+                return -1, []
+            return pos, [self._nodes[i] for i in d.order[pos + 1:pos + 1 + count]]
 
     def mark_stale(self, ino: int) -> None:
         """Forget a directory's listing so the next lookup sees S3's current state."""
@@ -149,6 +169,7 @@ class Namespace:
             node.size, node.mtime_ns, node.etag = size, mtime_ns, etag
             children[name] = node.ino
         d.children = children
+        d.order = None
 
     def _checked(self, component: str, key: str) -> bytes | None:
         name = fs_name(component)

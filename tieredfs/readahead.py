@@ -15,9 +15,14 @@ hold at most a fair share of the budget (budget / sequential streams, at least o
 request), so many readers all make progress and none starves the others.
 
 Demand reads are not limited by the budget: they are bounded by the FUSE worker count.
+
+Directory walks: when files of one directory are opened in name order, the filesystem
+asks for the next few small ones (`prefetch_objects`); they are fetched whole into the
+tiers above S3 (not held here), each at most once while remembered.
 """
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -28,6 +33,8 @@ from .stats import Counters
 from .tiers.chain import TierChain
 
 log = logging.getLogger(__name__)
+
+_REMEMBERED_OBJECTS = 4096  # objects prefetched by directory walks, not yet opened
 
 
 class MemoryBudget:
@@ -85,6 +92,7 @@ class ReadaheadEngine:
         self.counters = counters
         self._nursery: trio.Nursery | None = None
         self._sequential: set[int] = set()  # ids of streams with an open window
+        self._walked: OrderedDict[ObjectVersion, None] = OrderedDict()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Prefetch tasks run in the mount's nursery, so unmount cancels them."""
@@ -94,6 +102,9 @@ class ReadaheadEngine:
 
     async def opened(self, f) -> None:
         f.stream = Stream(f.obj, block_count(f.obj.size, self.s.block_size))
+        if f.obj in self._walked:
+            del self._walked[f.obj]
+            self.counters.add("walk_used_bytes", f.obj.size)
 
     def released(self, f) -> None:
         st: Stream = f.stream
@@ -234,6 +245,34 @@ class ReadaheadEngine:
         finally:
             st.scopes.discard(scope)
             self._release(st, nbytes - kept)
+
+    # --- directory walks -------------------------------------------------------------------
+
+    def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
+        """Fetch these small objects whole into the tiers above S3, budget permitting."""
+        if self._nursery is None or not self.chain.upper:
+            return  # nowhere to keep them but memory, and that is what the budget is for
+        for obj in objs:
+            if not 0 < obj.size <= self.s.small_object or obj in self._walked:
+                continue
+            if not self.budget.try_take(obj.size):
+                return
+            self._walked[obj] = None
+            if len(self._walked) > _REMEMBERED_OBJECTS:
+                self._walked.popitem(last=False)
+            self._nursery.start_soon(self._prefetch_object, obj)
+
+    async def _prefetch_object(self, obj: ObjectVersion) -> None:
+        refs = [BlockRef(obj, i, self.s.block_size) for i in range(block_count(obj.size, self.s.block_size))]
+        try:
+            async with self._slots:
+                await self.chain.get_many(refs)
+            self.counters.add("walk_prefetched_bytes", obj.size)
+        except TieredError as e:
+            self.counters.add("errors")
+            log.debug("event=prefetch_failed key=%r error=%r", obj.key, str(e))
+        finally:
+            self.budget.give_back(obj.size)
 
     def gauges(self) -> dict[str, int]:
         return {"readahead.budget_used_bytes": self.budget.used,

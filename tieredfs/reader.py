@@ -40,3 +40,7 @@ class Reader:
     def released(self, f: OpenFile) -> None:
         if self.readahead is not None:
             self.readahead.released(f)
+
+    def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
+        if self.readahead is not None:
+            self.readahead.prefetch_objects(objs)

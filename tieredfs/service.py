@@ -113,7 +113,8 @@ class Daemon:
         c = self.config
         request_blocks = max(1, min(c.request_size, c.readahead_budget) // c.block_size)
         disk = trio.CapacityLimiter(c.max_threads)
-        self.filler = Filler(self.upper_tiers, max_bytes=c.cache_write_queue, writers=4,
+        self.filler = Filler(self.upper_tiers, max_bytes=c.cache_write_queue,
+                             max_wait=c.cache_fill_wait, writers=4,
                              limiter=disk, counters=self.registry.counters("chain"))
         self.registry.add_source(self.filler.gauges)
         chain = TierChain(
@@ -133,7 +134,7 @@ class Daemon:
         self.registry.add_source(engine.gauges)
         reader = Reader(chain, c.block_size, engine)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
-                        self.registry.snapshot)
+                        self.registry.snapshot, dir_prefetch=c.dir_prefetch)
         return fs, engine
 
     def fuse_options(self) -> set[str]:

@@ -133,9 +133,10 @@ class TierChain:
             return
         self.counters.add("hits.s3", len(refs))
         for (ref, flight), data in zip(span, datas):
-            self.filler.offer(ref, data)
             flight.data = data
             flight.done.set()
+        for ref, data in zip(refs, datas):
+            await self.filler.offer(ref, data)  # backpressure from a slow cache disk
 
     def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
         """Worker thread: consecutive blocks in one ranged GET."""

@@ -1,11 +1,16 @@
 """Write-behind of fetched blocks into the tiers above S3.
 
-A reader never waits for a cache write: measured here, creating a 1 MiB block file took
-~5 ms under load (ext4 allocating new blocks), five times the time to fetch it from a
-loopback S3. Blocks wait in a bounded queue and are written by a few background tasks;
-while queued they are served from the queue, so a re-read does not go back to S3. When
-the queue is full the block is not cached (counted as `fill_skipped`): the reader keeps
-network speed and the cache fills as fast as its disk allows.
+A reader does not wait for each cache write: measured here, creating a 1 MiB block file
+took ~5 ms under load (ext4 allocating new blocks), five times the time to fetch it from a
+loopback S3. Blocks wait in a bounded queue (`max_bytes`) and are written by a few
+background tasks; while queued they are served from the queue, so a re-read does not go
+back to S3.
+
+When the queue is full, a fetch waits up to `max_wait` seconds for room (backpressure:
+by default everything read gets cached, at the disk's speed if the disk is the slower),
+then gives up on caching that block (`fill_skipped`). After such a time-out the filler
+stops waiting for a while, so a stalled cache disk costs reads at most one wait, not one
+per block. `max_wait=0` never waits: reads at network speed, caching best effort.
 
 On unmount the queue is flushed for a bounded time, so a clean restart finds what was read.
 """
@@ -21,12 +26,15 @@ from .base import Tier
 
 log = logging.getLogger(__name__)
 
+_CONGESTED_SECONDS = 30.0
+
 
 class Filler:
-    def __init__(self, tiers: list[Tier], *, max_bytes: int, writers: int,
+    def __init__(self, tiers: list[Tier], *, max_bytes: int, max_wait: float, writers: int,
                  limiter: trio.CapacityLimiter, counters: Counters):
         self.tiers = tiers
         self.max_bytes = max_bytes
+        self.max_wait = max_wait
         self.writers = writers
         self._limiter = limiter
         self.counters = counters
@@ -34,12 +42,14 @@ class Filler:
         self._writing: dict[str, bytes] = {}
         self._bytes = 0
         self._wakeup = trio.Event()
+        self._room = trio.Event()
+        self._no_wait_until = 0.0
 
-    def offer(self, ref: BlockRef, data: bytes) -> None:
-        """Queue a block for the tiers above (trio thread); never blocks."""
+    async def offer(self, ref: BlockRef, data: bytes) -> None:
+        """Queue a block for the tiers above, waiting a bounded time for room."""
         if not self.tiers or ref.id in self._queue or ref.id in self._writing:
             return
-        if self._bytes + len(data) > self.max_bytes:
+        if not await self._wait_for_room(len(data)):
             self.counters.add("fill_skipped")
             return
         # A view would keep its whole multi-block GET body alive while queued: copy it.
@@ -47,6 +57,22 @@ class Filler:
         self._bytes += len(data)
         self.counters.max("fill_queue_peak_bytes", self._bytes)
         self._wakeup.set()
+
+    async def _wait_for_room(self, n: int) -> bool:
+        if self._bytes + n <= self.max_bytes:
+            return True
+        if trio.current_time() < self._no_wait_until:
+            return False
+        self.counters.add("fill_waits")
+        with trio.move_on_after(self.max_wait):
+            while self._bytes + n > self.max_bytes:
+                await self._room.wait()
+            return True
+        self._no_wait_until = trio.current_time() + _CONGESTED_SECONDS
+        self.counters.add("fill_congested")
+        log.warning("event=cache_disk_congested wait_s=%s action=not_caching_for_%ss",
+                    self.max_wait, _CONGESTED_SECONDS)
+        return False
 
     def pending(self, ref: BlockRef) -> bytes | None:
         """A block fetched but not yet written, if it is."""
@@ -82,6 +108,8 @@ class Filler:
         finally:
             del self._writing[block_id]
             self._bytes -= len(data)
+            self._room.set()
+            self._room = trio.Event()
 
     def _put(self, ref: BlockRef, data: bytes) -> None:
         for tier in self.tiers:
