@@ -117,7 +117,7 @@ class ReadaheadEngine:
     async def read_blocks(self, f, refs: list[BlockRef]) -> list[bytes]:
         st: Stream = f.stream
         start = self._follow(st, refs[0].index, refs[-1].index)
-        if st.window:
+        if st.window and st.obj.size > self.s.small_object:
             # Issued before the demand fetch, so a cold demand block rides in a whole request
             # (one GET for several blocks) that this read then joins.
             self._schedule(st, start)
@@ -238,10 +238,8 @@ class ReadaheadEngine:
                     else:
                         st.buffered[ref.index] = data
                         kept += len(data)
-        except TieredError as e:
-            # The reader's own read of these blocks will retry and report the error.
-            self.counters.add("errors")
-            log.debug("event=prefetch_failed key=%r error=%r", st.obj.key, str(e))
+        except Exception as e:
+            self._failed(st.obj, e)
         finally:
             st.scopes.discard(scope)
             self._release(st, nbytes - kept)
@@ -268,11 +266,18 @@ class ReadaheadEngine:
             async with self._slots:
                 await self.chain.get_many(refs)
             self.counters.add("walk_prefetched_bytes", obj.size)
-        except TieredError as e:
-            self.counters.add("errors")
-            log.debug("event=prefetch_failed key=%r error=%r", obj.key, str(e))
+        except Exception as e:
+            self._failed(obj, e)
         finally:
             self.budget.give_back(obj.size)
+
+    def _failed(self, obj: ObjectVersion, e: Exception) -> None:
+        """A failed prefetch costs nothing but itself: the reader's own read retries and reports."""
+        self.counters.add("errors")
+        if isinstance(e, TieredError):
+            log.debug("event=prefetch_failed key=%r error=%r", obj.key, str(e))
+        else:  # a bug: say so, but do not take the mount down with it
+            log.error("event=prefetch_bug key=%r error=%r", obj.key, e, exc_info=e)
 
     def gauges(self) -> dict[str, int]:
         return {"readahead.budget_used_bytes": self.budget.used,
