@@ -42,7 +42,27 @@ def clear_errors(fn):
     return wrapper
 
 
-@click.group()
+class _OneLineGroup(click.Group):
+    """Usage errors are one line too, instead of click's usage block and blank line."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message(), err=True)
+            sys.exit(2)
+        except click.exceptions.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            click.echo(f"tieredfs: error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.exceptions.ClickException as e:
+            click.echo(f"tieredfs: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            sys.exit(130)
+
+
+@click.group(cls=_OneLineGroup)
 @click.version_option(package_name="tieredfs")
 def main():
     """tieredfs: mount S3 through local and shared block caches."""

@@ -114,6 +114,9 @@ class Config:
         for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
+        for name in ("uid", "gid"):
+            if not 0 <= getattr(self, name) < 2**32 - 1:
+                raise ConfigError(f"{name} {getattr(self, name)} is not a valid id (0 to 4294967294)")
         if self.readahead_budget < self.block_size:
             raise ConfigError("readahead-budget must hold at least one block")
         if self.readahead_max < self.block_size:
