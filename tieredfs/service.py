@@ -39,13 +39,22 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"mount point {path} does not exist") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise MountError(f"mount point {path} is a dead tieredfs mount: "
-                             f"run 'tieredfs umount {path}' first") from None
+            raise _dead_mount(path) from None
         raise MountError(f"mount point {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
+        try:
+            os.statvfs(path)  # never answered from the kernel's attribute cache, unlike stat
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise _dead_mount(path) from None
         raise MountError(f"mount point {path} is already a mount point (busy)")
+
+
+def _dead_mount(path: Path) -> MountError:
+    return MountError(f"mount point {path} is a dead mount (its daemon is gone): "
+                      f"run 'tieredfs umount {path}' first")
 
 
 def check_fuse() -> None:
