@@ -94,7 +94,7 @@ def assert_nothing_left(a: Attempt) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_remote_failures(mode, attempt, s3server, auth_server, bucket):
+def test_remote_failures(mode, attempt, s3server, auth_server, bucket, tmp_path):
     cases = [
         ("s3://no-such-bucket-here", s3server.url, "does not exist"),
         (f"s3://{bucket}", f"http://127.0.0.1:{free_port()}", "cannot reach S3 endpoint"),
@@ -105,6 +105,13 @@ def test_remote_failures(mode, attempt, s3server, auth_server, bucket):
         proc = a.mount(url, "--endpoint-url", endpoint, *MODES[mode])
         assert_one_line_failure(proc, needle)
         assert_nothing_left(a)
+    # No credentials anywhere (the instance-role lookup is off: only 127.0.0.1 is reachable).
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare |= {"AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)}
+    a = attempt()
+    proc = a.mount(f"s3://{bucket}", "--endpoint-url", s3server.url, *MODES[mode], env=bare)
+    assert_one_line_failure(proc, "no AWS credentials found")
+    assert_nothing_left(a)
 
 
 @pytest.mark.parametrize("mode", MODES)
