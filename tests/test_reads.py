@@ -18,24 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import read_file
+from conftest import read_file, read_uncached
 
 K = 1024
 BS = 64 * K
 SMALL = ("--block-size", "64K")
 SIZES = [0, 1, BS - 1, BS, BS + 1, 5 * BS + 123]
-
-
-def read_uncached(path) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = bytearray()
-        while chunk := os.read(fd, 1 << 20):
-            out += chunk
-        return bytes(out)
-    finally:
-        os.close(fd)
 
 
 def test_sizes_around_block_edges(bucket, put, mount_factory):

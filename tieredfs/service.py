@@ -32,13 +32,18 @@ log = logging.getLogger(__name__)
 _MIN_FREE_TO_OPEN_INDEX = 8 << 20
 
 
+# A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED once the kernel has
+# aborted the connection (which of the two depends on the kernel and the timing).
+_DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def check_mountpoint(path: Path) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise MountError(f"mount point {path} does not exist") from None
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno in _DEAD_MOUNT_ERRNOS:
             raise _dead_mount(path) from None
         raise MountError(f"mount point {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -47,7 +52,7 @@ def check_mountpoint(path: Path) -> None:
         try:
             os.statvfs(path)  # never answered from the kernel's attribute cache, unlike stat
         except OSError as e:
-            if e.errno == errno.ENOTCONN:
+            if e.errno in _DEAD_MOUNT_ERRNOS:
                 raise _dead_mount(path) from None
         raise MountError(f"mount point {path} is already a mount point (busy)")
 
