@@ -154,6 +154,30 @@ def test_bad_input_is_one_line(args, needle, attempt):
     assert_nothing_left(a)
 
 
+@pytest.mark.parametrize("toml, needle", [
+    ('list-ttl = "soon"', "list-ttl = 'soon' must be a number"),
+    ("fuse-options = 'ro'", "must be a list of strings"),
+    ("bucket = 'other'", "unknown setting 'bucket'"),
+    ("[[[", "config file"),
+])
+def test_bad_config_file_is_one_line(toml, needle, attempt, tmp_path):
+    config = tmp_path / "tieredfs.toml"
+    config.write_text(toml)
+    a = attempt()
+    assert_one_line_failure(a.mount("s3://bkt", "--config", str(config), "--foreground"), needle)
+    assert_nothing_left(a)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unwritable_cache_dir_or_log_file(mode, attempt, s3server, bucket):
+    a = attempt()
+    common = [f"s3://{bucket}", "--endpoint-url", s3server.url, *MODES[mode]]
+    assert_one_line_failure(a.mount(*common, "--cache-dir", "/proc/no-such-dir"), "/proc/no-such-dir")
+    assert_one_line_failure(a.mount(*common, "--log-file", "/proc/no-such-dir/x.log"),
+                            "cannot write the log file")
+    assert_nothing_left(a)
+
+
 def test_daemon_mode_is_ready_on_return_and_umounts(attempt, s3server, bucket, put):
     data = put("x/data.bin", os.urandom(200_000))
     a = attempt()

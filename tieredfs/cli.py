@@ -17,7 +17,12 @@ log = logging.getLogger("tieredfs")
 
 
 def setup_logging(debug: bool, log_file: Path | None = None) -> None:
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    try:
+        if log_file:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    except OSError as e:
+        raise ConfigError(f"cannot write the log file {log_file}: {e.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s level=%(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -119,7 +124,6 @@ def mount(url, mountpoint, options, config_file, foreground, **settings):
     service.check_mountpoint(config.mountpoint)
     service.check_fuse()
     log_file = config.log_file or config.effective_cache_dir / "tieredfs.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     setup_logging(config.debug, log_file)
     daemon.run_detached(lambda ready: service.run(config, ready), str(log_file))
 
