@@ -19,6 +19,8 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 
+from .errors import EndpointUnreachable
+
 COUNTS_PATH = "/__tieredfs/counts"
 
 
@@ -104,7 +106,8 @@ class DevS3Server:
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.stop()
-            raise RuntimeError("the embedded S3 server did not start (is moto[server] installed?)")
+            raise EndpointUnreachable("the embedded S3 server did not start "
+                                      "(is moto[server] installed? pip install 'tieredfs[demo]')")
         self.port = int(line.split()[1])
         return self
 
