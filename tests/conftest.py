@@ -167,6 +167,19 @@ def read_file(path, chunk: int = 1 << 20) -> bytes:
         return bytes(out)
 
 
+def read_uncached(path) -> bytes:
+    """Read a file through the daemon: the kernel's page cache of it is dropped first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out = bytearray()
+        while chunk := os.read(fd, 1 << 20):
+            out += chunk
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
 def deadline_call(fn, seconds: float):
     """Run fn; fail the test if it takes longer than `seconds` (a hang detector, not a benchmark)."""
     start = time.monotonic()

@@ -13,24 +13,12 @@ import time
 
 import pytest
 
-from conftest import tieredfs_cmd
+from conftest import read_uncached, tieredfs_cmd
 from tieredfs.tiers.local import CORRELATION_WINDOW
 
 K = 1024
 BS = 64 * K
 SMALL = ("--block-size", "64K")
-
-
-def read_uncached(path) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = bytearray()
-        while chunk := os.read(fd, 1 << 20):
-            out += chunk
-        return bytes(out)
-    finally:
-        os.close(fd)
 
 
 def gets(s3server) -> int:

@@ -17,7 +17,12 @@ log = logging.getLogger("tieredfs")
 
 
 def setup_logging(debug: bool, log_file: Path | None = None) -> None:
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    try:
+        if log_file:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    except OSError as e:
+        raise ConfigError(f"cannot write the log file {log_file}: {e.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s level=%(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -42,7 +47,27 @@ def clear_errors(fn):
     return wrapper
 
 
-@click.group()
+class _OneLineGroup(click.Group):
+    """Usage errors are one line too, instead of click's usage block and blank line."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message(), err=True)
+            sys.exit(2)
+        except click.exceptions.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            click.echo(f"tieredfs: error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.exceptions.ClickException as e:
+            click.echo(f"tieredfs: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            sys.exit(130)
+
+
+@click.group(cls=_OneLineGroup)
 @click.version_option(package_name="tieredfs")
 def main():
     """tieredfs: mount S3 through local and shared block caches."""
@@ -110,7 +135,6 @@ def mount(url, mountpoint, options, config_file, foreground, **settings):
     service.check_mountpoint(config.mountpoint)
     service.check_fuse()
     log_file = config.log_file or config.effective_cache_dir / "tieredfs.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     setup_logging(config.debug, log_file)
     daemon.run_detached(lambda ready: service.run(config, ready), str(log_file))
 

@@ -8,6 +8,8 @@ import dataclasses
 import os
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +125,9 @@ class Config:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
         if not 0 <= self.cache_fill_wait <= 60:
             raise ConfigError("cache-fill-wait must be between 0 and 60 seconds")
+        for name in ("uid", "gid"):
+            if not 0 <= getattr(self, name) < 2**32 - 1:
+                raise ConfigError(f"{name} {getattr(self, name)} is not a valid id (0 to 4294967294)")
         if self.readahead_budget < self.block_size:
             raise ConfigError("readahead-budget must hold at least one block")
         if self.readahead_max < self.block_size:
@@ -150,6 +155,8 @@ def load_toml(path: Path) -> dict:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     return normalize(raw, source=str(path))
@@ -157,20 +164,42 @@ def load_toml(path: Path) -> dict:
 
 def normalize(values: dict, source: str = "options") -> dict:
     """Map user-facing names and types onto Config fields; unknown keys are errors."""
-    names = {f.name for f in dataclasses.fields(Config)}
     out = {}
     for key, value in values.items():
         if value is None:
             continue
         name = key.replace("-", "_")
-        if name not in names:
+        if name not in _KINDS or name in ("bucket", "prefix"):  # those come from the URL
             raise ConfigError(f"{source}: unknown setting {key!r}")
-        if name in _SIZE_FIELDS:
-            value = parse_size(value, key)
-        elif name in ("mountpoint", "cache_dir", "log_file") and value is not None:
-            value = Path(value).expanduser()
-        out[name] = value
+        out[name] = parse_size(value, key) if name in _SIZE_FIELDS else _typed(name, value, key, source)
     return out
+
+
+def _kind(annotation) -> type:
+    """int, float, bool, str, Path or list: what a field holds, ignoring `| None`."""
+    if isinstance(annotation, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return typing.get_origin(annotation) or annotation
+
+
+_KINDS = {f.name: _kind(f.type) for f in dataclasses.fields(Config)}
+
+
+def _typed(name: str, value, key: str, source: str):
+    """A TOML file's values arrive with TOML's types; a wrong one is named, not crashed on."""
+    kind = _KINDS[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {int: number and isinstance(value, int), float: number, bool: isinstance(value, bool),
+          str: isinstance(value, str) or number,  # cache-size = 1073741824 is fine
+          Path: isinstance(value, (str, Path)),
+          list: isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
+    if not ok:
+        what = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+                Path: "a path", list: "a list of strings"}[kind]
+        raise ConfigError(f"{source}: {key} = {value!r} must be {what}")
+    if kind is Path:
+        return Path(value).expanduser()
+    return float(value) if kind is float else str(value) if kind is str else value
 
 
 def build_config(url: str, file_values: dict, cli_values: dict) -> Config:

@@ -15,8 +15,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
+
+from .errors import EndpointUnreachable
 
 COUNTS_PATH = "/__tieredfs/counts"
 
@@ -97,11 +100,14 @@ class DevS3Server:
         cmd = [sys.executable, "-m", "tieredfs.devserver", "--port", "0"]
         if self.require_auth:
             cmd.append("--require-auth")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # Its own session: a Ctrl-C on the terminal must not stop the server under a live mount.
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     start_new_session=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.stop()
-            raise RuntimeError("the embedded S3 server did not start (is moto[server] installed?)")
+            raise EndpointUnreachable("the embedded S3 server did not start "
+                                      "(is moto[server] installed? pip install 'tieredfs[demo]')")
         self.port = int(line.split()[1])
         return self
 
@@ -121,6 +127,21 @@ class DevS3Server:
 
     def reset_counts(self) -> None:
         self.counts(reset=True)
+
+    def create_bucket(self, bucket: str) -> None:
+        self._put(f"/{bucket}", b"")
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        """Upload without boto3 (tiers/s3.py is its only importer): without --require-auth
+        moto takes unsigned, path-style PUTs."""
+        self._put(f"/{bucket}/{urllib.parse.quote(key, safe='/~')}", data)
+
+    def _put(self, path: str, data: bytes) -> None:
+        # An explicit content type, or werkzeug reads the body as a form and stores nothing.
+        req = urllib.request.Request(self.url + path, data=data, method="PUT",
+                                     headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=60):
+            pass
 
     def __enter__(self):
         return self.start()

@@ -59,6 +59,10 @@ class BackendUnavailable(TieredError):
     errno = errno.EIO
 
 
+class DataMismatch(TieredError):
+    """Bytes read through a mount differ from their source (the demo's own check)."""
+
+
 class CacheCorrupt(TieredError):
     """A cached block failed verification; callers treat it as a miss."""
 

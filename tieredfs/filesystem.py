@@ -9,7 +9,7 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import trio
 
@@ -61,9 +61,12 @@ class FileSystem:
         self._dirs[fh] = entries
         return fh
 
-    def readdir(self, fh: int, start: int) -> list[tuple[Node, int]]:
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[Node, int]]:
+        """(entry, offset of the next one) from `start` on; lazy, since the kernel takes
+        one page of entries per call and a big directory would otherwise be quadratic."""
         entries = self._dirs.get(fh, [])
-        return [(entries[i], i + 1) for i in range(max(0, start), len(entries))]
+        for i in range(max(0, start), len(entries)):
+            yield entries[i], i + 1
 
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

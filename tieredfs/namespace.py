@@ -2,11 +2,12 @@
 
 Each directory is listed lazily (one delimited ListObjectsV2, all pages) the first
 time it is needed and again once its listing is older than the TTL. Inode numbers
-are stable for a (parent, name, kind) for the life of the mount.
+are stable for a (parent, name, kind) for the life of the mount, also across a
+deletion and re-creation.
 
 Keys that cannot be a path are skipped with one log line each (docs/namespace.md):
-empty components (`a//b`), `.` and `..`, names over 255 bytes. When a key is both a
-file and a prefix (`a` and `a/b`), the directory wins.
+empty components (`a//b`, `/a`), `.` and `..`, NUL, names over 255 bytes. When a key
+is both a file and a prefix (`a` and `a/b`), the directory wins.
 """
 
 import logging
@@ -39,18 +40,29 @@ class Node:
 @dataclass
 class _Dir:
     children: dict[bytes, int] = field(default_factory=dict)
+    # Every (name, is_dir) ever listed here: a key deleted and re-created keeps its inode.
+    known: dict[tuple[bytes, bool], int] = field(default_factory=dict)
     listed_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     order: list[int] | None = None  # children's inodes in name order, built when first asked
     position: dict[int, int] = field(default_factory=dict)
 
 
-def fs_name(component: str) -> bytes | None:
-    """The filename for one key component, or None if it cannot be a safe path name."""
-    if component in ("", ".", "..") or "\0" in component:
-        return None
-    name = component.encode("utf-8", "surrogateescape")
-    return name if len(name) <= NAME_MAX else None
+def unusable(component: str) -> str | None:
+    """Why one key component cannot be a file name under the mount, or None if it can."""
+    if component == "":
+        return "empty path component (as in a//b or /a)"
+    if component in (".", ".."):
+        return f"{component!r} path component (it would name another directory)"
+    if "\0" in component:
+        return "NUL character in the name"
+    try:
+        size = len(component.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    if size > NAME_MAX:
+        return f"name of {size} bytes, over the {NAME_MAX}-byte limit"
+    return None
 
 
 class Namespace:
@@ -137,14 +149,14 @@ class Namespace:
         plen = len(parent.key)
         entries: dict[bytes, tuple[bool, str, int, int, str]] = {}
         for prefix in listing.prefixes:
-            name = self._checked(prefix[plen:-1], prefix)
+            name = self._checked(prefix[plen:-1], prefix, "; every key under this prefix is hidden")
             if name is not None:
                 entries[name] = (True, prefix, 0, self._mount_time_ns, "")
         for obj in listing.objects:
             component = obj.key[plen:]
             if component == "":
                 continue  # the directory marker of `parent` itself
-            name = self._checked(component, obj.key)
+            name = self._checked(component, obj.key, "")
             if name is None:
                 continue
             if name in entries:
@@ -158,24 +170,27 @@ class Namespace:
         d = self._dirs[parent]
         children = {}
         for name, (is_dir, key, size, mtime_ns, etag) in entries.items():
-            ino = d.children.get(name)
-            node = self._nodes.get(ino) if ino is not None else None
-            if node is None or node.is_dir != is_dir:
+            ino = d.known.get((name, is_dir))
+            if ino is None:
                 node = Node(self._next_ino, parent, name, is_dir, key)
                 self._next_ino += 1
                 self._nodes[node.ino] = node
+                d.known[(name, is_dir)] = node.ino
                 if is_dir:
                     self._dirs[node.ino] = _Dir()
+            else:
+                node = self._nodes[ino]
             node.size, node.mtime_ns, node.etag = size, mtime_ns, etag
             children[name] = node.ino
         d.children = children
         d.order = None
 
-    def _checked(self, component: str, key: str) -> bytes | None:
-        name = fs_name(component)
-        if name is None:
-            self._skip(key, "its path has an empty, '.', '..' or over-long component")
-        return name
+    def _checked(self, component: str, key: str, consequence: str) -> bytes | None:
+        problem = unusable(component)
+        if problem is not None:
+            self._skip(key, problem + consequence)
+            return None
+        return component.encode("utf-8")
 
     def _skip(self, key: str, why: str) -> None:
         if key not in self._skipped and len(self._skipped) < 100_000:

@@ -35,20 +35,34 @@ _MIN_FREE_TO_OPEN_INDEX = 8 << 20
 _FLUSH_SECONDS = 10.0  # on unmount, how long queued cache writes may still take
 
 
+# A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED once the kernel has
+# aborted the connection (which of the two depends on the kernel and the timing).
+_DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def check_mountpoint(path: Path) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise MountError(f"mount point {path} does not exist") from None
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise MountError(f"mount point {path} is a dead tieredfs mount: "
-                             f"run 'tieredfs umount {path}' first") from None
+        if e.errno in _DEAD_MOUNT_ERRNOS:
+            raise _dead_mount(path) from None
         raise MountError(f"mount point {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
+        try:
+            os.statvfs(path)  # never answered from the kernel's attribute cache, unlike stat
+        except OSError as e:
+            if e.errno in _DEAD_MOUNT_ERRNOS:
+                raise _dead_mount(path) from None
         raise MountError(f"mount point {path} is already a mount point (busy)")
+
+
+def _dead_mount(path: Path) -> MountError:
+    return MountError(f"mount point {path} is a dead mount (its daemon is gone): "
+                      f"run 'tieredfs umount {path}' first")
 
 
 def check_fuse() -> None:

@@ -1,0 +1,141 @@
+"""Keys as paths through a real mount: trees, awkward keys, listing TTL, inodes, readdir.
+
+The rules under test are written down in docs/namespace.md.
+"""
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from conftest import read_file
+
+AWKWARD_VISIBLE = {
+    # key -> path under the mount
+    "sp ace.txt": "sp ace.txt",
+    "pl+us.txt": "pl+us.txt",
+    "per%20cent.txt": "per%20cent.txt",
+    "bad%zzescape": "bad%zzescape",
+    "ünïcødé-😀.txt": "ünïcødé-😀.txt",
+    "tab\there": "tab\there",  # (moto cannot store a key with a newline)
+    "ctrl\x01char": "ctrl\x01char",
+    "m" * 255: "m" * 255,
+    "both": None,                          # hidden by the directory below
+    "both/inner": "both/inner",
+    "withmarker/": None,                   # a directory marker, not a file
+    "withmarker/f": "withmarker/f",
+    "e//b": None,                          # empty component
+    "./dot": None,
+    "dd/../up": None,
+    "x/.": None,
+    "x/..": None,
+    "x/ok": "x/ok",
+    "../escape": None,
+    "/lead": None,
+    "l" * 256: None,                       # a name over 255 bytes
+    "é" * 128: None,                       # 128 characters, 256 bytes
+}
+# One log line each; a bad prefix is logged once for every key under it.
+SKIPS_LOGGED = {"both", "e//", "./", "dd/../", "x/.", "x/..", "../", "/", "l" * 256, "é" * 128}
+
+
+def tree(root) -> set[str]:
+    """Every file and directory under root, relative, from os.walk (readdir + lookup)."""
+    out = set()
+    for d, dirs, files in os.walk(root):
+        rel = os.path.relpath(d, root)
+        for name in dirs:
+            out.add(os.path.normpath(os.path.join(rel, name)) + "/")
+        for name in files:
+            out.add(os.path.normpath(os.path.join(rel, name)))
+    return out
+
+
+def test_nested_tree_via_listdir_and_walk(bucket, put, mount_factory):
+    data = {}
+    for a in range(3):
+        for b in range(3):
+            for c in range(4):
+                key = f"top{a}/mid{b}/leaf{c}.bin"
+                data[key] = put(key, os.urandom(100 * (a + b + c)))
+    data["top0/shallow.txt"] = put("top0/shallow.txt", b"s")
+    data["root.txt"] = put("root.txt", b"r")
+    put("emptydir/", b"")
+    m = mount_factory(bucket)
+
+    dirs = {f"top{a}/" for a in range(3)} | {f"top{a}/mid{b}/" for a in range(3) for b in range(3)}
+    assert tree(m.path) == set(data) | dirs | {"emptydir/"}
+    assert sorted(os.listdir(m.path)) == ["emptydir", "root.txt", "top0", "top1", "top2"]
+    assert os.listdir(m.path / "emptydir") == []
+    assert sorted(os.listdir(m.path / "top0")) == ["mid0", "mid1", "mid2", "shallow.txt"]
+    for key, body in data.items():
+        assert os.stat(m.path / key).st_size == len(body)
+        assert read_file(m.path / key) == body, key
+
+
+def test_awkward_keys_are_mapped_or_skipped_once(bucket, put, mount_factory, tmp_path):
+    bodies = {key: put(key, f"body of {key!r}".encode()) for key in AWKWARD_VISIBLE}
+    m = mount_factory(bucket, "--list-ttl", "0.5")
+
+    visible = {path: bodies[key] for key, path in AWKWARD_VISIBLE.items() if path}
+    dirs = {"both/", "withmarker/", "x/", "e/", "dd/"}
+    assert tree(m.path) == set(visible) | dirs
+    for path, body in visible.items():
+        assert read_file(m.path / path) == body, path
+    assert os.listdir(m.path / "e") == [] and os.listdir(m.path / "dd") == []
+
+    time.sleep(0.7)  # the listings expire and are made again: still one log line per key
+    assert tree(m.path) == set(visible) | dirs
+    log = m.log.read_text()
+    assert log.count("event=key_skipped") == len(SKIPS_LOGGED)
+    for key in SKIPS_LOGGED:
+        assert log.count(f"event=key_skipped key={key!r}") == 1, key
+    assert "event=handler_bug" not in log
+    assert m.proc.poll() is None
+    assert not (tmp_path / "escape").exists() and not (m.path.parent.parent / "escape").exists()
+
+
+def test_listing_ttl_bounds_staleness(bucket, put, mount_factory):
+    put("a.txt", b"a")
+    slow = mount_factory(bucket, "--list-ttl", "300")
+    fast = mount_factory(bucket, "--list-ttl", "1")
+    assert os.listdir(slow.path) == ["a.txt"] == os.listdir(fast.path)
+    put("b.txt", b"b")
+    assert os.listdir(slow.path) == ["a.txt"]  # trusted for 300 s
+    time.sleep(1.3)
+    assert sorted(os.listdir(fast.path)) == ["a.txt", "b.txt"]
+    assert read_file(fast.path / "b.txt") == b"b"
+
+
+def test_inodes_are_stable_across_relistings(bucket, s3, put, mount_factory):
+    put("d/f.txt", b"f")
+    put("g.txt", b"g")
+    m = mount_factory(bucket, "--list-ttl", "0.5")
+    before = {p: os.stat(m.path / p).st_ino for p in ("d", "d/f.txt", "g.txt")}
+    assert len(set(before.values())) == 3
+    put("d/new.txt", b"n")
+    s3.delete_object(Bucket=bucket, Key="g.txt")
+    time.sleep(0.7)
+    assert sorted(os.listdir(m.path / "d")) == ["f.txt", "new.txt"]
+    assert os.listdir(m.path) == ["d"]
+    put("g.txt", b"g again")
+    time.sleep(0.7)
+    assert {p: os.stat(m.path / p).st_ino for p in before} == before
+    assert read_file(m.path / "g.txt") == b"g again"
+
+
+def test_readdir_continues_from_its_opendir_snapshot(bucket, s3, put, mount_factory):
+    # Long names: the listing takes several getdents calls (and FUSE readdir requests with
+    # offsets), so S3 changes between them.
+    names = [f"{i:04d}-" + "n" * 240 for i in range(160)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: put(f"big/{name}", b""), names))
+    m = mount_factory(bucket, "--list-ttl", "0.5")
+    with os.scandir(m.path / "big") as it:
+        first = next(it).name
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda name: s3.delete_object(Bucket=bucket, Key=f"big/{name}"), names[::2]))
+        put("big/0000-added", b"")
+        time.sleep(0.7)
+        assert len(os.listdir(m.path / "big")) == 81  # a new opendir sees S3's change
+        rest = [e.name for e in it]
+    assert [first, *rest] == names  # no entry lost or repeated by the change
