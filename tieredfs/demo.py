@@ -129,9 +129,10 @@ def _read(path: Path, drop_page_cache: bool) -> bytes:
 
 
 def _wait_for_interrupt(mnt: Path, server: DevS3Server) -> None:
-    print(f"  serving    {mnt} (try: ls -R {mnt}; tieredfs stats {mnt}); S3 at {server.url}")
-    print("  press Ctrl-C to unmount and stop", flush=True)
+    # Inside the suppress before saying so: a Ctrl-C right after the prompt is still caught.
     with contextlib.suppress(KeyboardInterrupt):
+        print(f"  serving    {mnt} (try: ls -R {mnt}; tieredfs stats {mnt}); S3 at {server.url}")
+        print("  press Ctrl-C to unmount and stop", flush=True)
         while True:
             time.sleep(3600)
 
