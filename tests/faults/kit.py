@@ -83,6 +83,3 @@ def record(scenario: str, **numbers) -> None:
                           **{k: round(v, 3) if isinstance(v, float) else v for k, v in numbers.items()}}
         RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
-
-__all__ = ["BS", "EIO_BOUND", "FAST", "K", "READ_DEADLINE", "proxy", "random_files", "read_file",
-           "read_uncached", "record", "s3_stats", "timed", "via_proxy"]

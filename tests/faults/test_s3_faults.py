@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kit import (BS, EIO_BOUND, K, proxy, random_files, read_uncached, record, s3_stats, timed,
+from tieredfs.devserver import wait_until
+
+from kit import (BS, EIO_BOUND, K, READ_DEADLINE, READ_TIMEOUT, proxy, random_files, read_uncached, record, s3_stats, timed,
                  via_proxy)
 
 pytestmark = pytest.mark.faults
@@ -26,7 +28,7 @@ def read_all_concurrently(mnt, files: dict[str, bytes], threads: int = 4) -> lis
 
 
 def test_throttling_and_server_errors_are_retried(bucket, put, via_proxy, proxy):
-    files = random_files(put, "t", [1 * K, 20 * K, BS, BS + 1, 3 * BS + 7, 4 * BS] * 2)
+    files = random_files(put, "t", [1 * K, 20 * K, BS, BS + 1, 3 * BS + 7, 4 * BS] * 4)
     # 15 % SlowDown + 15 % of the rest as 500: ~30 % of GETs and listings fail.
     proxy.add("error", kinds=("GET", "LIST"), rate=0.15, status=503, code="SlowDown")
     proxy.add("error", kinds=("GET", "LIST"), rate=0.18, status=500, code="InternalError")
@@ -40,5 +42,83 @@ def test_throttling_and_server_errors_are_retried(bucket, put, via_proxy, proxy)
     assert stats["s3.throttled"] > 0 and stats["s3.server_errors"] > 0
     record("1 throttling 30%", gets=faults["requests.GET"], lists=faults["requests.LIST"],
            errors_injected=injected, retries=stats["s3.retries"],
-           max_read_s=max(t for *_, t in results), reads=len(results), wrong_or_failed=0,
+           max_read_s=max(t for *_, t in results), reads=len(results),
            bytes_verified=2 * sum(map(len, files.values())))
+
+
+def check_correct_or_eio(results, files) -> int:
+    """Assert no read returned wrong bytes or another errno; return how many gave EIO."""
+    eio = 0
+    for key, got, _ in results:
+        if isinstance(got, OSError):
+            assert got.errno == errno.EIO, (key, got)
+            eio += 1
+        else:
+            assert got == files[key], f"{key}: WRONG BYTES ({len(got)} of {len(files[key])})"
+    return eio
+
+
+def test_resets_and_short_bodies_never_give_wrong_bytes(bucket, put, via_proxy, proxy):
+    files = random_files(put, "r", [5 * K, BS, 2 * BS + 3, 4 * BS] * 6)
+    for action in ("reset", "short_honest", "short_lying"):
+        proxy.add(action, rate=0.12)
+    mnt = via_proxy(bucket)
+    results = read_all_concurrently(mnt, files)
+    eio = check_correct_or_eio(results, files)
+    stats, faults = s3_stats(mnt), proxy.counts()
+    assert faults["faults.reset"] and faults["faults.short_honest"] and faults["faults.short_lying"]
+    assert stats["s3.retries"] >= faults["faults.short_honest"]
+    record("2 resets + short bodies 36%", gets=faults["requests.GET"], resets=faults["faults.reset"],
+           short_honest=faults["faults.short_honest"], short_lying=faults["faults.short_lying"],
+           short_bodies_caught=stats.get("s3.short_bodies", 0),
+           transport_errors=stats.get("s3.transport_errors", 0), retries=stats["s3.retries"],
+           eio=eio, max_read_s=max(t for *_, t in results),
+           bytes_verified=sum(len(files[k]) for k, got, _ in results if not isinstance(got, OSError)))
+
+
+@pytest.mark.parametrize("kind", ["short_honest", "short_lying"])
+def test_a_short_ranged_body_is_retried(bucket, put, via_proxy, proxy, kind):
+    data = put("big.bin", os.urandom(4 * BS))
+    mnt = via_proxy(bucket)
+    os.listdir(mnt.path)
+    proxy.add(kind, limit=1)
+    assert read_uncached(mnt.path / "big.bin") == data
+    stats = s3_stats(mnt)
+    assert proxy.counts()[f"faults.{kind}"] == 1 and stats["s3.retries"] == 1
+    if kind == "short_honest":  # a lying length is caught by urllib3 as a transport error
+        assert stats["s3.short_bodies"] == 1
+
+
+def test_a_stalled_get_is_retried_without_blocking_other_readers(bucket, put, via_proxy, proxy):
+    stalled, other = put("stalled.bin", os.urandom(BS)), put("other.bin", os.urandom(BS))
+    mnt = via_proxy(bucket)
+    os.listdir(mnt.path)
+    proxy.add("stall", limit=1)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=timed(read_uncached, mnt.path / "stalled.bin")))
+    t.start()
+    try:
+        assert wait_until(lambda: proxy.counts()["faults.stall"] == 1, 10)
+        got_other, other_s = timed(read_uncached, mnt.path / "other.bin")
+        still_stalled = t.is_alive()
+    finally:
+        t.join(EIO_BOUND)
+    assert got_other == other and still_stalled and other_s < READ_TIMEOUT
+    got, stalled_s = box["r"]
+    assert got == stalled, got
+    assert READ_TIMEOUT * 0.9 < stalled_s < READ_TIMEOUT + 5
+    record("3a one stalled GET", stalled_read_s=stalled_s, other_reader_s=other_s,
+           retries=s3_stats(mnt)["s3.retries"], bytes_verified=2 * BS)
+
+
+def test_every_get_stalled_gives_eio_within_the_deadline(bucket, put, via_proxy, proxy):
+    put("x.bin", os.urandom(BS))
+    mnt = via_proxy(bucket)
+    os.listdir(mnt.path)
+    proxy.add("stall")
+    got, seconds = timed(read_uncached, mnt.path / "x.bin")
+    assert isinstance(got, OSError) and got.errno == errno.EIO, got
+    assert seconds < EIO_BOUND
+    record("3b every GET stalled", eio_after_s=seconds, attempts=proxy.counts()["faults.stall"],
+           read_deadline_s=READ_DEADLINE)
+
