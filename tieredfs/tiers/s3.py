@@ -3,9 +3,16 @@
 Every request goes through one semaphore (bounded concurrency, bounded connection
 pool) and one retry loop with backoff and a deadline. Every ranged GET is pinned to
 an ETag with If-Match and its body length is checked: botocore does not verify
-ranged bodies, and a short body must become a retry, never wrong bytes.
+ranged bodies, and a short body must become a retry, never wrong bytes. A GET that
+covers a whole single-part object is also checked against its ETag, the MD5 of the
+body; a part of an object has no checksum S3 would send (docs/reliability.md).
+
+When a request has used its whole deadline, S3 is taken to be down: until a request
+succeeds again, each one makes a single attempt, so readers get EIO at once instead
+of one deadline each (the kernel retries a failed read, doubling the wait).
 """
 
+import hashlib
 import logging
 import random
 import threading
@@ -36,6 +43,7 @@ _RETRYABLE_CODES = {
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
                "InvalidToken"}
+_MD5_HEX = frozenset("0123456789abcdef")
 _TRANSIENT = (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 
 
@@ -65,6 +73,8 @@ class S3Backend:
         self.max_attempts = max_attempts
         self.deadline = deadline
         self.counters = counters
+        self._down = False  # the last request ran out of deadline; only a success clears it
+        self._etag_is_md5 = True  # until this server proves otherwise
         self._slots = threading.BoundedSemaphore(max_requests)
         cfg = botocore.config.Config(
             max_pool_connections=max_requests,
@@ -136,18 +146,42 @@ class S3Backend:
             if len(data) != length or (got_range and not got_range.startswith(f"bytes {start}-")):
                 self.counters.add("short_bodies")
                 raise _Retry(f"asked {length} bytes at {start}, got {len(data)} ({got_range})")
+            if length == obj.size and self._md5_checkable(obj.etag, resp):
+                self._check_md5(obj, data, mismatches)
             return data
+
+        mismatches: set[str] = set()
 
         data = self._call("get", attempt)
         self.counters.add("bytes", len(data))
         return data
+
+    def _md5_checkable(self, etag: str, resp: dict) -> bool:
+        """A single-part object's ETag is its MD5, unless SSE-KMS or SSE-C encrypted it."""
+        return (self._etag_is_md5 and len(etag) == 32 and set(etag) <= _MD5_HEX
+                and resp.get("ServerSideEncryption", "AES256") == "AES256"
+                and "SSECustomerAlgorithm" not in resp)
+
+    def _check_md5(self, obj: ObjectVersion, data: bytes, mismatches: set[str]) -> None:
+        digest = hashlib.md5(data).hexdigest()
+        if digest == obj.etag:
+            return
+        if digest in mismatches:
+            # The same bytes twice: this server's ETags are not MD5s (flips are not repeatable).
+            self._etag_is_md5 = False
+            log.warning("event=s3_etag_not_md5 key=%r action=whole_object_gets_no_longer_verified",
+                        obj.key)
+            return
+        mismatches.add(digest)
+        self.counters.add("checksum_mismatches")
+        raise _Retry(f"body of {obj.key!r} has MD5 {digest}, its ETag says {obj.etag}")
 
     # --- the retry loop ------------------------------------------------------------
 
     def _call(self, kind: str, fn):
         stop_at = time.monotonic() + self.deadline
         last = "no attempt made"
-        for attempt in range(self.max_attempts):
+        for attempt in range(1 if self._down else self.max_attempts):
             if attempt:
                 self.counters.add("retries")
                 pause = min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
@@ -157,7 +191,11 @@ class S3Backend:
             try:
                 with self._slots:
                     self.counters.add(f"requests.{kind}")
-                    return fn()
+                    result = fn()
+                if self._down:
+                    self._down = False
+                    log.info("event=s3_recovered action=retrying_normally")
+                return result
             except _Retry as e:
                 last = str(e)
             except botocore.exceptions.ClientError as e:
@@ -170,6 +208,10 @@ class S3Backend:
             if time.monotonic() >= stop_at:
                 break
         self.counters.add("failures")
+        if not self._down:
+            self._down = True
+            log.warning("event=s3_unavailable error=%r action=one_attempt_per_request_until_s3_answers",
+                        last)
         raise BackendUnavailable(f"S3 {kind} failed after retries: {last}")
 
     def _classify(self, e: "botocore.exceptions.ClientError", kind: str) -> str:
