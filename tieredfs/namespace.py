@@ -1,7 +1,9 @@
 """S3 keys under the mount prefix, seen as a directory tree.
 
 Each directory is listed lazily (one delimited ListObjectsV2, all pages) the first
-time it is needed and again once its listing is older than the TTL. Inode numbers
+time it is needed and again once its listing is older than the TTL. If S3 cannot be
+reached then, the last listing stays in use (and is retried a few seconds later):
+an outage must not hide files whose blocks are cached. Inode numbers
 are stable for a (parent, name, kind) for the life of the mount.
 
 Keys that cannot be a path are skipped with one log line each (docs/namespace.md):
@@ -15,13 +17,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import ObjectMissing
+from .errors import BackendUnavailable, ObjectMissing
 from .tiers.s3 import Listing
 
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
 NAME_MAX = 255
+STALE_RETRY = 5.0  # seconds a listing that S3 failed to refresh is used before trying again
 
 
 @dataclass
@@ -106,7 +109,17 @@ class Namespace:
             return d
         with d.lock:  # one listing per directory at a time; others wait for its result
             if not self._is_fresh(d):
-                self._apply(node, self._list_dir(node.key))
+                try:
+                    listing = self._list_dir(node.key)
+                except BackendUnavailable as e:
+                    if d.listed_at is None:
+                        raise
+                    # S3 is unreachable: names we listed before still lead to cached blocks.
+                    d.listed_at = self._clock() - self._ttl + min(self._ttl, STALE_RETRY)
+                    log.warning("event=listing_failed prefix=%r error=%r action=serving_last_listing "
+                                "retry_in=%.0fs", node.key, str(e), min(self._ttl, STALE_RETRY))
+                    return d
+                self._apply(node, listing)
                 d.listed_at = self._clock()
         return d
 
