@@ -4,7 +4,7 @@ Each directory is listed lazily (one delimited ListObjectsV2, all pages) the fir
 time it is needed and again once its listing is older than the TTL. If S3 cannot be
 reached then, the last listing stays in use (and is retried a few seconds later):
 an outage must not hide files whose blocks are cached. Inode numbers
-are stable for a (parent, name, kind) for the life of the mount.
+are stable for a (parent, name, kind, ETag) for the life of the mount.
 
 Keys that cannot be a path are skipped with one log line each (docs/namespace.md):
 empty components (`a//b`), `.` and `..`, names over 255 bytes. When a key is both a
@@ -153,7 +153,9 @@ class Namespace:
         for name, (is_dir, key, size, mtime_ns, etag) in entries.items():
             ino = d.children.get(name)
             node = self._nodes.get(ino) if ino is not None else None
-            if node is None or node.is_dir != is_dir:
+            # A new version is a new inode, as a file renamed over another: the kernel keeps
+            # the old size for files still open on the old version instead of cutting them.
+            if node is None or node.is_dir != is_dir or node.etag != etag:
                 node = Node(self._next_ino, parent, name, is_dir, key)
                 self._next_ino += 1
                 self._nodes[node.ino] = node
