@@ -14,7 +14,7 @@ import pytest
 
 from tieredfs.devserver import wait_until
 
-from kit import (BS, EIO_BOUND, K, READ_DEADLINE, READ_TIMEOUT, proxy, random_files, read_uncached, record, s3_stats, timed,
+from kit import (BS, EIO_BOUND, FAST, K, READ_DEADLINE, READ_TIMEOUT, proxy, random_files, read_uncached, record, s3_stats, timed,
                  via_proxy)
 
 pytestmark = pytest.mark.faults
@@ -201,3 +201,24 @@ def test_flipped_bytes_in_ranged_gets_are_not_detectable(bucket, put, via_proxy,
     assert proxy.counts()["faults.flip"] == 2 and stats.get("s3.checksum_mismatches", 0) == 0
     assert wrong == 2, "ranged GETs now verified? then update docs/reliability.md and this test"
     record("5b flipped bytes, ranged GETs", flips=2, undetected_files=wrong)
+
+
+def test_a_trickling_body_is_cut_at_the_deadline(bucket, put, mount_factory, proxy):
+    """botocore's read timeout is per socket read: a trickle never trips it."""
+    deadline, rate = 3.0, 8 * K
+    put("slow.bin", os.urandom(2 * BS))  # one GET of 128 KiB: 16 s at this rate
+    mnt = mount_factory(bucket, *FAST, "--read-deadline", str(deadline), endpoint=proxy.url)
+    os.listdir(mnt.path)
+    proxy.add("bandwidth", bytes_per_sec=rate)
+    fd = os.open(mnt.path / "slow.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        got, seconds = timed(os.pread, fd, 2 * BS, 0)
+    finally:
+        os.close(fd)
+    assert isinstance(got, OSError) and got.errno == errno.EIO, got
+    # The kernel retries a failed read once; each try may overrun by one 16 KiB body chunk.
+    assert seconds < 2 * (deadline + 16 * K / rate) + 2
+    assert s3_stats(mnt)["s3.slow_bodies"] >= 1
+    record("3c trickling body (8 KiB/s)", eio_after_s=seconds, read_deadline_s=deadline,
+           unbounded_would_take_s=2 * BS / rate)

@@ -43,6 +43,7 @@ _RETRYABLE_CODES = {
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
                "InvalidToken"}
+_BODY_CHUNK = 16 * 1024  # a body being received is checked against the deadline this often
 _MD5_HEX = frozenset("0123456789abcdef")
 _TRANSIENT = (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 
@@ -117,7 +118,7 @@ class S3Backend:
             kwargs = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = self._call("list", lambda: self._client.list_objects_v2(**kwargs))
+            page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs))
             listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
             listing.objects.extend(
                 ListedObject(o["Key"], o["Size"], int(o["LastModified"].timestamp() * 1e9),
@@ -128,7 +129,7 @@ class S3Backend:
             token = page["NextContinuationToken"]
 
     def head(self, key: str) -> ListedObject:
-        resp = self._call("head", lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        resp = self._call("head", lambda _: self._client.head_object(Bucket=self.bucket, Key=key))
         return ListedObject(key, resp["ContentLength"], int(resp["LastModified"].timestamp() * 1e9),
                             resp.get("ETag", "").strip('"'))
 
@@ -137,11 +138,11 @@ class S3Backend:
         if length <= 0:
             return b""
 
-        def attempt() -> bytes:
+        def attempt(stop_at: float) -> bytes:
             resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
                                            Range=f"bytes={start}-{start + length - 1}")
             with resp["Body"] as body:
-                data = body.read()
+                data = self._read_body(body, stop_at)
             got_range = resp.get("ContentRange", "")
             if len(data) != length or (got_range and not got_range.startswith(f"bytes {start}-")):
                 self.counters.add("short_bodies")
@@ -155,6 +156,17 @@ class S3Backend:
         data = self._call("get", attempt)
         self.counters.add("bytes", len(data))
         return data
+
+    def _read_body(self, body, stop_at: float) -> bytes:
+        """The body, unless it trickles in past the deadline: botocore's read timeout is per
+        socket read, so a server sending a little at a time would otherwise hold a read forever."""
+        parts = []
+        while chunk := body.read(_BODY_CHUNK):
+            parts.append(chunk)
+            if time.monotonic() > stop_at:
+                self.counters.add("slow_bodies")
+                raise _Retry(f"body still arriving at the deadline ({sum(map(len, parts))} bytes)")
+        return b"".join(parts)
 
     def _md5_checkable(self, etag: str, resp: dict) -> bool:
         """A single-part object's ETag is its MD5, unless SSE-KMS or SSE-C encrypted it."""
@@ -191,7 +203,7 @@ class S3Backend:
             try:
                 with self._slots:
                     self.counters.add(f"requests.{kind}")
-                    result = fn()
+                    result = fn(stop_at)
                 if self._down:
                     self._down = False
                     log.info("event=s3_recovered action=retrying_normally")
