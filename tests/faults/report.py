@@ -5,6 +5,7 @@
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 def table(results: dict) -> str:
     rows = ["| scenario | numbers from the last run | run at (UTC) |", "|---|---|---|"]
-    for name in sorted(results, key=lambda n: (int(n.split()[0].rstrip("ab")), n)):
+    for name in sorted(results, key=lambda n: (int(re.match(r"\d+", n).group()), n)):
         numbers = dict(results[name])
         at = numbers.pop("at")
         cells = ", ".join(f"{k}={v}" for k, v in sorted(numbers.items()))

@@ -85,8 +85,7 @@ def test_a_short_ranged_body_is_retried(bucket, put, via_proxy, proxy, kind):
     assert read_uncached(mnt.path / "big.bin") == data
     stats = s3_stats(mnt)
     assert proxy.counts()[f"faults.{kind}"] == 1 and stats["s3.retries"] == 1
-    if kind == "short_honest":  # a lying length is caught by urllib3 as a transport error
-        assert stats["s3.short_bodies"] == 1
+    assert stats["s3.short_bodies"] == 1, stats
 
 
 def test_a_stalled_get_is_retried_without_blocking_other_readers(bucket, put, via_proxy, proxy):
@@ -223,3 +222,31 @@ def test_a_trickling_body_is_cut_at_the_deadline(bucket, put, mount_factory, pro
     assert s3_stats(mnt)["s3.slow_bodies"] >= 1
     record("3c trickling body (8 KiB/s)", eio_after_s=seconds, read_deadline_s=deadline,
            unbounded_would_take_s=2 * BS / rate)
+
+
+def test_a_listing_outage_is_eio_never_enoent_and_gets_go_on(bucket, put, via_proxy, proxy):
+    listed = put("a/x.bin", os.urandom(2 * BS))
+    put("b/y.bin", os.urandom(BS))
+    mnt = via_proxy(bucket)
+    os.listdir(mnt.path / "a")
+    proxy.add("error", kinds=("LIST",), status=503, code="SlowDown")
+    got, seconds = timed(os.listdir, mnt.path / "b")
+    assert isinstance(got, OSError) and got.errno == errno.EIO, got
+    assert seconds < EIO_BOUND
+    assert read_uncached(mnt.path / "a/x.bin") == listed  # GETs are not affected
+    record("1b every LIST throttled", listdir_eio_after_s=seconds,
+           lists_refused=proxy.counts()["faults.error"], gets_ok=proxy.counts()["requests.GET"])
+
+
+def test_added_latency_costs_time_not_correctness(bucket, put, via_proxy, proxy):
+    latency = 0.3
+    files = random_files(put, "l", [10 * K, BS, 3 * BS] * 2)
+    mnt = via_proxy(bucket)
+    os.listdir(mnt.path / "l")
+    proxy.add("latency", seconds=latency)
+    results = read_all_concurrently(mnt, files)
+    for key, got, seconds in results:
+        assert got == files[key] and latency <= seconds < latency + EIO_BOUND, (key, seconds)
+    record("3d 300 ms added to every GET", gets=proxy.counts()["requests.GET"],
+           min_read_s=min(t for *_, t in results), max_read_s=max(t for *_, t in results),
+           bytes_verified=sum(map(len, files.values())))
