@@ -7,9 +7,10 @@ ranged bodies, and a short body must become a retry, never wrong bytes. A GET th
 covers a whole single-part object is also checked against its ETag, the MD5 of the
 body; a part of an object has no checksum S3 would send (docs/reliability.md).
 
-When a request has used its whole deadline, S3 is taken to be down: until a request
-succeeds again, each one makes a single attempt, so readers get EIO at once instead
-of one deadline each (the kernel retries a failed read, doubling the wait).
+When a request has used its whole deadline without reaching S3 (refused, reset, timed
+out), S3 is taken to be down: until a request succeeds again, each one makes a single
+attempt, so readers get EIO at once instead of one deadline each (the kernel retries a
+failed read, doubling the wait).
 """
 
 import hashlib
@@ -193,6 +194,7 @@ class S3Backend:
     def _call(self, kind: str, fn):
         stop_at = time.monotonic() + self.deadline
         last = "no attempt made"
+        unreachable = False  # did the last attempt fail to get any answer from S3?
         for attempt in range(1 if self._down else self.max_attempts):
             if attempt:
                 self.counters.add("retries")
@@ -209,18 +211,19 @@ class S3Backend:
                     log.info("event=s3_recovered action=retrying_normally")
                 return result
             except _Retry as e:
-                last = str(e)
+                last, unreachable = str(e), False
             except botocore.exceptions.ClientError as e:
-                last = self._classify(e, kind)
+                last, unreachable = self._classify(e, kind), False
             except botocore.exceptions.NoCredentialsError:
                 raise CredentialsRefused("no AWS credentials found") from None
             except _TRANSIENT as e:
                 self.counters.add("transport_errors")
-                last = f"{type(e).__name__}: {e}"
+                last, unreachable = f"{type(e).__name__}: {e}", True
             if time.monotonic() >= stop_at:
                 break
         self.counters.add("failures")
-        if not self._down:
+        # Only silence is an outage: an S3 that answers 503 wants backoff and retries.
+        if unreachable and not self._down:
             self._down = True
             log.warning("event=s3_unavailable error=%r action=one_attempt_per_request_until_s3_answers",
                         last)
