@@ -14,8 +14,8 @@ import pytest
 
 from tieredfs.devserver import wait_until
 
-from kit import (BS, EIO_BOUND, FAST, K, READ_DEADLINE, proxy, random_files, read_uncached, record, s3_stats, timed,
-                 via_proxy)
+from kit import (BS, EIO_BOUND, FAST, K, READ_DEADLINE, proxy, random_files, read_uncached, record,
+                 s3_stats, timed, via_proxy)
 
 pytestmark = pytest.mark.faults
 

@@ -142,8 +142,13 @@ class S3Backend:
         def attempt(stop_at: float) -> bytes:
             resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
                                            Range=f"bytes={start}-{start + length - 1}")
-            with resp["Body"] as body:
+            # Not `with resp["Body"] as body`: that yields the raw urllib3 stream, skipping
+            # botocore's Content-Length and x-amz-checksum-* verification.
+            body = resp["Body"]
+            try:
                 data = self._read_body(body, stop_at)
+            finally:
+                body.close()
             got_range = resp.get("ContentRange", "")
             if len(data) != length or (got_range and not got_range.startswith(f"bytes {start}-")):
                 self.counters.add("short_bodies")
@@ -216,6 +221,11 @@ class S3Backend:
                 last, unreachable = self._classify(e, kind), False
             except botocore.exceptions.NoCredentialsError:
                 raise CredentialsRefused("no AWS credentials found") from None
+            except (botocore.exceptions.IncompleteReadError, botocore.exceptions.FlexibleChecksumError) as e:
+                # S3 answered, with a body botocore found short or damaged.
+                self.counters.add("short_bodies" if isinstance(e, botocore.exceptions.IncompleteReadError)
+                                  else "checksum_mismatches")
+                last, unreachable = str(e), False
             except _TRANSIENT as e:
                 self.counters.add("transport_errors")
                 last, unreachable = f"{type(e).__name__}: {e}", True
