@@ -9,8 +9,8 @@ The test process drives it through a Python API while a real daemon talks to it:
 
 Faults are chosen per request: the first rule whose `kinds` match the request type
 (GET, LIST, HEAD, ...), whose `limit` is not used up and whose `rate` draw succeeds
-applies. Faults on a response body (reset, short, flip, bandwidth) only touch
-successful responses that have a body. Every response closes its connection, as
+applies. Faults on a response body (reset, short, flip, bandwidth) are chosen only for
+successful responses that have a body, after any latency, so the two can combine. Every response closes its connection, as
 moto's own server does, so each request is one connection.
 """
 
@@ -28,8 +28,9 @@ from urllib.parse import urlsplit
 from tieredfs.devserver import _kind as request_kind
 
 ALL = ("GET", "LIST", "HEAD", "PUT", "POST", "DELETE")
-ACTIONS = {"error", "latency", "stall", "reset", "short_honest", "short_lying", "flip",
-           "bandwidth", "outage"}
+_BEFORE = frozenset({"outage", "stall", "error", "latency"})  # decided before S3 is asked
+_ON_BODY = frozenset({"reset", "short_honest", "short_lying", "flip", "bandwidth"})  # on a 200/206 body
+ACTIONS = _BEFORE | _ON_BODY
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
 
 
@@ -101,17 +102,17 @@ class FaultProxy:
         with self._lock:
             return Counter(self._counts)
 
-    def reset_counts(self) -> None:
-        with self._lock:
-            self._counts.clear()
-
     # --- used by the handler threads -------------------------------------------------
 
-    def _choose(self, kind: str) -> Rule | None:
+    def _count(self, name: str) -> None:
         with self._lock:
-            self._counts[f"requests.{kind}"] += 1
+            self._counts[name] += 1
+
+    def _choose(self, kind: str, actions: frozenset[str]) -> Rule | None:
+        with self._lock:
             for rule in self._rules:
-                if kind not in rule.kinds or (rule.limit is not None and rule.used >= rule.limit):
+                if (rule.action not in actions or kind not in rule.kinds
+                        or (rule.limit is not None and rule.used >= rule.limit)):
                     continue
                 if self._rng.random() < rule.rate:
                     rule.used += 1
@@ -137,7 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
         kind = request_kind({"REQUEST_METHOD": self.command, "PATH_INFO": path, "QUERY_STRING": query})
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        rule = self.owner._choose(kind)
+        self.owner._count(f"requests.{kind}")
+        rule = self.owner._choose(kind, _BEFORE)
         action = rule.action if rule else None
         if action == "outage":
             return self._reset()
@@ -149,8 +151,10 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "latency":
             time.sleep(rule.seconds)
         status, reason, headers, payload = self._forward(body)
-        if not (rule and status in (200, 206) and payload and action != "latency"):
+        rule = self.owner._choose(kind, _ON_BODY) if status in (200, 206) and payload else None
+        if rule is None:
             return self._send(status, reason, headers, payload, len(payload))
+        action = rule.action
         half = payload[:len(payload) // 2]
         if action == "reset":
             self._send(status, reason, headers, half, len(payload))
