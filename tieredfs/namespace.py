@@ -1,9 +1,10 @@
 """S3 keys under the mount prefix, seen as a directory tree.
 
 Each directory is listed lazily (one delimited ListObjectsV2, all pages) the first
-time it is needed and again once its listing is older than the TTL. If S3 cannot be
-reached then, the last listing stays in use (and is retried a few seconds later):
-an outage must not hide files whose blocks are cached. Inode numbers
+time it is needed and again once its listing is older than the TTL. A refresh makes
+one attempt (`refresh_dir`); if it fails, the last listing stays in use and is retried
+a few seconds later: an outage must neither hide files whose blocks are cached nor
+hold their readers for a whole read deadline. Inode numbers
 are stable for a (parent, name, kind, ETag) for the life of the mount.
 
 Keys that cannot be a path are skipped with one log line each (docs/namespace.md):
@@ -56,8 +57,10 @@ def fs_name(component: str) -> bytes | None:
 
 class Namespace:
     def __init__(self, root_prefix: str, list_dir: Callable[[str], Listing], ttl: float,
-                 mount_time_ns: int, clock: Callable[[], float] = time.monotonic):
+                 mount_time_ns: int, clock: Callable[[], float] = time.monotonic,
+                 refresh_dir: Callable[[str], Listing] | None = None):
         self._list_dir = list_dir
+        self._refresh_dir = refresh_dir or list_dir
         self._ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
@@ -110,7 +113,7 @@ class Namespace:
         with d.lock:  # one listing per directory at a time; others wait for its result
             if not self._is_fresh(d):
                 try:
-                    listing = self._list_dir(node.key)
+                    listing = (self._list_dir if d.listed_at is None else self._refresh_dir)(node.key)
                 except BackendUnavailable as e:
                     if d.listed_at is None:
                         raise

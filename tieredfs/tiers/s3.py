@@ -111,15 +111,15 @@ class S3Backend:
         except _TRANSIENT as e:
             raise EndpointUnreachable(f"cannot talk to S3 endpoint: {e}") from None
 
-    def list_dir(self, prefix: str) -> Listing:
-        """One directory level under `prefix` (all pages)."""
+    def list_dir(self, prefix: str, attempts: int | None = None) -> Listing:
+        """One directory level under `prefix` (all pages), each page in at most `attempts`."""
         listing = Listing([], [])
         token = None
         while True:
             kwargs = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs))
+            page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs), attempts)
             listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
             listing.objects.extend(
                 ListedObject(o["Key"], o["Size"], int(o["LastModified"].timestamp() * 1e9),
@@ -196,11 +196,11 @@ class S3Backend:
 
     # --- the retry loop ------------------------------------------------------------
 
-    def _call(self, kind: str, fn):
+    def _call(self, kind: str, fn, attempts: int | None = None):
         stop_at = time.monotonic() + self.deadline
         last = "no attempt made"
         unreachable = False  # did the last attempt fail to get any answer from S3?
-        for attempt in range(1 if self._down else self.max_attempts):
+        for attempt in range(1 if self._down else attempts or self.max_attempts):
             if attempt:
                 self.counters.add("retries")
                 pause = min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
@@ -233,7 +233,7 @@ class S3Backend:
                 break
         self.counters.add("failures")
         # Only silence is an outage: an S3 that answers 503 wants backoff and retries.
-        if unreachable and not self._down:
+        if unreachable and not self._down and attempts is None:
             self._down = True
             log.warning("event=s3_unavailable error=%r action=one_attempt_per_request_until_s3_answers",
                         last)
