@@ -31,8 +31,9 @@ READ_DEADLINE = 5.0
 FAST = ("--block-size", "64K", "--s3-connect-timeout", str(CONNECT_TIMEOUT),
         "--s3-read-timeout", str(READ_TIMEOUT), "--read-deadline", str(READ_DEADLINE),
         "--s3-max-attempts", "12", "--cache-min-free", "0")
+ONE_ATTEMPT = CONNECT_TIMEOUT + READ_TIMEOUT
 # The longest a read may take when S3 cannot serve it; margin for 2 shared cores.
-EIO_BOUND = READ_DEADLINE + CONNECT_TIMEOUT + READ_TIMEOUT + 5.0
+EIO_BOUND = READ_DEADLINE + ONE_ATTEMPT + 5.0
 
 _results_lock = threading.Lock()
 

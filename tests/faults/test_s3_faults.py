@@ -14,7 +14,7 @@ import pytest
 
 from tieredfs.devserver import wait_until
 
-from kit import (BS, EIO_BOUND, FAST, K, READ_DEADLINE, proxy, random_files, read_uncached, record,
+from kit import (BS, EIO_BOUND, FAST, K, ONE_ATTEMPT, READ_DEADLINE, proxy, random_files, read_uncached, record,
                  s3_stats, timed, via_proxy)
 
 pytestmark = pytest.mark.faults
@@ -60,7 +60,7 @@ def check_correct_or_eio(results, files) -> int:
 
 def test_resets_and_short_bodies_never_give_wrong_bytes(bucket, put, via_proxy, proxy):
     files = random_files(put, "r", [5 * K, BS, 2 * BS + 3, 4 * BS] * 6)
-    for action in ("reset", "short_honest", "short_lying"):
+    for action in ("reset", "short_honest", "short_lying"):  # 1 - 0.88^3: ~32 % of GETs
         proxy.add(action, rate=0.12)
     mnt = via_proxy(bucket)
     results = read_all_concurrently(mnt, files)
@@ -68,7 +68,7 @@ def test_resets_and_short_bodies_never_give_wrong_bytes(bucket, put, via_proxy, 
     stats, faults = s3_stats(mnt), proxy.counts()
     assert faults["faults.reset"] and faults["faults.short_honest"] and faults["faults.short_lying"]
     assert stats["s3.retries"] >= faults["faults.short_honest"]
-    record("2 resets + short bodies 36%", gets=faults["requests.GET"], resets=faults["faults.reset"],
+    record("2 resets + short bodies ~32%", gets=faults["requests.GET"], resets=faults["faults.reset"],
            short_honest=faults["faults.short_honest"], short_lying=faults["faults.short_lying"],
            short_bodies_caught=stats.get("s3.short_bodies", 0),
            transport_errors=stats.get("s3.transport_errors", 0), retries=stats["s3.retries"],
@@ -153,6 +153,8 @@ def test_s3_outage_serves_the_cache_and_recovers_without_remount(bucket, put, vi
         assert seconds < EIO_BOUND
         eio_s.append(seconds)
     outage_s = time.monotonic() - began
+    # A due listing refresh makes one attempt, then the last listing is used.
+    assert max(cached_s) < ONE_ATTEMPT + 1.5
     proxy.clear()
     back, back_s = timed(read_uncached, mnt.path / "u/f0.bin")
     assert back == cold["u/f0.bin"], back
