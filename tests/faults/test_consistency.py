@@ -7,6 +7,7 @@ listing TTL has passed.
 
 import errno
 import os
+import threading
 import time
 
 import pytest
@@ -63,3 +64,43 @@ def test_overwrite_while_cached_and_open(bucket, put, s3, mount_factory, new_siz
     record(f"8 overwrite while open ({'same' if new_size == len(old) else 'other'} size)",
            open_cached_file="old bytes", open_half_cached_file=outcome,
            new_open_after_ttl="new bytes", bytes_verified=3 * len(old) + 2 * new_size)
+
+
+def test_readers_during_repeated_overwrites_see_whole_versions(bucket, put, s3, mount_factory):
+    """Open, read whole, close in a loop while the object is replaced every 0.3 s."""
+    versions = [put("v.bin", os.urandom(3 * BS + 11))]
+    mnt = mount_factory(bucket, *FAST, "--list-ttl", "0.5")
+    stop = threading.Event()
+    seen, bad, errors = set(), [], []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                got = read_uncached(mnt.path / "v.bin")
+            except OSError as e:
+                errors.append(e.errno)
+                continue
+            matches = [i for i, v in enumerate(versions) if v == got]
+            if matches:
+                seen.add(matches[0])
+            else:
+                bad.append(len(got))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(10):
+            time.sleep(0.3)
+            versions.append(os.urandom(len(versions[0]) + (len(versions) % 2) * 7))
+            s3.put_object(Bucket=bucket, Key="v.bin", Body=versions[-1])
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert bad == [], f"{len(bad)} reads matched no version (sizes {bad[:5]})"
+    assert set(errors) <= {errno.EIO}, errors  # the object always exists: never ENOENT
+    assert len(seen) >= 3, seen  # the readers really did cross versions
+    record("8c readers during 10 overwrites", versions=len(versions), versions_seen=len(seen),
+           eio=len(errors), mixed=len(bad))
