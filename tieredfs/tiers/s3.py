@@ -138,6 +138,7 @@ class S3Backend:
         """Exactly `length` bytes of version `obj.etag` from `start`, or an exception."""
         if length <= 0:
             return b""
+        mismatches: set[str] = set()  # MD5s of bodies that failed the check, across attempts
 
         def attempt(stop_at: float) -> bytes:
             resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
@@ -156,8 +157,6 @@ class S3Backend:
             if length == obj.size and self._md5_checkable(obj.etag, resp):
                 self._check_md5(obj, data, mismatches)
             return data
-
-        mismatches: set[str] = set()
 
         data = self._call("get", attempt)
         self.counters.add("bytes", len(data))
