@@ -36,6 +36,9 @@ _MIN_FREE_TO_OPEN_INDEX = 8 << 20
 def check_mountpoint(path: Path) -> None:
     try:
         st = os.stat(path)
+        if os.path.ismount(path):
+            # A dead FUSE mount may still answer stat() from the kernel's cache; listing it may not.
+            os.listdir(path)
     except FileNotFoundError:
         raise MountError(f"mount point {path} does not exist") from None
     except OSError as e:
