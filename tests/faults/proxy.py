@@ -4,6 +4,7 @@ The test process drives it through a Python API while a real daemon talks to it:
 
     proxy.add("error", rate=0.3, status=503, code="SlowDown")   # 30 % of GETs
     proxy.add("stall", limit=1)                                 # the next GET never answers
+    proxy.add("stall_body", limit=1)                            # ... or stops mid-body
     proxy.add("outage", kinds=ALL)                              # every request is reset
     proxy.clear()
 
@@ -29,7 +30,8 @@ from tieredfs.devserver import _kind as request_kind
 
 ALL = ("GET", "LIST", "HEAD", "PUT", "POST", "DELETE")
 _BEFORE = frozenset({"outage", "stall", "error", "latency"})  # decided before S3 is asked
-_ON_BODY = frozenset({"reset", "short_honest", "short_lying", "flip", "bandwidth"})  # on a 200/206 body
+_ON_BODY = frozenset({"reset", "stall_body", "short_honest", "short_lying", "flip",
+                      "bandwidth"})  # on a 200/206 body
 ACTIONS = _BEFORE | _ON_BODY
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
 
@@ -42,7 +44,7 @@ class Rule:
     limit: int | None = None
     status: int = 503  # error
     code: str = "SlowDown"  # error
-    seconds: float = 0.0  # latency: added delay; stall: how long before the connection drops (0: forever)
+    seconds: float = 0.0  # latency: added delay; stall(_body): silence before a reset (0: until stop())
     bytes_per_sec: int = 0  # bandwidth
     used: int = 0
 
@@ -156,8 +158,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(status, reason, headers, payload, len(payload))
         action = rule.action
         half = payload[:len(payload) // 2]
-        if action == "reset":
+        if action in ("reset", "stall_body"):
             self._send(status, reason, headers, half, len(payload))
+            self.wfile.flush()
+            if action == "stall_body":  # half the body, then silence
+                self.owner._stop.wait(rule.seconds or None)
             return self._reset()
         if action == "short_honest":
             return self._send(status, reason, headers, half, len(half))

@@ -14,8 +14,8 @@ import pytest
 
 from tieredfs.devserver import wait_until
 
-from kit import (BS, EIO_BOUND, FAST, K, ONE_ATTEMPT, READ_DEADLINE, proxy, random_files, read_uncached, record,
-                 s3_stats, timed, via_proxy)
+from kit import (BS, EIO_BOUND, FAST, K, ONE_ATTEMPT, READ_DEADLINE, READ_TIMEOUT, proxy,
+                 random_files, read_uncached, record, s3_stats, timed, via_proxy)
 
 pytestmark = pytest.mark.faults
 
@@ -109,6 +109,19 @@ def test_a_stalled_get_is_retried_without_blocking_other_readers(bucket, put, vi
     assert timeout * 0.9 < stalled_s < timeout + 5
     record("3a one stalled GET", s3_read_timeout_s=timeout, stalled_read_s=stalled_s, other_reader_s=other_s,
            retries=s3_stats(mnt)["s3.retries"], bytes_verified=2 * BS)
+
+
+def test_a_get_stalled_mid_body_is_retried(bucket, put, via_proxy, proxy):
+    data = put("half.bin", os.urandom(2 * BS))
+    mnt = via_proxy(bucket)
+    os.listdir(mnt.path)
+    proxy.add("stall_body", limit=1)
+    got, seconds = timed(read_uncached, mnt.path / "half.bin")
+    assert got == data, got
+    assert proxy.counts()["faults.stall_body"] == 1 and s3_stats(mnt)["s3.retries"] == 1
+    assert seconds < ONE_ATTEMPT + 5
+    record("3e GET stalled mid-body", read_s=seconds, s3_read_timeout_s=READ_TIMEOUT,
+           bytes_verified=len(data))
 
 
 def test_every_get_stalled_gives_eio_within_the_deadline(bucket, put, via_proxy, proxy):
