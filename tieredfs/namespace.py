@@ -1,9 +1,12 @@
 """S3 keys under the mount prefix, seen as a directory tree.
 
 Each directory is listed lazily (one delimited ListObjectsV2, all pages) the first
-time it is needed and again once its listing is older than the TTL. Inode numbers
-are stable for a (parent, name, kind) for the life of the mount, also across a
-deletion and re-creation.
+time it is needed and again once its listing is older than the TTL. A refresh makes
+one attempt (`refresh_dir`); if it fails, the last listing stays in use and is retried
+a few seconds later: an outage must neither hide files whose blocks are cached nor
+hold their readers for a whole read deadline. Inode numbers are stable for a
+(parent, name, kind, ETag) for the life of the mount, also across a deletion and
+re-creation; a new version is a new inode.
 
 Keys that cannot be a path are skipped with one log line each (docs/namespace.md):
 empty components (`a//b`, `/a`), `.` and `..`, NUL, names over 255 bytes. When a key
@@ -16,13 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import ObjectMissing
+from .errors import BackendUnavailable, ObjectMissing
 from .tiers.s3 import Listing
 
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
 NAME_MAX = 255
+STALE_RETRY = 5.0  # seconds a listing that S3 failed to refresh is used before trying again
 
 
 @dataclass
@@ -40,8 +44,8 @@ class Node:
 @dataclass
 class _Dir:
     children: dict[bytes, int] = field(default_factory=dict)
-    # Every (name, is_dir) ever listed here: a key deleted and re-created keeps its inode.
-    known: dict[tuple[bytes, bool], int] = field(default_factory=dict)
+    # Every (name, is_dir, ETag) ever listed here: a key deleted and re-created keeps its inode.
+    known: dict[tuple[bytes, bool, str], int] = field(default_factory=dict)
     listed_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     order: list[int] | None = None  # children's inodes in name order, built when first asked
@@ -67,8 +71,10 @@ def unusable(component: str) -> str | None:
 
 class Namespace:
     def __init__(self, root_prefix: str, list_dir: Callable[[str], Listing], ttl: float,
-                 mount_time_ns: int, clock: Callable[[], float] = time.monotonic):
+                 mount_time_ns: int, clock: Callable[[], float] = time.monotonic,
+                 refresh_dir: Callable[[str], Listing] | None = None):
         self._list_dir = list_dir
+        self._refresh_dir = refresh_dir or list_dir
         self._ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
@@ -138,7 +144,17 @@ class Namespace:
             return d
         with d.lock:  # one listing per directory at a time; others wait for its result
             if not self._is_fresh(d):
-                self._apply(node, self._list_dir(node.key))
+                try:
+                    listing = (self._list_dir if d.listed_at is None else self._refresh_dir)(node.key)
+                except BackendUnavailable as e:
+                    if d.listed_at is None:
+                        raise
+                    # S3 is unreachable: names we listed before still lead to cached blocks.
+                    d.listed_at = self._clock() - self._ttl + min(self._ttl, STALE_RETRY)
+                    log.warning("event=listing_failed prefix=%r error=%r action=serving_last_listing "
+                                "retry_in=%.0fs", node.key, str(e), min(self._ttl, STALE_RETRY))
+                    return d
+                self._apply(node, listing)
                 d.listed_at = self._clock()
         return d
 
@@ -170,12 +186,14 @@ class Namespace:
         d = self._dirs[parent]
         children = {}
         for name, (is_dir, key, size, mtime_ns, etag) in entries.items():
-            ino = d.known.get((name, is_dir))
+            # A new version is a new inode, as a file renamed over another: the kernel keeps
+            # the old size for files still open on the old version instead of cutting them.
+            ino = d.known.get((name, is_dir, etag))
             if ino is None:
                 node = Node(self._next_ino, parent, name, is_dir, key)
                 self._next_ino += 1
                 self._nodes[node.ino] = node
-                d.known[(name, is_dir)] = node.ino
+                d.known[(name, is_dir, etag)] = node.ino
                 if is_dir:
                     self._dirs[node.ino] = _Dir()
             else:

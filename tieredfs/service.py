@@ -5,6 +5,7 @@ mount exists, so a failure leaves nothing mounted.
 """
 
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -43,6 +44,9 @@ _DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 def check_mountpoint(path: Path) -> None:
     try:
         st = os.stat(path)
+        if os.path.ismount(path):
+            # A dead FUSE mount may still answer stat() from the kernel's cache; listing it may not.
+            os.listdir(path)
     except FileNotFoundError:
         raise MountError(f"mount point {path} does not exist") from None
     except OSError as e:
@@ -84,7 +88,8 @@ class Daemon:
             connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
             counters=self.registry.counters("s3"))
-        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns())
+        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
+                                   refresh_dir=functools.partial(self.backend.list_dir, attempts=1))
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))

@@ -3,9 +3,17 @@
 Every request goes through one semaphore (bounded concurrency, bounded connection
 pool) and one retry loop with backoff and a deadline. Every ranged GET is pinned to
 an ETag with If-Match and its body length is checked: botocore does not verify
-ranged bodies, and a short body must become a retry, never wrong bytes.
+ranged bodies, and a short body must become a retry, never wrong bytes. A GET that
+covers a whole single-part object is also checked against its ETag, the MD5 of the
+body; a part of an object has no checksum S3 would send (docs/reliability.md).
+
+When a request has used its whole deadline without reaching S3 (refused, reset, timed
+out), S3 is taken to be down: until a request succeeds again, each one makes a single
+attempt, so readers get EIO at once instead of one deadline each (the kernel retries a
+failed read, doubling the wait).
 """
 
+import hashlib
 import logging
 import random
 import threading
@@ -36,6 +44,8 @@ _RETRYABLE_CODES = {
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
                "InvalidToken"}
+_BODY_CHUNK = 16 * 1024  # a body being received is checked against the deadline this often
+_MD5_HEX = frozenset("0123456789abcdef")
 _TRANSIENT = (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 
 
@@ -65,6 +75,8 @@ class S3Backend:
         self.max_attempts = max_attempts
         self.deadline = deadline
         self.counters = counters
+        self._down = False  # the last request ran out of deadline; only a success clears it
+        self._etag_is_md5 = True  # until this server proves otherwise
         self._slots = threading.BoundedSemaphore(max_requests)
         cfg = botocore.config.Config(
             max_pool_connections=max_requests,
@@ -99,15 +111,15 @@ class S3Backend:
         except _TRANSIENT as e:
             raise EndpointUnreachable(f"cannot talk to S3 endpoint: {e}") from None
 
-    def list_dir(self, prefix: str) -> Listing:
-        """One directory level under `prefix` (all pages)."""
+    def list_dir(self, prefix: str, attempts: int | None = None) -> Listing:
+        """One directory level under `prefix` (all pages), each page in at most `attempts`."""
         listing = Listing([], [])
         token = None
         while True:
             kwargs = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = self._call("list", lambda: self._client.list_objects_v2(**kwargs))
+            page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs), attempts)
             listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
             listing.objects.extend(
                 ListedObject(o["Key"], o["Size"], int(o["LastModified"].timestamp() * 1e9),
@@ -118,7 +130,7 @@ class S3Backend:
             token = page["NextContinuationToken"]
 
     def head(self, key: str) -> ListedObject:
-        resp = self._call("head", lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        resp = self._call("head", lambda _: self._client.head_object(Bucket=self.bucket, Key=key))
         return ListedObject(key, resp["ContentLength"], int(resp["LastModified"].timestamp() * 1e9),
                             resp.get("ETag", "").strip('"'))
 
@@ -126,28 +138,68 @@ class S3Backend:
         """Exactly `length` bytes of version `obj.etag` from `start`, or an exception."""
         if length <= 0:
             return b""
+        mismatches: set[str] = set()  # MD5s of bodies that failed the check, across attempts
 
-        def attempt() -> bytes:
+        def attempt(stop_at: float) -> bytes:
             resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
                                            Range=f"bytes={start}-{start + length - 1}")
-            with resp["Body"] as body:
-                data = body.read()
+            # Not `with resp["Body"] as body`: that yields the raw urllib3 stream, skipping
+            # botocore's Content-Length and x-amz-checksum-* verification.
+            body = resp["Body"]
+            try:
+                data = self._read_body(body, stop_at)
+            finally:
+                body.close()
             got_range = resp.get("ContentRange", "")
             if len(data) != length or (got_range and not got_range.startswith(f"bytes {start}-")):
                 self.counters.add("short_bodies")
                 raise _Retry(f"asked {length} bytes at {start}, got {len(data)} ({got_range})")
+            if length == obj.size and self._md5_checkable(obj.etag, resp):
+                self._check_md5(obj, data, mismatches)
             return data
 
         data = self._call("get", attempt)
         self.counters.add("bytes", len(data))
         return data
 
+    def _read_body(self, body, stop_at: float) -> bytes:
+        """The body, unless it trickles in past the deadline: botocore's read timeout is per
+        socket read, so a server sending a little at a time would otherwise hold a read forever."""
+        parts = []
+        while chunk := body.read(_BODY_CHUNK):
+            parts.append(chunk)
+            if time.monotonic() > stop_at:
+                self.counters.add("slow_bodies")
+                raise _Retry(f"body still arriving at the deadline ({sum(map(len, parts))} bytes)")
+        return b"".join(parts)
+
+    def _md5_checkable(self, etag: str, resp: dict) -> bool:
+        """A single-part object's ETag is its MD5, unless SSE-KMS or SSE-C encrypted it."""
+        return (self._etag_is_md5 and len(etag) == 32 and set(etag) <= _MD5_HEX
+                and resp.get("ServerSideEncryption", "AES256") == "AES256"
+                and "SSECustomerAlgorithm" not in resp)
+
+    def _check_md5(self, obj: ObjectVersion, data: bytes, mismatches: set[str]) -> None:
+        digest = hashlib.md5(data).hexdigest()
+        if digest == obj.etag:
+            return
+        if digest in mismatches:
+            # The same bytes twice: this server's ETags are not MD5s (flips are not repeatable).
+            self._etag_is_md5 = False
+            log.warning("event=s3_etag_not_md5 key=%r action=whole_object_gets_no_longer_verified",
+                        obj.key)
+            return
+        mismatches.add(digest)
+        self.counters.add("checksum_mismatches")
+        raise _Retry(f"body of {obj.key!r} has MD5 {digest}, its ETag says {obj.etag}")
+
     # --- the retry loop ------------------------------------------------------------
 
-    def _call(self, kind: str, fn):
+    def _call(self, kind: str, fn, attempts: int | None = None):
         stop_at = time.monotonic() + self.deadline
         last = "no attempt made"
-        for attempt in range(self.max_attempts):
+        unreachable = False  # did the last attempt fail to get any answer from S3?
+        for attempt in range(1 if self._down else attempts or self.max_attempts):
             if attempt:
                 self.counters.add("retries")
                 pause = min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
@@ -157,19 +209,33 @@ class S3Backend:
             try:
                 with self._slots:
                     self.counters.add(f"requests.{kind}")
-                    return fn()
+                    result = fn(stop_at)
+                if self._down:
+                    self._down = False
+                    log.info("event=s3_recovered action=retrying_normally")
+                return result
             except _Retry as e:
-                last = str(e)
+                last, unreachable = str(e), False
             except botocore.exceptions.ClientError as e:
-                last = self._classify(e, kind)
+                last, unreachable = self._classify(e, kind), False
             except botocore.exceptions.NoCredentialsError:
                 raise CredentialsRefused("no AWS credentials found") from None
+            except (botocore.exceptions.IncompleteReadError, botocore.exceptions.FlexibleChecksumError) as e:
+                # S3 answered, with a body botocore found short or damaged.
+                self.counters.add("short_bodies" if isinstance(e, botocore.exceptions.IncompleteReadError)
+                                  else "checksum_mismatches")
+                last, unreachable = str(e), False
             except _TRANSIENT as e:
                 self.counters.add("transport_errors")
-                last = f"{type(e).__name__}: {e}"
+                last, unreachable = f"{type(e).__name__}: {e}", True
             if time.monotonic() >= stop_at:
                 break
         self.counters.add("failures")
+        # Only silence is an outage: an S3 that answers 503 wants backoff and retries.
+        if unreachable and not self._down and attempts is None:
+            self._down = True
+            log.warning("event=s3_unavailable error=%r action=one_attempt_per_request_until_s3_answers",
+                        last)
         raise BackendUnavailable(f"S3 {kind} failed after retries: {last}")
 
     def _classify(self, e: "botocore.exceptions.ClientError", kind: str) -> str:

@@ -1,0 +1,38 @@
+"""The S3 tier's MD5 checks that no fault scenario reaches: which ETags are MD5s, and
+the fallback for servers whose ETags are not."""
+
+import pytest
+
+from tieredfs.blocks import ObjectVersion
+from tieredfs.stats import Counters
+from tieredfs.tiers.s3 import S3Backend, _Retry
+
+MD5_OF_ABC = "900150983cd24fb0d6963f7d28e17f72"
+
+
+def backend() -> S3Backend:
+    return S3Backend("bkt", endpoint_url="http://127.0.0.1:9", region=None, max_requests=1,
+                     connect_timeout=0.5, read_timeout=0.5, max_attempts=1, deadline=1.0,
+                     counters=Counters("s3"))
+
+
+def test_only_etags_that_can_be_an_md5_are_checked():
+    b = backend()
+    assert b._md5_checkable(MD5_OF_ABC, {})
+    assert b._md5_checkable(MD5_OF_ABC, {"ServerSideEncryption": "AES256"})
+    assert not b._md5_checkable(MD5_OF_ABC[:-2] + "-2", {})  # multipart
+    assert not b._md5_checkable(MD5_OF_ABC, {"ServerSideEncryption": "aws:kms"})
+    assert not b._md5_checkable(MD5_OF_ABC, {"SSECustomerAlgorithm": "AES256"})
+
+
+def test_a_mismatch_is_retried_and_the_same_bytes_twice_mean_etags_are_not_md5s():
+    b = backend()
+    b._check_md5(ObjectVersion("bkt", "k", MD5_OF_ABC, 3), b"abc", set())
+    seen: set[str] = set()
+    odd = ObjectVersion("bkt", "k", "0" * 32, 3)
+    with pytest.raises(_Retry):
+        b._check_md5(odd, b"abc", seen)
+    b._check_md5(odd, b"abc", seen)  # identical bytes again: accepted
+    assert not b._md5_checkable("0" * 32, {})
+    assert b.counters.get("checksum_mismatches") == 1
+
