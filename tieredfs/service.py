@@ -21,6 +21,7 @@ from . import fuse_ops
 from .config import Config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem
+from .memory import tune_malloc
 from .namespace import Namespace
 from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from .reader import Reader
@@ -165,6 +166,7 @@ def run(config: Config, on_ready: Callable[[], None]) -> None:
     """Check, mount, serve until unmounted or signalled, clean up."""
     check_mountpoint(config.mountpoint)
     check_fuse()
+    tune_malloc()
     daemon = Daemon(config)
     try:
         daemon.check_remote()
