@@ -88,8 +88,14 @@ class Mount:
         return json.loads(os.getxattr(self.path, "user.tieredfs.stats"))
 
     def settle(self, timeout: float = 30) -> None:
-        """Wait until every fetched block has been written to the cache (writes are behind reads)."""
-        assert wait_until(lambda: self.stats().get("chain.fill_queue_bytes", 0) == 0, timeout)
+        """Wait until no prefetch is in flight and every fetched block is written to the cache
+        (both happen behind the reader's back)."""
+
+        def idle() -> bool:
+            s = self.stats()
+            return s.get("readahead.budget_used_bytes", 0) == 0 and s.get("chain.fill_queue_bytes", 0) == 0
+
+        assert wait_until(idle, timeout)
 
     def kill(self) -> None:
         """SIGKILL the daemon (a crash); the dead mount stays until stop()."""

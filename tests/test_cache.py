@@ -263,3 +263,26 @@ def test_cache_dir_on_a_completely_full_disk_serves_from_s3(bucket, put, mount_f
     m = mount_factory(bucket, *SMALL, cache_dir=tiny_tmpfs / "cache")
     assert read_uncached(m.path / "a.bin") == data
     assert "event=cache_unusable" in m.log.read_text()
+
+
+def test_small_random_reads_verify_the_chunks_they_read(bucket, put, mount_factory, s3server):
+    data = put("r.bin", os.urandom(8 * 64 * K))  # 512 KiB: blocks of 256 KiB, chunks of 64 KiB
+    m = mount_factory(bucket, "--block-size", "256K", "--small-file-threshold", "64K")
+    assert read_uncached(m.path / "r.bin") == data
+    m.settle()
+    victim = block_files(m.cache_dir)[0]
+    raw = bytearray(victim.read_bytes())
+    raw[100 * K] ^= 0xFF  # in the second 64 KiB chunk of one block
+    victim.write_bytes(bytes(raw))
+    s3server.reset_counts()
+    fd = os.open(m.path / "r.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for off in (300 * K, 20 * K, 400 * K, 100 * K, 356 * K):  # every piece, random order
+            assert os.pread(fd, 4096, off) == data[off:off + 4096], off
+    finally:
+        os.close(fd)
+    stats = m.stats()
+    assert stats["local.corrupt"] == 1  # the damaged chunk was caught by a 4 KiB read
+    assert s3server.counts()["GET"] == 1  # and only that block came again from S3

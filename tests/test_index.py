@@ -195,3 +195,21 @@ def test_sweep_removes_orphans_only(tmp_path, monkeypatch):
     assert tier.sweep_dir(kept_path.parent) == 2
     assert kept_path.exists() and not orphan.exists() and not temp.exists()
     tier.close()
+
+
+def test_an_index_of_an_older_format_starts_empty(tmp_path):
+    import lmdb  # only to write an index as the previous format did: no format key
+
+    cache = CacheDir(tmp_path)
+    cache.create()
+    env = lmdb.open(str(cache.index), map_size=1 << 26, max_dbs=5, subdir=True)
+    blocks = env.open_db(b"blocks")
+    with env.begin(write=True) as txn:
+        txn.put(b"x" * 16, b"old entry", db=blocks)
+    env.close()
+    index = open_index(cache, 1 << 26)
+    try:
+        assert index.totals()["blocks"] == 0
+        assert list(tmp_path.glob("index.lmdb.corrupt-*"))  # moved aside, not deleted
+    finally:
+        index.env.close()

@@ -1,6 +1,7 @@
 """The LMDB index of the local block cache (the only module that imports lmdb).
 
-Per block: length, xxh3-64 checksum, eviction queue and position, access frequency,
+Per block: length, xxh3-64 checksum of the block and of each 64 KiB chunk (so a small
+read verifies only what it reads), eviction queue and position, access frequency,
 insert and last-access times. Eviction is S3-FIFO (docs/cache.md): new blocks enter a
 small FIFO; only blocks read again while there move to the main FIFO, so one big
 scan passes through the small queue without flushing the hot set.
@@ -29,6 +30,7 @@ _ENTRY = struct.Struct("<IQBQBdd")  # length, checksum, queue, seq, freq, insert
 _ORDER = struct.Struct(">BQ")  # queue, seq: big-endian so keys sort in FIFO order
 _U64 = struct.Struct("<Q")
 _SEQ = struct.Struct(">Q")  # ghost order keys: big-endian to sort oldest first
+FORMAT = b"2"  # 2: entries carry chunk checksums; an index of another format starts empty
 
 
 @dataclass
@@ -40,14 +42,15 @@ class Entry:
     freq: int
     inserted: float
     last_access: float
+    chunk_sums: bytes = b""  # xxh3-64 digests of the block's CHUNK-sized pieces, concatenated
 
     def pack(self) -> bytes:
         return _ENTRY.pack(self.length, self.checksum, self.queue, self.seq, self.freq,
-                           self.inserted, self.last_access)
+                           self.inserted, self.last_access) + self.chunk_sums
 
 
 def _unpack(raw: bytes) -> Entry:
-    return Entry(*_ENTRY.unpack(raw))
+    return Entry(*_ENTRY.unpack(raw[:_ENTRY.size]), chunk_sums=bytes(raw[_ENTRY.size:]))
 
 
 class BlockIndex:
@@ -64,6 +67,17 @@ class BlockIndex:
         self._ghosts = self.env.open_db(b"ghosts")
         self._ghost_order = self.env.open_db(b"ghost_order")
         self._meta = self.env.open_db(b"meta")
+        self._check_format(path)
+
+    def _check_format(self, path: Path) -> None:
+        with self.env.begin(write=True) as txn:
+            found = txn.get(b"format", db=self._meta)
+            if found is None and txn.stat(self._blocks)["entries"] == 0:
+                txn.put(b"format", FORMAT, db=self._meta)
+                found = FORMAT
+        if found != FORMAT:
+            self.env.close()
+            raise CacheError(f"cache index {path} is of an older format")
 
     def close(self) -> None:
         self.env.sync(True)
@@ -111,7 +125,7 @@ class BlockIndex:
                 evicted.append(victim)
         return evicted
 
-    def insert(self, block_id: bytes, length: int, checksum: int) -> None:
+    def insert(self, block_id: bytes, length: int, checksum: int, chunk_sums: bytes = b"") -> None:
         now = time.time()
         with self.env.begin(write=True) as txn:
             self._delete(txn, block_id)
@@ -119,7 +133,7 @@ class BlockIndex:
             if was_ghost is not None:
                 txn.delete(was_ghost, db=self._ghost_order)
             queue = MAIN if was_ghost is not None else SMALL
-            self._append(txn, block_id, Entry(length, checksum, queue, 0, 0, now, now))
+            self._append(txn, block_id, Entry(length, checksum, queue, 0, 0, now, now, chunk_sums))
 
     def remove(self, block_ids: list[bytes]) -> None:
         with self.env.begin(write=True) as txn:
@@ -130,6 +144,7 @@ class BlockIndex:
         with self.env.begin(write=True) as txn:
             for db in (self._blocks, self._order, self._ghosts, self._ghost_order, self._meta):
                 txn.drop(db, delete=False)
+            txn.put(b"format", FORMAT, db=self._meta)
 
     def apply_hits(self, hits: dict[bytes, int]) -> None:
         with self.env.begin(write=True) as txn:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .blocks import BlockRef, ObjectVersion, block_count
+from .blocks import BlockRef, ObjectVersion, assemble, block_count
 from .errors import TieredError
 from .stats import Counters
 from .tiers.chain import TierChain
@@ -114,14 +114,20 @@ class ReadaheadEngine:
         self._drop(st, set(st.buffered))
         self._sequential.discard(id(st))
 
-    async def read_blocks(self, f, refs: list[BlockRef]) -> list[bytes]:
+    async def read(self, f, refs: list[BlockRef], offset: int, size: int) -> bytes | memoryview:
         st: Stream = f.stream
         start = self._follow(st, refs[0].index, refs[-1].index)
-        if st.window and st.obj.size > self.s.small_object:
+        small = st.obj.size <= self.s.small_object
+        if st.window and not small:
             # Issued before the demand fetch, so a cold demand block rides in a whole request
             # (one GET for several blocks) that this read then joins.
             self._schedule(st, start)
-        return await self._gather(st, refs)
+        elif len(refs) == 1 and not small and refs[0].index not in st.buffered:
+            # A random read within one block: only the part asked for is read and verified.
+            ref = refs[0]
+            end = min(offset + size, ref.start + ref.length)
+            return await self.chain.get_part(ref, offset - ref.start, end - ref.start)
+        return assemble(refs, await self._gather(st, refs), offset, size)
 
     # --- access pattern ------------------------------------------------------------------------
 

@@ -28,10 +28,8 @@ class Reader:
         if not refs:
             return b""
         if self.readahead is not None:
-            datas = await self.readahead.read_blocks(f, refs)
-        else:
-            datas = await self.chain.get_many(refs)
-        return assemble(refs, datas, offset, size)
+            return await self.readahead.read(f, refs, offset, size)
+        return assemble(refs, await self.chain.get_many(refs), offset, size)
 
     async def opened(self, f: OpenFile) -> None:
         if self.readahead is not None:

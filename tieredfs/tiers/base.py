@@ -14,6 +14,9 @@ class Tier(Protocol):
     def get(self, ref: BlockRef) -> bytes | None:
         """The block's verified bytes, or None on a miss (including a corrupt copy)."""
 
+    def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
+        """Verified bytes [lo, hi) of the block, or None: then the chain asks for all of it."""
+
     def put(self, ref: BlockRef, data: bytes) -> None:
         """Offer a block fetched from below; a tier may decline (full, failing) silently."""
 

@@ -53,6 +53,25 @@ class TierChain:
     async def get(self, ref: BlockRef) -> bytes:
         return (await self.get_many([ref]))[0]
 
+    async def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of one block: a small random read need not read and verify it all."""
+        whole = self.filler.pending(ref)
+        if whole is None and ref.id not in self._flights and self.upper:
+            part = await trio.to_thread.run_sync(self._part_from_upper, ref, lo, hi, limiter=self._disk)
+            if part is not None:
+                return part
+        if whole is None:
+            whole = await self.get(ref)
+        return bytes(memoryview(whole)[lo:hi])
+
+    def _part_from_upper(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
+        for tier in self.upper:
+            part = tier.get_part(ref, lo, hi)
+            if part is not None:
+                self.counters.add(f"hits.{tier.name}")
+                return part
+        return None
+
     async def get_many(self, refs: list[BlockRef]) -> list[bytes]:
         """All blocks, fetching the misses in as few ranged GETs as contiguity allows."""
         results: dict[int, bytes] = {}

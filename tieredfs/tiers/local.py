@@ -3,7 +3,8 @@
 Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/cd/<32-hex id>.
 Write order is data file (temp + rename) then index entry, so a crash leaves at most
 an orphan file, swept later in the background. Every read is verified against the
-checksum in the index; a bad block is dropped and reported as a miss.
+checksums in the index (of the whole block, or of the 64 KiB chunks a small read
+covers); a bad block is dropped and reported as a miss.
 
 The capacity is enforced on insert: room is made (evicting) and reserved before the
 file is written, so concurrent fills cannot overshoot it.
@@ -34,6 +35,13 @@ _STATVFS_TTL = 1.0
 CORRELATION_WINDOW = 2.0
 _RECENT_MAX = 65536
 _ORPHAN_AGE = 60.0  # a file this young may be a fill whose index entry is being written
+CHUNK = 64 * 1024  # a small read verifies (and reads) only the chunks it covers
+
+
+def chunk_sums(data) -> bytes:
+    """The xxh3-64 digests of `data`'s CHUNK-sized pieces, concatenated (8 bytes each)."""
+    view = memoryview(data)
+    return b"".join(xxhash.xxh3_64_digest(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK))
 
 
 class CacheDir:
@@ -147,10 +155,32 @@ class LocalTier:
             return self._drop(block_id, f"length {len(data)} != {entry.length}")
         if xxhash.xxh3_64_intdigest(data) != entry.checksum:
             return self._drop(block_id, "checksum mismatch")
-        self.counters.add("hits")
-        self.counters.add("hit_bytes", len(data))
-        self._note_hit(block_id)
+        self._hit(block_id, len(data))
         return data
+
+    def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
+        """Bytes [lo, hi) of the block, reading and verifying only the chunks they lie in."""
+        block_id = bytes.fromhex(ref.id)
+        entry = self.index.lookup(block_id)
+        if entry is None or not entry.chunk_sums or entry.length != ref.length:
+            return None  # the caller reads the whole block
+        first, last = lo // CHUNK, (hi - 1) // CHUNK
+        start = first * CHUNK
+        try:
+            with open(self.cache.block_path(ref.id), "rb") as f:
+                f.seek(start)
+                data = f.read(min(entry.length, (last + 1) * CHUNK) - start)
+        except OSError as e:
+            return self._drop(block_id, f"unreadable: {e.strerror}")
+        if chunk_sums(data) != entry.chunk_sums[first * 8:(last + 1) * 8]:
+            return self._drop(block_id, "chunk checksum mismatch or short file")
+        self._hit(block_id, hi - lo)
+        return data[lo - start:hi - start]
+
+    def _hit(self, block_id: bytes, nbytes: int) -> None:
+        self.counters.add("hits")
+        self.counters.add("hit_bytes", nbytes)
+        self._note_hit(block_id)
 
     def put(self, ref: BlockRef, data: bytes) -> None:
         """Store a block if room can be made; failures are counted, never raised."""
@@ -166,7 +196,7 @@ class LocalTier:
                 return
             try:
                 self._write_file(hex_id, data)
-                self.index.insert(block_id, len(data), xxhash.xxh3_64_intdigest(data))
+                self.index.insert(block_id, len(data), xxhash.xxh3_64_intdigest(data), chunk_sums(data))
                 self._note_use(block_id, time.monotonic())
                 self.counters.add("fills")
                 self.counters.add("fill_bytes", len(data))
