@@ -79,10 +79,11 @@ class Run:
     # --- rows ----------------------------------------------------------------------
 
     def record(self, workload: str, key: str, label: str, metric: str, value: float | None,
-               kind: str = "reference", **extra) -> dict:
+               details: dict | None = None, *, kind: str = "reference", **extra) -> dict:
         """A row measured without a daemon's counters (a reference, or a mount-ready time)."""
         return self._add({"workload": workload, "id": f"{workload}.{key}", "label": label,
-                          "kind": kind, "metric": metric, "value": value, **extra})
+                          "kind": kind, "metric": metric, "value": value, **(details or {}),
+                          **extra})
 
     def measure(self, m: TieredMount, workload: str, key: str, label: str, metric: str, fn,
                 **extra) -> dict:

@@ -86,9 +86,10 @@ class TieredMount(_Process):
 
 
 class NullMount(_Process):
-    def __init__(self, path: Path, files: dict[str, int], log: Path):
+    def __init__(self, path: Path, files: dict[str, int], log: Path, keep_cache: bool = False):
         super().__init__(path, log)
         self.cmd = [sys.executable, "-m", "bench.nullfs", str(path),
+                    *(["--keep-cache"] if keep_cache else []),
                     *[a for name, size in files.items() for a in ("--file", f"{name}={size}")]]
 
     def start(self) -> "NullMount":

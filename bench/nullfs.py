@@ -2,10 +2,11 @@
 
 It serves a flat directory of files of given sizes whose bytes are all zero, with the
 same pyfuse3 + trio machinery as tieredfs but no work per read, so tieredfs / nullfs
-is what tieredfs costs beyond FUSE itself. The page cache is not kept across opens
-(keep_cache=False), like a cold file.
+is what tieredfs costs beyond FUSE itself. The page cache is dropped at each open
+(keep_cache=False) unless --keep-cache: then a re-read shows what FUSE's page cache
+path costs compared with a native file's.
 
-Run: python -m bench.nullfs MOUNTPOINT --file big=268435456 [--file NAME=SIZE ...]
+Run: python -m bench.nullfs MOUNTPOINT [--keep-cache] --file big=268435456 [--file NAME=SIZE ...]
 """
 
 import argparse
@@ -19,8 +20,9 @@ _FIRST_INO = pyfuse3.ROOT_INODE + 1
 
 
 class NullFS(pyfuse3.Operations):
-    def __init__(self, files: dict[str, int]):
+    def __init__(self, files: dict[str, int], keep_cache: bool):
         super().__init__()
+        self.keep_cache = keep_cache
         self.names = [n.encode() for n in files]
         self.sizes = list(files.values())
         self._zeros: dict[int, bytes] = {}
@@ -55,7 +57,7 @@ class NullFS(pyfuse3.Operations):
                 return
 
     async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=inode, keep_cache=False)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=self.keep_cache)
 
     async def read(self, fh, off, size):
         size = max(0, min(size, self.sizes[fh - _FIRST_INO] - off))
@@ -80,8 +82,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mountpoint")
     p.add_argument("--file", action="append", default=[], help="NAME=SIZE")
+    p.add_argument("--keep-cache", action="store_true", help="keep cached pages across opens")
     args = p.parse_args()
-    pyfuse3.init(NullFS(_parse_files(args.file)), args.mountpoint,
+    pyfuse3.init(NullFS(_parse_files(args.file), args.keep_cache), args.mountpoint,
                  {"fsname=nullfs", "subtype=nullfs", "ro"})
     try:
         trio.run(pyfuse3.main)

@@ -24,10 +24,10 @@ def _iops(r: fio.FioResult) -> tuple[float, dict]:
     return r.iops, {"bytes": r.bytes, "seconds": r.seconds}
 
 
-def nullfs(run: Run) -> NullMount:
+def nullfs(run: Run, keep_cache: bool = False) -> NullMount:
     path, log = run.null_path()
     files = {"big": run.dataset.big_size, **{f"part{i}": run.dataset.multi_size for i in range(4)}}
-    return NullMount(path, files, log).start()
+    return NullMount(path, files, log, keep_cache).start()
 
 
 def filled_cache(run: Run, name: str, paths: list[str]) -> Path:
@@ -52,6 +52,11 @@ def sequential(run: Run) -> None:
     with nullfs(run) as null:
         r = _best(lambda: seq(null.path / "big"), reps)
     run.record(w, "nullfs", "no-op pyfuse3 fs", "MiB/s", *_mib(r))
+    with nullfs(run, keep_cache=True) as null:
+        seq(null.path / "big")
+        r = _best(lambda: seq(null.path / "big", 0), reps)
+    run.record(w, "nullfs_pc", "no-op pyfuse3 fs, in page cache", "MiB/s", *_mib(r),
+               vs=f"{w}.native_pc")
     best = raw_s3.best_ranged_read(run.s3_url, "big", ds.big_size, list(run.mode.boto_grid))
     run.record(w, "boto3", f"boto3 ranged GETs, {best['threads']} threads x "
                   f"{best['chunk'] >> 20} MiB (best)", "MiB/s", best["mib_s"],
