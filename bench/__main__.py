@@ -5,11 +5,13 @@ reference rows, and writes bench/results/<stamp>.json, .md and .png.
 """
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from . import dataset, fio, report, workloads, workloads_files
@@ -29,6 +31,7 @@ WORKLOADS = {
 }
 _FULL_ONLY = {"restart", "bigbucket"}
 RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--workdir", type=Path, help="scratch dir (default: a new one in /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    p.add_argument("--update-docs", action="store_true",
+                   help="write the table and chart into docs/benchmarks.md")
     args = p.parse_args(argv)
     args.mode = args.mode or "full"
     return args
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     endpoint = make_endpoint(args.server, args.endpoint_url, workdir)
     proxy = None
     run = None
-    started = time.time()
+    started, machine = time.time(), report.machine()
     try:
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
         endpoint.start()
@@ -87,7 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
         run = Run(mode, workdir, endpoint, s3_url, ds, args.block_size)
         for name in selected(args):
             t0 = time.time()
-            WORKLOADS[name](run)
+            try:
+                WORKLOADS[name](run)
+            except Exception as e:  # one broken workload must not lose the others' rows
+                traceback.print_exc()
+                run.record(name, "error", f"{name} failed: {type(e).__name__}: {e}", "", None,
+                           kind="error")
             print(f"  {name}: {time.time() - t0:.1f} s", flush=True)
     finally:
         if proxy:
@@ -95,14 +105,20 @@ def main(argv: list[str] | None = None) -> dict:
         endpoint.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    result = _result(args, run, endpoint, started)
+    machine["loadavg_at_end"] = os.getloadavg()
+    result = _result(args, run, endpoint, started, machine)
     paths = report.write(result, args.out, time.strftime("%Y%m%d-%H%M%S") + f"-{args.mode}")
     print(report.markdown(result))
     print("\n".join(f"wrote {p}" for p in paths.values()))
+    if args.update_docs:
+        report.update_docs(result, paths.get("png"), DOCS)
+        print(f"updated {DOCS}")
+    if any(r["kind"] == "error" for r in result["rows"]):
+        sys.exit(1)
     return result
 
 
-def _result(args, run: Run, endpoint, started: float) -> dict:
+def _result(args, run: Run, endpoint, started: float, machine: dict) -> dict:
     report.ratios(run.rows)
     return {
         "meta": {
@@ -111,7 +127,7 @@ def _result(args, run: Run, endpoint, started: float) -> dict:
             "s3_latency_ms": args.s3_latency_ms, "block_size": args.block_size,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "seconds": round(time.time() - started, 1), "git": _git_rev(),
-            "machine": report.machine(), "dataset": {
+            "machine": machine, "dataset": {
                 "big": run.dataset.big_size, "multi_each": run.dataset.multi_size,
                 "small_files": len(run.dataset.small), "small_bytes": run.dataset.small_bytes},
         },

@@ -61,9 +61,11 @@ class Run:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def tiered(self, cache: Path, *extra: str, bucket: str = BUCKET) -> TieredMount:
+    def tiered(self, cache: Path, *extra: str, bucket: str = BUCKET,
+               endpoint_url: str | None = None) -> TieredMount:
         self._n += 1
-        return TieredMount(f"s3://{bucket}", self.workdir / "mnt" / f"t{self._n}", self.s3_url,
+        return TieredMount(f"s3://{bucket}", self.workdir / "mnt" / f"t{self._n}",
+                           endpoint_url or self.s3_url,
                            cache, self.workdir / "logs" / f"daemon{self._n}.log",
                            ["--block-size", self.block_size, *extra])
 

@@ -136,6 +136,8 @@ def chart(result: dict, path: Path) -> None:
     groups = [(w, [r for r in result["rows"] if r["workload"] == w and r["value"]])
               for w in ("seq", "multi4", "rand4k", "small")]
     groups = [(w, rows) for w, rows in groups if rows]
+    if not groups:
+        return
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.2 + 1.1 * sum(len(g) for _, g in groups) / 2))
     for ax, (w, rows) in zip(axes if len(groups) > 1 else [axes], groups):
         labels = [r["label"] for r in rows][::-1]
@@ -160,4 +162,30 @@ def write(result: dict, out_dir: Path, stem: str) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths["md"].write_text(markdown(result))
     chart(result, paths["png"])
-    return paths
+    return {k: p for k, p in paths.items() if p.exists()}
+
+
+DOCS_BEGIN, DOCS_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def update_docs(result: dict, png: Path | None, doc: Path) -> None:
+    """Replace the generated part of docs/benchmarks.md with this run's table and chart."""
+    meta, m = result["meta"], result["meta"]["machine"]
+    chart_name = f"benchmarks-{meta['mode']}.png"
+    if png is not None:
+        (doc.parent / chart_name).write_bytes(png.read_bytes())
+    ds = meta["dataset"]
+    body = "\n".join([
+        DOCS_BEGIN,
+        f"Command: `{meta['command']}` ({meta['seconds']:.0f} s), {meta['started']}, git {meta['git']}.",
+        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB RAM, kernel {m['kernel']}, "
+        f"disk `{m['disk']}`, load average {m['loadavg_at_start'][0]:.1f} at start, "
+        f"{m['loadavg_at_end'][0]:.1f} at the end (other work on the machine makes numbers noisy).",
+        f"Dataset: big file {ds['big'] >> 20} MiB, 4 × {ds['multi_each'] >> 20} MiB, "
+        f"{ds['small_files']} small files ({ds['small_bytes'] >> 20} MiB).", "",
+        markdown(result),
+        f"![throughput vs reference rows]({chart_name})" if png is not None else "",
+        DOCS_END])
+    text = doc.read_text()
+    start, end = text.index(DOCS_BEGIN), text.index(DOCS_END) + len(DOCS_END)
+    doc.write_text(text[:start] + body + text[end:])
