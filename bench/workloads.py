@@ -59,8 +59,8 @@ def sequential(run: Run) -> None:
                vs=f"{w}.native_pc")
     best = raw_s3.best_ranged_read(run.s3_url, "big", ds.big_size, list(run.mode.boto_grid))
     run.record(w, "boto3", f"boto3 ranged GETs, {best['threads']} threads x "
-                  f"{best['chunk'] >> 20} MiB (best)", "MiB/s", best["mib_s"],
-                  bytes=best["bytes"], seconds=best["seconds"], trials=best["trials"])
+               f"{best['chunk'] >> 20} MiB (best)", "MiB/s", best["mib_s"],
+               bytes=best["bytes"], seconds=best["seconds"], trials=best["trials"])
 
     cache = run.fresh_cache("big")
     with run.tiered(cache).start() as m:
@@ -84,7 +84,7 @@ def random_4k(run: Run) -> None:
     run.record(w, "native_pc", "native file, in page cache", "IOPS", *_iops(rand(native, 0)))
     with nullfs(run) as null:
         run.record(w, "nullfs", "no-op pyfuse3 fs, O_DIRECT", "IOPS",
-                      *_iops(rand(null.path / "big")))
+                   *_iops(rand(null.path / "big")))
 
     cache = filled_cache(run, "big", ["big"])
     with run.remount_tier1(cache) as m:
@@ -102,10 +102,10 @@ def multi_reader(run: Run) -> None:
     w, reps = "multi4", run.mode.repeats
     multi = lambda d: fio.run("multi-seq-4jobs", DIR=d, INVALIDATE=1)  # noqa: E731
     run.record(w, "native", "native files, page cache dropped", "MiB/s",
-                  *_mib(_best(lambda: multi(run.dataset.root / "multi"), reps)))
+               *_mib(_best(lambda: multi(run.dataset.root / "multi"), reps)))
     with nullfs(run) as null:
         run.record(w, "nullfs", "no-op pyfuse3 fs", "MiB/s",
-                      *_mib(_best(lambda: multi(null.path), reps)))
+                   *_mib(_best(lambda: multi(null.path), reps)))
     cache = run.fresh_cache("multi")
     with run.tiered(cache).start() as m:
         run.measure(m, w, "cold", "tieredfs cold (S3)", "MiB/s",
