@@ -94,7 +94,7 @@ def random_4k(run: Run) -> None:
         run.measure(m, w, "page_cache", "tieredfs, in page cache", "IOPS",
                     lambda: _iops(rand(m.path / "big", 0)), vs=f"{w}.native_pc")
     with run.tiered(run.fresh_cache("rand-cold")).start() as m:
-        run.measure(m, w, "cold", "tieredfs cold (S3), O_DIRECT", "IOPS",
+        run.measure(m, w, "cold", "tieredfs from cold (S3, filling tier 1), O_DIRECT", "IOPS",
                     lambda: _iops(rand(m.path / "big")), vs=f"{w}.nullfs")
 
 
