@@ -26,6 +26,7 @@ class _Process:
         self.path, self.log = path, log
         self.proc: subprocess.Popen | None = None
         self.ready_seconds = 0.0
+        self.stop_seconds = 0.0  # unmount until the daemon has exited
 
     def _spawn(self, cmd: list[str], ready) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,7 @@ class _Process:
         return 0
 
     def stop(self) -> None:
+        start = time.perf_counter()
         unmount(self.path)
         if self.proc is not None and self.proc.poll() is None:
             try:
@@ -59,6 +61,7 @@ class _Process:
                 self.proc.kill()
                 self.proc.wait()
         unmount(self.path, lazy=True)
+        self.stop_seconds = time.perf_counter() - start
 
     def __enter__(self):
         return self

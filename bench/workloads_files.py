@@ -85,15 +85,17 @@ def first_byte(run: Run) -> None:
                     lambda: _first_byte_ms(m.path, rels), vs=f"{w}.native")
 
 
-def _ready_s(start_mount, n: int) -> tuple[float, list[float], int]:
+def _ready_s(start_mount, n: int) -> tuple[float, dict, int]:
     """Best of n: seconds from spawning the daemon to a mount that answers; and peak RSS.
-    The best, like the throughput rows, because a busy machine only ever adds time."""
-    times, rss = [], 0
+    The best, like the throughput rows, because a busy machine only ever adds time.
+    Each try's ready and stop (unmount until the daemon exited) times go to the JSON."""
+    trials, rss = {"ready": [], "stop": []}, 0
     for _ in range(n):
         with start_mount() as m:
-            times.append(m.ready_seconds)
             rss = max(rss, m.peak_rss_bytes())
-    return min(times), times, rss
+        trials["ready"].append(m.ready_seconds)
+        trials["stop"].append(m.stop_seconds)
+    return min(trials["ready"]), trials, rss
 
 
 def mount_ready(run: Run) -> None:
