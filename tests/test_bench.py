@@ -76,6 +76,6 @@ def test_daemon_and_server_counts_agree_and_tiers_behave(result):
 
 def test_targets_are_reported(result):
     targets = {t["what"]: t for t in result["targets"]}
-    assert len(targets) == 8
+    assert len(targets) == 9
     assert targets["sequential read from tier 1"]["ratio"] > 0
     assert targets["cold small files, packed vs unpacked"]["met"] is None
