@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
     machine["loadavg_at_end"] = os.getloadavg()
     result = _result(args, run, endpoint, started, machine)
-    paths = report.write(result, args.out, time.strftime("%Y%m%d-%H%M%S") + f"-{args.mode}")
+    paths = report.write(result, args.out, time.strftime("%Y%m%d-%H%M%S") + f"-{report.key(result)}")
     print(report.markdown(result))
     print("\n".join(f"wrote {p}" for p in paths.values()))
     if args.update_docs:

@@ -15,6 +15,7 @@ class FioResult:
     bytes: int
     seconds: float
     iops: float
+    loops: int
 
     @property
     def mib_s(self) -> float:
@@ -25,10 +26,11 @@ def available() -> bool:
     return shutil.which("fio") is not None
 
 
-def run(job: str, **env: str | int) -> FioResult:
-    """Run bench/fio/<job>.fio with its ${VARS} from env; one (group-reported) job."""
+def run(job: str, loops: int = 1, **env: str | int) -> FioResult:
+    """Run bench/fio/<job>.fio with its ${VARS} from env; one (group-reported) job.
+    loops > 1 reads the file that many times (fio's runtime has 1 ms resolution)."""
     proc = subprocess.run(
-        ["fio", "--readonly", "--output-format=json", str(JOBS / f"{job}.fio")],
+        ["fio", "--readonly", "--output-format=json", f"--loops={loops}", str(JOBS / f"{job}.fio")],
         env={**os.environ, **{k: str(v) for k, v in env.items()}},
         capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -39,4 +41,5 @@ def run(job: str, **env: str | int) -> FioResult:
     read = job_report["read"]
     if job_report.get("error"):
         raise RuntimeError(f"fio {job}: error {job_report['error']}")
-    return FioResult(bytes=read["io_bytes"], seconds=read["runtime"] / 1000, iops=read["iops"])
+    return FioResult(bytes=read["io_bytes"], seconds=read["runtime"] / 1000, iops=read["iops"],
+                     loops=loops)

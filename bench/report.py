@@ -197,13 +197,19 @@ def write(result: dict, out_dir: Path, stem: str) -> dict[str, Path]:
     return {k: p for k, p in paths.items() if p.exists()}
 
 
+def key(result: dict) -> str:
+    """quick, full, quick+20ms: which kind of run this is."""
+    meta = result["meta"]
+    return meta["mode"] + (f"+{meta['s3_latency_ms']:g}ms" if meta["s3_latency_ms"] else "")
+
+
 def update_docs(result: dict, png: Path | None, doc: Path) -> None:
     """Replace this run's section of docs/benchmarks.md (between `<!-- bench:begin KEY -->` and
-    `<!-- bench:end KEY -->`, KEY = mode, plus +Nms with injected latency) with its table."""
+    `<!-- bench:end KEY -->`, KEY from key()) with its table and chart."""
     meta, m = result["meta"], result["meta"]["machine"]
-    key = meta["mode"] + (f"+{meta['s3_latency_ms']:g}ms" if meta["s3_latency_ms"] else "")
-    begin, end_marker = f"<!-- bench:begin {key} -->", f"<!-- bench:end {key} -->"
-    chart_name = f"benchmarks-{key}.png"
+    key_ = key(result)
+    begin, end_marker = f"<!-- bench:begin {key_} -->", f"<!-- bench:end {key_} -->"
+    chart_name = f"benchmarks-{key_}.png"
     if png is not None:
         (doc.parent / chart_name).write_bytes(png.read_bytes())
     ds = meta["dataset"]

@@ -17,7 +17,7 @@ def _best(fn, n: int, key=lambda r: r.mib_s):
 
 
 def _mib(r: fio.FioResult) -> tuple[float, dict]:
-    return r.mib_s, {"bytes": r.bytes, "seconds": r.seconds}
+    return r.mib_s, {"bytes": r.bytes, "seconds": r.seconds, "loops": r.loops}
 
 
 def _iops(r: fio.FioResult) -> tuple[float, dict]:
@@ -43,19 +43,21 @@ def filled_cache(run: Run, name: str, paths: list[str]) -> Path:
 
 def sequential(run: Run) -> None:
     w, ds, reps = "seq", run.dataset, run.mode.repeats
-    pc_reps = 3 * reps  # a page-cache read takes tens of ms: noise needs more tries
     native = ds.root / "big"
-    seq = lambda path, inv=1: fio.run("seq-read-1m", FILE=path, INVALIDATE=inv)  # noqa: E731
+    seq = lambda path, inv=1: fio.run(  # noqa: E731
+        "seq-read-1m", FILE=path, INVALIDATE=inv, loops=1 if inv else pc_loops)
+    # A page-cache read of the file takes ~10 ms: read it again and again for ~2 GiB.
+    pc_loops = max(1, min(64, (2 << 30) // ds.big_size))
     r = _best(lambda: seq(native), reps)
     run.record(w, "native", "native file, page cache dropped", "MiB/s", *_mib(r))
-    r = _best(lambda: seq(native, 0), pc_reps)
+    r = _best(lambda: seq(native, 0), reps)
     run.record(w, "native_pc", "native file, in page cache", "MiB/s", *_mib(r))
     with nullfs(run) as null:
         r = _best(lambda: seq(null.path / "big"), reps)
     run.record(w, "nullfs", "no-op pyfuse3 fs", "MiB/s", *_mib(r))
     with nullfs(run, keep_cache=True) as null:
         seq(null.path / "big")
-        r = _best(lambda: seq(null.path / "big", 0), pc_reps)
+        r = _best(lambda: seq(null.path / "big", 0), reps)
     run.record(w, "nullfs_pc", "no-op pyfuse3 fs, in page cache", "MiB/s", *_mib(r),
                vs=f"{w}.native_pc")
     best = raw_s3.best_ranged_read(run.s3_url, "big", ds.big_size, list(run.mode.boto_grid))
@@ -68,7 +70,7 @@ def sequential(run: Run) -> None:
         run.measure(m, w, "cold", "tieredfs cold (S3)", "MiB/s",
                     lambda: _mib(seq(m.path / "big")), vs=f"{w}.boto3")
         run.measure(m, w, "page_cache", "tieredfs re-read, page cache", "MiB/s",
-                    lambda: _mib(_best(lambda: seq(m.path / "big", 0), pc_reps)),
+                    lambda: _mib(_best(lambda: seq(m.path / "big", 0), reps)),
                     vs=f"{w}.native_pc")
     run.warm_caches["big"] = cache
     with run.remount_tier1(cache) as m:
