@@ -108,10 +108,21 @@ def _answers(path: Path) -> bool:
         return False
 
 
-def unmount(path: Path, lazy: bool = False) -> None:
-    if os.path.ismount(path) or str(path) in Path("/proc/mounts").read_text():
-        subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), str(path)],
-                       capture_output=True, timeout=30)
+def unmount(path: Path, lazy: bool = False, retry_for: float = 3.0) -> None:
+    """fusermount3 -u, retried: right after a mount is ready it sometimes fails with EBUSY
+    (about 1 in 50 here); without the retry the daemon keeps serving and stop() waits 20 s."""
+    deadline = time.monotonic() + retry_for
+    while _mounted(path):
+        proc = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), str(path)],
+                              capture_output=True, timeout=30)
+        if proc.returncode == 0 or lazy or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
+def _mounted(path: Path) -> bool:
+    """In /proc/mounts, which also lists a dead mount (ENOTCONN) that ismount() cannot stat."""
+    return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text().splitlines())
 
 
 def drop_file_cache(path: Path) -> None:

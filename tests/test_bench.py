@@ -14,7 +14,7 @@ EXPECTED = {
     "seq.native", "seq.native_pc", "seq.nullfs", "seq.nullfs_pc", "seq.boto3", "seq.cold",
     "seq.page_cache", "seq.tier1", "rand4k.native", "rand4k.native_pc", "rand4k.nullfs",
     "rand4k.tier1", "rand4k.page_cache", "rand4k.cold", "multi4.native", "multi4.nullfs",
-    "multi4.cold", "multi4.tier1", "small.native", "small.boto3", "small.cold",
+    "multi4.cold", "multi4.tier1", "small.native", "small.native_pc", "small.boto3", "small.cold",
     "small.page_cache", "small.tier1", "ttfb.native", "ttfb.boto3", "ttfb.cold", "ttfb.tier1",
     "mount.nullfs", "mount.empty", "mount.warm",
 }
