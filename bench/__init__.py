@@ -1,0 +1,1 @@
+"""tieredfs benchmarks: `python -m bench [--quick]`. See docs/benchmarks.md."""

@@ -1,0 +1,231 @@
+"""The run's outputs: JSON (every number), a Markdown table, a PNG bar chart, and the
+DESIGN.md targets with the measured ratio and whether each is met."""
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+_MiB = 1 << 20
+
+# DESIGN.md "Targets": (what, target, row, reference row or None, the ratio needed)
+TARGETS = [
+    ("warm re-read (page cache)", "≥ 0.95× native file", "seq.page_cache", "seq.native_pc", 0.95),
+    ("sequential read from tier 1", "≥ 0.5× native disk read", "seq.tier1", "seq.native", 0.5),
+    ("4 KiB random read IOPS from tier 1", "≥ 0.8× a no-op pyfuse3 fs", "rand4k.tier1",
+     "rand4k.nullfs", 0.8),
+    ("cold sequential read from S3", "≥ 0.8× raw parallel boto3 ranged GETs", "seq.cold",
+     "seq.boto3", 0.8),
+    ("cold small files, packed vs unpacked", "≥ 10× files/s", None, None, None),
+    ("second node with a warm shared tier", "0 S3 GETs for data", None, None, None),
+]
+_NOT_BUILT = "not measurable yet: the feature is not built"
+
+
+def machine() -> dict:
+    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal:")), "0")
+    disk = subprocess.run(["df", "-hT", "/var/tmp"], capture_output=True, text=True).stdout
+    return {"nproc": os.cpu_count(), "memory_gib": round(int(mem) / _MiB, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "cpu": _cpu_model(), "disk": disk.strip().splitlines()[-1] if disk else "",
+            "loadavg_at_start": os.getloadavg()}
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def ratios(rows: list[dict]) -> None:
+    by_id = {r["id"]: r for r in rows}
+    for r in rows:
+        ref = by_id.get(r.get("vs", ""))
+        if ref and ref["value"] and r["value"] is not None:
+            r["ratio"] = r["value"] / ref["value"]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    by_id = {r["id"]: r for r in rows}
+    out = []
+    for what, target, row_id, ref_id, need in TARGETS:
+        row, ref = by_id.get(row_id), by_id.get(ref_id)
+        if row_id is None:
+            out.append({"what": what, "target": target, "measured": _NOT_BUILT, "met": None})
+        elif row is None or ref is None or not ref["value"]:
+            out.append({"what": what, "target": target, "measured": "not run", "met": None})
+        else:
+            ratio = row["value"] / ref["value"]
+            out.append({"what": what, "target": target, "measured": f"{ratio:.2f}×" + _also(by_id, row),
+                        "ratio": ratio, "met": ratio >= need, "rows": [row_id, ref_id]})
+    out.append(_mount_target(by_id))
+    out.append(_restart_target(by_id))
+    out.append(_rss_target(rows))
+    return out
+
+
+def _restart_target(by_id: dict) -> dict:
+    row = by_id.get("restart.ready")
+    what, target = "restart with 100,000 cached blocks (issue 4)", "mount ready < 2 s"
+    if row is None or row["value"] is None:
+        return {"what": what, "target": target, "measured": "not run (full mode, or --only restart)",
+                "met": None}
+    enough = row.get("cached_blocks", 0) >= 100_000
+    return {"what": what, "target": target, "met": row["value"] < 2.0 if enough else None,
+            "measured": f"{row['value']:.2f} s with {row.get('cached_blocks', 0):,} blocks"}
+
+
+# A second reference that says whether a miss is tieredfs's or FUSE's own cost.
+_ALSO = {"seq.page_cache": ("seq.nullfs_pc", "the no-op FUSE fs in page cache"),
+         "seq.tier1": ("seq.nullfs", "the no-op FUSE fs")}
+
+
+def _also(by_id: dict, row: dict) -> str:
+    ref_id, label = _ALSO.get(row["id"], (None, ""))
+    ref = by_id.get(ref_id)
+    if not ref or not ref["value"]:
+        return ""
+    return f" ({row['value'] / ref['value']:.2f}× {label})"
+
+
+def _mount_target(by_id: dict) -> dict:
+    ids = ["mount.empty", "mount.warm", "restart.ready", "bigbucket.ready"]
+    found = [by_id[i] for i in ids if i in by_id and by_id[i]["value"] is not None]
+    what, target = "mount ready", "< 1 s, including for a bucket of 100,000 objects"
+    if not found:
+        return {"what": what, "target": target, "measured": "not run", "met": None}
+    worst = max(found, key=lambda r: r["value"])
+    text = ", ".join(f"{r['value']:.2f} s ({r['label']})" for r in found)
+    has_big = "bigbucket.ready" in [r["id"] for r in found]
+    met = worst["value"] < 1.0 if has_big else (False if worst["value"] >= 1.0 else None)
+    note = "" if has_big else "; the 100,000-object bucket runs in full mode only"
+    if "mount.nullfs" in by_id:
+        note += f"; the no-op FUSE fs in the same run: {by_id['mount.nullfs']['value']:.2f} s"
+    return {"what": what, "target": target, "measured": text + note, "met": met}
+
+
+def _rss_target(rows: list[dict]) -> dict:
+    rss = [r for r in rows if r.get("peak_rss_bytes")]
+    what, target = "daemon RSS", "< 256 MiB under load, whatever the number of open files"
+    if not rss:
+        return {"what": what, "target": target, "measured": "not run", "met": None}
+    worst = max(rss, key=lambda r: r["peak_rss_bytes"])
+    mib = worst["peak_rss_bytes"] / _MiB
+    return {"what": what, "target": target, "met": mib < 256,
+            "measured": f"peak {mib:.0f} MiB ({worst['id']}); many open files not exercised"}
+
+
+def _fmt(value, metric: str) -> str:
+    if value is None:
+        return "–"
+    if metric in ("ms", "s"):
+        return f"{value:.3g} {metric}" if value < 100 else f"{value:.0f} {metric}"
+    return f"{value:,.0f} {metric}" if value >= 100 else f"{value:.3g} {metric}"
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"Endpoint: **{meta['endpoint']}**" + (f", +{meta['s3_latency_ms']} ms per request "
+             "(delaying proxy)" if meta["s3_latency_ms"] else "") + f". Mode: {meta['mode']}, "
+             f"block size {meta['block_size']}.", "",
+             "| workload | row | result | vs | ratio | S3 GET/HEAD/LIST | S3 MiB | peak RSS | local hits |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        d = r.get("daemon")
+        reqs = f"{d['s3_get']}/{d['s3_head']}/{d['s3_list']}" if d else ""
+        s3_mib = f"{d['s3_bytes'] / _MiB:.0f}" if d else ""
+        rss = f"{r['peak_rss_bytes'] / _MiB:.0f} MiB" if r.get("peak_rss_bytes") else ""
+        hit = d["local_hit_ratio"] if d else None
+        lines.append(f"| {r['workload']} | {r['label']} | {_fmt(r['value'], r['metric'])} | "
+                     f"{r.get('vs', '')} | {_ratio(r)} | {reqs} | {s3_mib} | {rss} | "
+                     f"{'' if hit is None else f'{hit:.0%}'} |")
+    lines += ["", "| target (DESIGN.md) | wanted | measured | met |", "|---|---|---|---|"]
+    for t in result["targets"]:
+        met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
+        lines.append(f"| {t['what']} | {t['target']} | {t['measured']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(r: dict) -> str:
+    if "ratio" not in r:
+        return ""
+    return f"{r['ratio']:.2f}×"
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(w, [r for r in result["rows"] if r["workload"] == w and r["value"]])
+              for w in ("seq", "multi4", "rand4k", "small")]
+    groups = [(w, rows) for w, rows in groups if rows]
+    if not groups:
+        return
+    n_bars = sum(len(rows) for _, rows in groups)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 1.2 * len(groups) + 0.32 * n_bars),
+                             squeeze=False)
+    for ax, (w, rows) in zip(axes[:, 0], groups):
+        rows = rows[::-1]
+        values = [r["value"] for r in rows]
+        ax.barh([r["label"] for r in rows], values,
+                color=["#999999" if r["kind"] == "reference" else "#1f77b4" for r in rows])
+        ax.set_xscale("log")
+        ax.set_xlim(min(values) / 3, max(values) * 4)  # room for the value labels
+        for y, v in enumerate(values):
+            ax.text(v * 1.08, y, f"{v:,.0f}", va="center", fontsize=7)
+        ax.set_title(f"{w}: {rows[0]['metric']} (log scale; grey = reference rows)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    meta = result["meta"]
+    fig.suptitle(f"tieredfs bench, {meta['mode']} mode, {meta['endpoint_kind']}"
+                 + (f" +{meta['s3_latency_ms']} ms" if meta["s3_latency_ms"] else ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, out_dir: Path, stem: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md",
+             "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown(result))
+    chart(result, paths["png"])
+    return {k: p for k, p in paths.items() if p.exists()}
+
+
+def key(result: dict) -> str:
+    """quick, full, quick+20ms: which kind of run this is."""
+    meta = result["meta"]
+    return meta["mode"] + (f"+{meta['s3_latency_ms']:g}ms" if meta["s3_latency_ms"] else "")
+
+
+def update_docs(result: dict, png: Path | None, doc: Path) -> None:
+    """Replace this run's section of docs/benchmarks.md (between `<!-- bench:begin KEY -->` and
+    `<!-- bench:end KEY -->`, KEY from key()) with its table and chart."""
+    meta, m = result["meta"], result["meta"]["machine"]
+    key_ = key(result)
+    begin, end_marker = f"<!-- bench:begin {key_} -->", f"<!-- bench:end {key_} -->"
+    chart_name = f"benchmarks-{key_}.png"
+    if png is not None:
+        (doc.parent / chart_name).write_bytes(png.read_bytes())
+    ds = meta["dataset"]
+    body = "\n".join([
+        begin,
+        f"Command: `{meta['command']}` ({meta['seconds']:.0f} s), {meta['started']}, git {meta['git']}.",
+        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB RAM, kernel {m['kernel']}, "
+        f"disk `{m['disk']}`, load average {m['loadavg_at_start'][0]:.1f} at start, "
+        f"{m['loadavg_at_end'][0]:.1f} at the end (other work on the machine makes numbers noisy).",
+        f"Dataset: big file {ds['big'] >> 20} MiB, 4 × {ds['multi_each'] >> 20} MiB, "
+        f"{ds['small_files']} small files ({ds['small_bytes'] >> 20} MiB).", "",
+        markdown(result),
+        f"![throughput vs reference rows]({chart_name})" if png is not None else "",
+        end_marker])
+    text = doc.read_text()
+    if begin not in text or end_marker not in text:
+        raise ValueError(f"{doc} has no {begin} ... {end_marker} section to update")
+    start, end = text.index(begin), text.index(end_marker) + len(end_marker)
+    doc.write_text(text[:start] + body + text[end:])

@@ -1,0 +1,120 @@
+"""Workloads read through fio (bench/fio/*.fio): sequential, 4 KiB random, four readers.
+
+Each has its reference rows (native file, no-op FUSE, raw boto3) measured here, in the
+same run, and tieredfs cold (empty cache, new daemon), from tier 1 (new daemon, block
+files' pages dropped) and from the page cache (re-read on the same mount).
+"""
+
+from pathlib import Path
+
+from . import fio, raw_s3
+from .context import Run
+from .mounts import NullMount
+
+
+def _best(fn, n: int, key=lambda r: r.mib_s):
+    return max((fn() for _ in range(n)), key=key)
+
+
+def _mib(r: fio.FioResult) -> tuple[float, dict]:
+    return r.mib_s, {"bytes": r.bytes, "seconds": r.seconds, "loops": r.loops}
+
+
+def _iops(r: fio.FioResult) -> tuple[float, dict]:
+    return r.iops, {"bytes": r.bytes, "seconds": r.seconds}
+
+
+def nullfs(run: Run, keep_cache: bool = False) -> NullMount:
+    path, log = run.null_path()
+    files = {"big": run.dataset.big_size, **{f"part{i}": run.dataset.multi_size for i in range(4)}}
+    return NullMount(path, files, log, keep_cache).start()
+
+
+def filled_cache(run: Run, name: str, paths: list[str]) -> Path:
+    """A cache dir holding `paths` whole (made by one cold read unless a workload did it)."""
+    if name not in run.warm_caches:
+        cache = run.fresh_cache(name)
+        with run.tiered(cache).start() as m:
+            for p in paths:
+                fio.run("seq-read-1m", FILE=m.path / p, INVALIDATE=1)
+        run.warm_caches[name] = cache
+    return run.warm_caches[name]
+
+
+def sequential(run: Run) -> None:
+    w, ds, reps = "seq", run.dataset, run.mode.repeats
+    native = ds.root / "big"
+    seq = lambda path, inv=1: fio.run(  # noqa: E731
+        "seq-read-1m", FILE=path, INVALIDATE=inv, loops=1 if inv else pc_loops)
+    # A page-cache read of the file takes ~10 ms: read it again and again for ~2 GiB.
+    pc_loops = max(1, min(64, (2 << 30) // ds.big_size))
+    r = _best(lambda: seq(native), reps)
+    run.record(w, "native", "native file, page cache dropped", "MiB/s", *_mib(r))
+    r = _best(lambda: seq(native, 0), reps)
+    run.record(w, "native_pc", "native file, in page cache", "MiB/s", *_mib(r))
+    with nullfs(run) as null:
+        r = _best(lambda: seq(null.path / "big"), reps)
+    run.record(w, "nullfs", "no-op pyfuse3 fs", "MiB/s", *_mib(r))
+    with nullfs(run, keep_cache=True) as null:
+        seq(null.path / "big")
+        r = _best(lambda: seq(null.path / "big", 0), reps)
+    run.record(w, "nullfs_pc", "no-op pyfuse3 fs, in page cache", "MiB/s", *_mib(r),
+               vs=f"{w}.native_pc")
+    best = raw_s3.best_ranged_read(run.s3_url, "big", ds.big_size, list(run.mode.boto_grid))
+    run.record(w, "boto3", f"boto3 ranged GETs, {best['threads']} threads x "
+               f"{best['chunk'] >> 20} MiB (best)", "MiB/s", best["mib_s"],
+               bytes=best["bytes"], seconds=best["seconds"], trials=best["trials"])
+
+    cache = run.fresh_cache("big")
+    with run.tiered(cache).start() as m:
+        run.measure(m, w, "cold", "tieredfs cold (S3)", "MiB/s",
+                    lambda: _mib(seq(m.path / "big")), vs=f"{w}.boto3")
+        run.measure(m, w, "page_cache", "tieredfs re-read, page cache", "MiB/s",
+                    lambda: _mib(_best(lambda: seq(m.path / "big", 0), reps)),
+                    vs=f"{w}.native_pc")
+    run.warm_caches["big"] = cache
+    with run.remount_tier1(cache) as m:
+        run.measure(m, w, "tier1", "tieredfs tier 1 (page cache dropped)", "MiB/s",
+                    lambda: _mib(seq(m.path / "big")), vs=f"{w}.native")
+
+
+def random_4k(run: Run) -> None:
+    w, ds, t = "rand4k", run.dataset, run.mode.fio_runtime
+    rand = lambda path, direct=1: fio.run(  # noqa: E731
+        "randread-4k", FILE=path, DIRECT=direct, INVALIDATE=direct, RUNTIME=t)
+    native = ds.root / "big"
+    run.record(w, "native", "native file, O_DIRECT (disk)", "IOPS", *_iops(rand(native)))
+    fio.run("seq-read-1m", FILE=native, INVALIDATE=0)
+    run.record(w, "native_pc", "native file, in page cache", "IOPS", *_iops(rand(native, 0)))
+    with nullfs(run) as null:
+        run.record(w, "nullfs", "no-op pyfuse3 fs, O_DIRECT", "IOPS",
+                   *_iops(rand(null.path / "big")))
+
+    cache = filled_cache(run, "big", ["big"])
+    with run.remount_tier1(cache) as m:
+        run.measure(m, w, "tier1", "tieredfs tier 1, O_DIRECT", "IOPS",
+                    lambda: _iops(rand(m.path / "big")), vs=f"{w}.nullfs")
+        fio.run("seq-read-1m", FILE=m.path / "big", INVALIDATE=0)
+        run.measure(m, w, "page_cache", "tieredfs, in page cache", "IOPS",
+                    lambda: _iops(rand(m.path / "big", 0)), vs=f"{w}.native_pc")
+    with run.tiered(run.fresh_cache("rand-cold")).start() as m:
+        run.measure(m, w, "cold", "tieredfs from cold (S3, filling tier 1), O_DIRECT", "IOPS",
+                    lambda: _iops(rand(m.path / "big")), vs=f"{w}.nullfs")
+
+
+def multi_reader(run: Run) -> None:
+    w, reps = "multi4", run.mode.repeats
+    multi = lambda d: fio.run("multi-seq-4jobs", DIR=d, INVALIDATE=1)  # noqa: E731
+    run.record(w, "native", "native files, page cache dropped", "MiB/s",
+               *_mib(_best(lambda: multi(run.dataset.root / "multi"), reps)))
+    with nullfs(run) as null:
+        run.record(w, "nullfs", "no-op pyfuse3 fs", "MiB/s",
+                   *_mib(_best(lambda: multi(null.path), reps)))
+    cache = run.fresh_cache("multi")
+    with run.tiered(cache).start() as m:
+        run.measure(m, w, "cold", "tieredfs cold (S3)", "MiB/s",
+                    lambda: _mib(multi(m.path / "multi")), vs="seq.boto3")
+    with run.remount_tier1(cache) as m:
+        run.measure(m, w, "tier1", "tieredfs tier 1 (page cache dropped)", "MiB/s",
+                    lambda: _mib(multi(m.path / "multi")), vs=f"{w}.native")
+

@@ -1,0 +1,81 @@
+"""The bench in its tiny mode, so it does not rot: it must run end to end against moto
+(the endpoint that counts requests on the server side) and produce sane rows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(150)
+EXPECTED = {
+    "seq.native", "seq.native_pc", "seq.nullfs", "seq.nullfs_pc", "seq.boto3", "seq.cold",
+    "seq.page_cache", "seq.tier1", "rand4k.native", "rand4k.native_pc", "rand4k.nullfs",
+    "rand4k.tier1", "rand4k.page_cache", "rand4k.cold", "multi4.native", "multi4.nullfs",
+    "multi4.cold", "multi4.tier1", "small.native", "small.native_pc", "small.boto3", "small.cold",
+    "small.page_cache", "small.tier1", "ttfb.native", "ttfb.boto3", "ttfb.cold", "ttfb.tier1",
+    "mount.nullfs", "mount.empty", "mount.warm",
+}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    if subprocess.run(["which", "fio"], capture_output=True).returncode != 0:
+        pytest.skip("fio is not installed")
+    out = tmp_path_factory.mktemp("bench-results")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--server", "moto",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_path,) = out.glob("*.json")
+    assert json_path.with_suffix(".md").read_text().startswith("Endpoint: **moto")
+    assert json_path.with_suffix(".png").stat().st_size > 1000
+    return json.loads(json_path.read_text())
+
+
+def rows(result) -> dict:
+    return {r["id"]: r for r in result["rows"]}
+
+
+def test_every_row_is_there_with_a_positive_value(result):
+    by_id = rows(result)
+    assert EXPECTED <= set(by_id)
+    for row_id in EXPECTED:
+        assert by_id[row_id]["value"] > 0, row_id
+    assert result["meta"]["machine"]["nproc"] >= 1
+    assert result["meta"]["endpoint_kind"] == "moto"
+
+
+def test_reads_cover_exactly_the_dataset(result):
+    by_id, ds = rows(result), result["meta"]["dataset"]
+    for row_id in ("seq.native", "seq.nullfs", "seq.cold", "seq.tier1", "seq.page_cache"):
+        assert by_id[row_id]["bytes"] == ds["big"] * by_id[row_id]["loops"], row_id
+    for row_id in ("multi4.native", "multi4.cold", "multi4.tier1"):
+        assert by_id[row_id]["bytes"] == 4 * ds["multi_each"], row_id
+    for row_id in ("small.native", "small.boto3", "small.cold", "small.tier1"):
+        assert by_id[row_id]["bytes"] == ds["small_bytes"], row_id
+        assert by_id[row_id].get("files", ds["small_files"]) == ds["small_files"]
+
+
+def test_daemon_and_server_counts_agree_and_tiers_behave(result):
+    by_id, ds = rows(result), result["meta"]["dataset"]
+    cold = by_id["seq.cold"]
+    assert cold["daemon"]["s3_bytes"] == ds["big"]
+    assert cold["server"]["GET"] == cold["daemon"]["s3_get"] > 0
+    assert cold["server"]["GET_BYTES"] == ds["big"]
+    for row_id in ("seq.tier1", "seq.page_cache", "rand4k.tier1", "small.tier1", "ttfb.tier1"):
+        assert by_id[row_id]["daemon"]["s3_get"] == 0, row_id
+        assert by_id[row_id]["server"]["GET"] == 0, row_id
+    assert by_id["seq.tier1"]["daemon"]["local_hit_ratio"] == 1.0
+    assert by_id["small.cold"]["daemon"]["s3_get"] == ds["small_files"]
+    for row in by_id.values():
+        if row["kind"] == "tieredfs":
+            assert 10 << 20 < row["peak_rss_bytes"] < 2 << 30, row["id"]
+
+
+def test_targets_are_reported(result):
+    targets = {t["what"]: t for t in result["targets"]}
+    assert len(targets) == 9
+    assert targets["sequential read from tier 1"]["ratio"] > 0
+    assert targets["cold small files, packed vs unpacked"]["met"] is None
