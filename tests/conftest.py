@@ -119,9 +119,15 @@ class Mount:
 
 
 def unmount(path: Path, lazy: bool = False) -> None:
-    if os.path.ismount(path) or _is_dead_mount(path):
-        subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), str(path)],
-                       capture_output=True, timeout=30)
+    # Right after a mount, fusermount3 -u now and then finds it busy for a moment: retry briefly.
+    for _ in range(10):
+        if not (os.path.ismount(path) or _is_dead_mount(path)):
+            return
+        done = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), str(path)],
+                              capture_output=True, timeout=30)
+        if done.returncode == 0:
+            return
+        time.sleep(0.2)
 
 
 def _is_dead_mount(path: Path) -> bool:

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -152,10 +153,16 @@ def mount(url, mountpoint, options, config_file, foreground, **settings):
 def umount(mountpoint, lazy):
     """Unmount MOUNTPOINT (also a mount whose daemon died)."""
     cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise MountError("fusermount3 not found: install the fuse3 package") from None
+    for attempt in range(5):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            raise MountError("fusermount3 not found: install the fuse3 package") from None
+        # Measured in bench/: about 1 in 50 unmounts right after a mount is ready gets a
+        # passing EBUSY; only one that lasts is the user's open files.
+        if proc.returncode == 0 or "busy" not in proc.stderr.lower():
+            break
+        time.sleep(0.2)
     if proc.returncode != 0:
         why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unknown reason"
         hint = " (files are open: close them or use --lazy)" if "busy" in why.lower() else ""

@@ -68,7 +68,7 @@ class TierChain:
         for tier in self.upper:
             part = tier.get_part(ref, lo, hi)
             if part is not None:
-                self.counters.add(f"hits.{tier.name}")
+                self._served(tier.name, len(part))
                 return part
         return None
 
@@ -107,7 +107,7 @@ class TierChain:
         for _, ref, flight in owned:
             data = self.filler.pending(ref)
             if data is not None:
-                self.counters.add("hits.fill_queue")
+                self._served("fill_queue", len(data))
                 flight.data = data
                 flight.done.set()
             else:
@@ -136,7 +136,7 @@ class TierChain:
             for tier in self.upper:
                 data = tier.get(ref)
                 if data is not None:
-                    self.counters.add(f"hits.{tier.name}")
+                    self._served(tier.name, len(data))
                     break
             found.append(data)
         return found
@@ -151,6 +151,7 @@ class TierChain:
                 flight.done.set()
             return
         self.counters.add("hits.s3", len(refs))
+        self.counters.add("bytes.s3", sum(len(d) for d in datas))
         for (ref, flight), data in zip(span, datas):
             flight.data = data
             flight.done.set()
@@ -160,6 +161,11 @@ class TierChain:
     def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
         """Worker thread: consecutive blocks in one ranged GET."""
         return self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
+
+    def _served(self, source: str, nbytes: int) -> None:
+        """hits.* count block lookups; bytes.* what each source delivered (a part or a block)."""
+        self.counters.add(f"hits.{source}")
+        self.counters.add(f"bytes.{source}", nbytes)
 
     def stats(self) -> dict[str, int]:
         return self.counters.snapshot()
