@@ -74,13 +74,13 @@ class Config:
 
     # Readahead (docs/readahead.md).
     readahead_max: int = 64 * MiB  # largest window one file keeps fetched ahead of its reader
-    readahead_budget: int = 128 * MiB  # prefetch bytes in flight or buffered, all files together
+    readahead_budget: int = 96 * MiB  # prefetch bytes in flight or buffered, all files together
     request_size: int = 8 * MiB  # bytes per prefetch GET (several blocks in one request)
     small_file_threshold: int = 1 * MiB  # objects up to this size are fetched whole on first read
     kernel_readahead: int = 4 * MiB  # the kernel's own readahead on the mount (needs root)
     dir_prefetch: int = 8  # small files fetched ahead when a directory is read in order; 0 = off
     cache_write_queue: int = 32 * MiB  # fetched blocks waiting to be written to the cache
-    cache_fill_wait: float = 2.0  # seconds a fetch may wait for that queue; 0 = cache best effort
+    cache_fill_wait: float = 2.0  # seconds without any cache write finishing = a stalled disk
 
     # Mount.
     uid: int = field(default_factory=os.getuid)

@@ -4,7 +4,7 @@ Measured on a cold 512 MiB read (docs/readahead.md): with glibc's defaults each 
 body is a fresh mmap, so every byte costs a page fault and a zeroed page, and each worker
 thread grows an arena of its own that is rarely given back (peak RSS ~310 MiB). Keeping
 buffers below 32 MiB in the heap and capping arenas at 2 brought the peak to ~230 MiB and
-cut the daemon's system time. The heap still returns free memory beyond 64 MiB.
+cut the daemon's system time. The heap still returns free memory beyond 16 MiB.
 """
 
 import ctypes
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-_SETTINGS = ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
+_SETTINGS = ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 16 << 20))
 
 
 def tune_malloc() -> None:

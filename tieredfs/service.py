@@ -185,26 +185,30 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
     except RuntimeError as e:
         raise MountError(f"cannot mount on {c.mountpoint}: {e}") from None
     session = _Session()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
-            engine.start(nursery)
-            nursery.start_soon(daemon.filler.run)
-            # Ready only once the mount answers a request.
-            await trio.to_thread.run_sync(os.stat, c.mountpoint)
-            if c.kernel_readahead:
-                _tune_kernel_readahead(c.mountpoint, c.kernel_readahead)
-            log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
-                     c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
-            on_ready()
-            if daemon.local:
-                nursery.start_soon(_sweep_orphans, daemon.local)
-    finally:
-        fuse_ops.close(unmount=not session.ended_by_kernel)
-        log.info("event=unmounted mountpoint=%s", c.mountpoint)
-        with trio.move_on_after(_FLUSH_SECONDS, shield=True):
-            await daemon.filler.flush()
+    # The cache writers outlive the mount's other tasks: blocks fetched for a reader up to the
+    # unmount are still written, so a clean restart finds everything that was read.
+    async with trio.open_nursery() as writers:
+        writers.start_soon(daemon.filler.run)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
+                engine.start(nursery)
+                # Ready only once the mount answers a request.
+                await trio.to_thread.run_sync(os.stat, c.mountpoint)
+                if c.kernel_readahead:
+                    _tune_kernel_readahead(c.mountpoint, c.kernel_readahead)
+                log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
+                         c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
+                on_ready()
+                if daemon.local:
+                    nursery.start_soon(_sweep_orphans, daemon.local)
+        finally:
+            fuse_ops.close(unmount=not session.ended_by_kernel)
+            log.info("event=unmounted mountpoint=%s", c.mountpoint)
+            with trio.move_on_after(_FLUSH_SECONDS, shield=True):
+                await daemon.filler.flush()
+            writers.cancel_scope.cancel()
 
 
 def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:

@@ -155,8 +155,12 @@ class TierChain:
         for (ref, flight), data in zip(span, datas):
             flight.data = data
             flight.done.set()
-        for ref, data in zip(refs, datas):
-            await self.filler.offer(ref, data)  # backpressure from a slow cache disk
+        # Backpressure from a slow cache disk. Shielded: a fetch whose reader has gone (a
+        # cancelled prefetch, an unmount) still hands its blocks to the cache; the wait is
+        # bounded by the filler's stall detection.
+        with trio.CancelScope(shield=True):
+            for ref, data in zip(refs, datas):
+                await self.filler.offer(ref, data)
 
     def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
         """Worker thread: consecutive blocks in one ranged GET."""

@@ -6,11 +6,12 @@ loopback S3. Blocks wait in a bounded queue (`max_bytes`) and are written by a f
 background tasks; while queued they are served from the queue, so a re-read does not go
 back to S3.
 
-When the queue is full, a fetch waits up to `max_wait` seconds for room (backpressure:
-by default everything read gets cached, at the disk's speed if the disk is the slower),
-then gives up on caching that block (`fill_skipped`). After such a time-out the filler
-stops waiting for a while, so a stalled cache disk costs reads at most one wait, not one
-per block. `max_wait=0` never waits: reads at network speed, caching best effort.
+When the queue is full, a fetch waits for room (backpressure: by default everything read
+gets cached, at the disk's speed if the disk is the slower). Only when no write at all
+finishes within `max_wait` seconds is the disk taken as stalled: the block is not cached
+(`fill_skipped`) and the filler stops waiting for a while, so a stalled cache disk costs
+reads at most one wait, not one per block. `max_wait=0` never waits: reads at network
+speed, caching best effort.
 
 On unmount the queue is flushed for a bounded time, so a clean restart finds what was read.
 """
@@ -64,9 +65,15 @@ class Filler:
         if trio.current_time() < self._no_wait_until:
             return False
         self.counters.add("fill_waits")
-        with trio.move_on_after(self.max_wait):
-            while self._bytes + n > self.max_bytes:
+        while self._bytes + n > self.max_bytes:
+            # Many fetches may wait at once and each write frees room for few of them, so
+            # one fetch's wait says nothing; a disk that finishes no write at all in
+            # `max_wait` is stalled.
+            with trio.move_on_after(self.max_wait) as waited:
                 await self._room.wait()
+            if waited.cancelled_caught:
+                break
+        else:
             return True
         self._no_wait_until = trio.current_time() + _CONGESTED_SECONDS
         self.counters.add("fill_congested")
