@@ -40,12 +40,28 @@ def clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TieredError as e:
-            click.echo(f"tieredfs: error: {e}", err=True)
-            sys.exit(2 if isinstance(e, ConfigError) else 1)
+            _fail(e)
+        except BaseExceptionGroup as group:
+            # Raised inside the mount's nursery, an expected failure arrives wrapped by trio.
+            expected, rest = group.split(TieredError)
+            if rest is not None:
+                raise
+            _fail(_first_leaf(expected))
         except KeyboardInterrupt:
             sys.exit(130)
 
     return wrapper
+
+
+def _fail(e: TieredError) -> None:
+    click.echo(f"tieredfs: error: {e}", err=True)
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 class _OneLineGroup(click.Group):
