@@ -53,6 +53,8 @@ class Filler:
         if not await self._wait_for_room(len(data)):
             self.counters.add("fill_skipped")
             return
+        if ref.id in self._queue or ref.id in self._writing:
+            return  # queued by another fetch while this one waited
         # A view would keep its whole multi-block GET body alive while queued: copy it.
         self._queue[ref.id] = (ref, bytes(data))
         self._bytes += len(data)
@@ -62,8 +64,8 @@ class Filler:
     async def _wait_for_room(self, n: int) -> bool:
         if self._bytes + n <= self.max_bytes:
             return True
-        if trio.current_time() < self._no_wait_until:
-            return False
+        if self.max_wait == 0 or trio.current_time() < self._no_wait_until:
+            return False  # best-effort caching chosen, or the disk was found stalled lately
         self.counters.add("fill_waits")
         while self._bytes + n > self.max_bytes:
             # Many fetches may wait at once and each write frees room for few of them, so
