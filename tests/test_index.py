@@ -29,7 +29,7 @@ def fill(index, block_ids, capacity, hits=None):
     evicted = []
     for b in block_ids:
         evicted += index.make_room(BS, capacity, hits or {})
-        index.insert(b, BS, 0)
+        index.insert(b, BS, b"")
     return evicted
 
 

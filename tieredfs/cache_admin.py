@@ -10,11 +10,9 @@ import shutil
 import time
 from pathlib import Path
 
-import xxhash
-
 from .errors import CacheError, CacheLocked
 from .index import BlockIndex
-from .tiers.local import CacheDir
+from .tiers.local import CacheDir, chunk_sums
 
 _MAP_SIZE = 1 << 30
 
@@ -77,7 +75,7 @@ def check(path: Path, drop: bool) -> dict:
             except OSError:
                 bad.append(block_id)
                 continue
-            if len(data) != entry.length or xxhash.xxh3_64_intdigest(data) != entry.checksum:
+            if len(data) != entry.length or chunk_sums(data) != entry.chunk_sums:
                 bad.append(block_id)
         if drop and bad:
             index.remove(bad)

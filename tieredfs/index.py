@@ -1,8 +1,8 @@
 """The LMDB index of the local block cache (the only module that imports lmdb).
 
-Per block: length, xxh3-64 checksum of the block and of each 64 KiB chunk (so a small
-read verifies only what it reads), eviction queue and position, access frequency,
-insert and last-access times. Eviction is S3-FIFO (docs/cache.md): new blocks enter a
+Per block: length, the xxh3-64 checksum of each 64 KiB chunk (so a small read verifies
+only what it reads, a whole-block read all of them), eviction queue and position,
+access frequency, insert and last-access times. Eviction is S3-FIFO (docs/cache.md): new blocks enter a
 small FIFO; only blocks read again while there move to the main FIFO, so one big
 scan passes through the small queue without flushing the hot set.
 
@@ -26,7 +26,7 @@ SMALL, MAIN = 0, 1
 SMALL_SHARE = 0.10  # the small queue's share of the capacity, as in the S3-FIFO paper
 MAX_FREQ = 3
 
-_ENTRY = struct.Struct("<IQBQBdd")  # length, checksum, queue, seq, freq, inserted, last_access
+_ENTRY = struct.Struct("<IBQBdd")  # length, queue, seq, freq, inserted, last_access; then chunk sums
 _ORDER = struct.Struct(">BQ")  # queue, seq: big-endian so keys sort in FIFO order
 _U64 = struct.Struct("<Q")
 _SEQ = struct.Struct(">Q")  # ghost order keys: big-endian to sort oldest first
@@ -36,7 +36,6 @@ FORMAT = b"2"  # 2: entries carry chunk checksums; an index of another format st
 @dataclass
 class Entry:
     length: int
-    checksum: int
     queue: int
     seq: int
     freq: int
@@ -45,7 +44,7 @@ class Entry:
     chunk_sums: bytes = b""  # xxh3-64 digests of the block's CHUNK-sized pieces, concatenated
 
     def pack(self) -> bytes:
-        return _ENTRY.pack(self.length, self.checksum, self.queue, self.seq, self.freq,
+        return _ENTRY.pack(self.length, self.queue, self.seq, self.freq,
                            self.inserted, self.last_access) + self.chunk_sums
 
 
@@ -125,7 +124,7 @@ class BlockIndex:
                 evicted.append(victim)
         return evicted
 
-    def insert(self, block_id: bytes, length: int, checksum: int, chunk_sums: bytes = b"") -> None:
+    def insert(self, block_id: bytes, length: int, chunk_sums: bytes) -> None:
         now = time.time()
         with self.env.begin(write=True) as txn:
             self._delete(txn, block_id)
@@ -133,7 +132,7 @@ class BlockIndex:
             if was_ghost is not None:
                 txn.delete(was_ghost, db=self._ghost_order)
             queue = MAIN if was_ghost is not None else SMALL
-            self._append(txn, block_id, Entry(length, checksum, queue, 0, 0, now, now, chunk_sums))
+            self._append(txn, block_id, Entry(length, queue, 0, 0, now, now, chunk_sums))
 
     def remove(self, block_ids: list[bytes]) -> None:
         with self.env.begin(write=True) as txn:

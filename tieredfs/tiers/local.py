@@ -3,7 +3,7 @@
 Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/cd/<32-hex id>.
 Write order is data file (temp + rename) then index entry, so a crash leaves at most
 an orphan file, swept later in the background. Every read is verified against the
-checksums in the index (of the whole block, or of the 64 KiB chunks a small read
+checksums in the index (one per 64 KiB chunk: a small read checks only the chunks it
 covers); a bad block is dropped and reported as a miss.
 
 The capacity is enforced on insert: room is made (evicting) and reserved before the
@@ -153,7 +153,7 @@ class LocalTier:
             return self._drop(block_id, f"unreadable: {e.strerror}")
         if len(data) != entry.length or len(data) != ref.length:
             return self._drop(block_id, f"length {len(data)} != {entry.length}")
-        if xxhash.xxh3_64_intdigest(data) != entry.checksum:
+        if chunk_sums(data) != entry.chunk_sums:
             return self._drop(block_id, "checksum mismatch")
         self._hit(block_id, len(data))
         return data
@@ -162,7 +162,7 @@ class LocalTier:
         """Bytes [lo, hi) of the block, reading and verifying only the chunks they lie in."""
         block_id = bytes.fromhex(ref.id)
         entry = self.index.lookup(block_id)
-        if entry is None or not entry.chunk_sums or entry.length != ref.length:
+        if entry is None or entry.length != ref.length:
             return None  # the caller reads the whole block
         first, last = lo // CHUNK, (hi - 1) // CHUNK
         start = first * CHUNK
@@ -196,7 +196,7 @@ class LocalTier:
                 return
             try:
                 self._write_file(hex_id, data)
-                self.index.insert(block_id, len(data), xxhash.xxh3_64_intdigest(data), chunk_sums(data))
+                self.index.insert(block_id, len(data), chunk_sums(data))
                 self._note_use(block_id, time.monotonic())
                 self.counters.add("fills")
                 self.counters.add("fill_bytes", len(data))
