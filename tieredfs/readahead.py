@@ -35,6 +35,9 @@ from .tiers.chain import TierChain
 log = logging.getLogger(__name__)
 
 _REMEMBERED_OBJECTS = 4096  # objects prefetched by directory walks, not yet opened
+# A read starting within this many of its own sizes of the last one's end is sequential
+# even before a window is open.
+_SEQUENTIAL_SLACK = 4
 
 
 class MemoryBudget:
@@ -64,6 +67,7 @@ class Stream:
     obj: ObjectVersion
     blocks: int
     next_index: int = 0  # the block after the furthest one read
+    last_end: int = 0  # byte offset where the furthest sequential read ended
     window: int = 0  # blocks to keep fetched ahead of next_index
     issued: int = 0  # prefetch has been issued for blocks below this
     held: int = 0  # budget bytes this stream holds (in flight + buffered)
@@ -116,7 +120,7 @@ class ReadaheadEngine:
 
     async def read(self, f, refs: list[BlockRef], offset: int, size: int) -> bytes | memoryview:
         st: Stream = f.stream
-        start = self._follow(st, refs[0].index, refs[-1].index)
+        start = self._follow(st, offset, offset + size, refs[0].index, refs[-1].index)
         small = st.obj.size <= self.s.small_object
         if st.window and not small:
             # Issued before the demand fetch, so a cold demand block rides in a whole request
@@ -131,26 +135,30 @@ class ReadaheadEngine:
 
     # --- access pattern ------------------------------------------------------------------------
 
-    def _follow(self, st: Stream, first: int, last: int) -> int:
+    def _follow(self, st: Stream, offset: int, end: int, first: int, last: int) -> int:
         """Update the window from where this read falls; return where prefetch may start.
 
-        The kernel's own readahead sends several reads at once and they arrive out of order:
-        a read a little ahead of or behind the last one is still sequential, and the blocks
-        it skipped are prefetched with it rather than left to single-block demand reads.
+        A read is sequential if it starts near where the last one ended: within the open
+        window, or within a few of its own sizes. The kernel's own readahead sends several
+        reads at once and they arrive out of order, so a read a little ahead of or behind is
+        still sequential, and the blocks it skipped are prefetched with it. Judged in bytes,
+        not blocks: two random 4 KiB reads that land in one block are not a stream.
         """
-        near = st.next_index - max(2, st.window) <= first <= st.next_index + max(2, st.window)
-        if near:
+        reach = max(st.window * self.s.block_size, _SEQUENTIAL_SLACK * (end - offset))
+        if abs(offset - st.last_end) <= reach:
             start = min(first, st.next_index)
             if last >= st.next_index:
                 st.window = min(self.s.max_window, max(self.s.min_window, st.window * 2))
                 self.counters.max("window_peak_blocks", st.window)
                 self._sequential.add(id(st))
             st.next_index = max(st.next_index, last + 1)
+            st.last_end = max(st.last_end, end)
             return start
         self.counters.add("random_reads")
         st.window = 0
         self._sequential.discard(id(st))
         st.next_index = st.issued = last + 1
+        st.last_end = end
         st.position += 1
         self._drop(st, set(st.buffered))
         return first
