@@ -236,7 +236,7 @@ def test_a_trickling_body_is_cut_at_the_deadline(bucket, put, mount_factory, pro
     finally:
         os.close(fd)
     assert isinstance(got, OSError) and got.errno == errno.EIO, got
-    # The kernel retries a failed read once; each try may overrun by one 16 KiB body chunk.
+    # The kernel retries a failed read once; each try may overrun by one socket read (< 16 KiB).
     assert seconds < 2 * (deadline + 16 * K / rate) + 2
     assert s3_stats(mnt)["s3.slow_bodies"] >= 1
     record("3c trickling body (8 KiB/s)", eio_after_s=seconds, read_deadline_s=deadline,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.response
 import urllib3.exceptions
 
 from ..blocks import BlockRef, ObjectVersion
@@ -44,9 +45,26 @@ _RETRYABLE_CODES = {
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
                "InvalidToken"}
-_BODY_CHUNK = 16 * 1024  # a body being received is checked against the deadline this often
+# A body is checked against the deadline after every socket read (at most _BODY_PIECE bytes),
+# or, for a body that can only be read in fixed amounts, every _BODY_CHUNK bytes.
+_BODY_PIECE = 1024 * 1024
+_BODY_CHUNK = 16 * 1024
 _MD5_HEX = frozenset("0123456789abcdef")
 _TRANSIENT = (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
+
+
+def _body_reader(body) -> tuple:
+    """(read(n), the n to ask for) for a response body.
+
+    A plain body is read from urllib3 with read1, one socket read at a time: half the CPU of
+    fixed-size reads and never waiting for more bytes than have arrived (bench/: 0.45 against
+    1.0 ms of CPU per MiB received). A body botocore wraps to verify a checksum is read
+    through that wrapper, so the check still runs.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    if type(body) is botocore.response.StreamingBody and hasattr(raw, "read1"):
+        return raw.read1, _BODY_PIECE
+    return body.read, _BODY_CHUNK
 
 
 class _Retry(Exception):
@@ -169,18 +187,18 @@ class S3Backend:
         Read into one buffer of the expected length: a list of pieces joined at the end held
         every body twice (bench/: peak RSS of a cold read ~250 MiB -> see docs/benchmarks.md).
         """
+        read, most = _body_reader(body)
         buf = bytearray(length)
         view, pos = memoryview(buf), 0
-        while chunk := body.read(_BODY_CHUNK):
-            end = pos + len(chunk)
-            if end > length:
-                self.counters.add("short_bodies")  # too long: not the range asked for
-                raise _Retry(f"asked {length} bytes, got more")
-            view[pos:end] = chunk
-            pos = end
+        while pos < length and (chunk := read(min(most, length - pos))):
+            view[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
             if time.monotonic() > stop_at:
                 self.counters.add("slow_bodies")
                 raise _Retry(f"body still arriving at the deadline ({pos} bytes)")
+        if pos == length and read(1):
+            self.counters.add("short_bodies")  # too long: not the range asked for
+            raise _Retry(f"asked {length} bytes, got more")
         del view
         if pos != length:
             del buf[pos:]
