@@ -29,6 +29,18 @@ def block_files(cache_dir):
     return [p for p in (cache_dir / "blocks").rglob("*") if p.is_file()]
 
 
+def daemon_block_files(m) -> list[str]:
+    """The block files the daemon has open, as /proc shows them."""
+    fds = f"/proc/{m.pid}/fd"
+    targets = []
+    for fd in os.listdir(fds):
+        try:
+            targets.append(os.readlink(f"{fds}/{fd}"))
+        except FileNotFoundError:
+            pass
+    return [t for t in targets if t.startswith(str(m.cache_dir / "blocks"))]
+
+
 @pytest.fixture
 def dataset(put):
     return {f"d/f{i}.bin": put(f"d/f{i}.bin", os.urandom(3 * BS + 100 * i)) for i in range(4)}
@@ -90,7 +102,8 @@ def test_deleted_index_starts_empty(bucket, dataset, mount_factory, s3server):
 def test_capacity_is_a_hard_limit(bucket, put, mount_factory):
     cap = 16 * BS
     data = {f"big{i}": put(f"big{i}", os.urandom(12 * BS)) for i in range(4)}  # 3x the cache
-    m = mount_factory(bucket, *SMALL, "--cache-size", str(cap), "--cache-min-free", "0")
+    m = mount_factory(bucket, *SMALL, "--cache-size", str(cap), "--cache-min-free", "0",
+                      "--cache-open-files", "4")
     peak = [0]
     stop = threading.Event()
 
@@ -122,6 +135,11 @@ def test_capacity_is_a_hard_limit(bucket, put, mount_factory):
     assert stats["local.used_bytes"] <= cap
     assert stats["local.evictions"] > 0
     assert peak[0] <= cap + BS  # one unlink may trail the index by a block
+    # Block files kept open between reads: at most --cache-open-files, and none of them
+    # evicted (an open descriptor of an unlinked file would hold its space past the cap).
+    held = daemon_block_files(m)
+    assert len(held) <= 4
+    assert not [p for p in held if p.endswith("(deleted)")]
 
 
 def test_hot_set_survives_a_scan(bucket, put, mount_factory, s3server):
@@ -286,3 +304,24 @@ def test_small_random_reads_verify_the_chunks_they_read(bucket, put, mount_facto
     stats = m.stats()
     assert stats["local.corrupt"] == 1  # the damaged chunk was caught by a 4 KiB read
     assert s3server.counts()["GET"] == 1  # and only that block came again from S3
+
+
+def test_small_reads_of_cached_pages_skip_the_worker_thread(bucket, put, mount_factory):
+    """A 4 KiB read whose block file is open and in the page cache is served on the FUSE
+    thread; only the first read of each block (which opens its file) goes to a worker."""
+    data = put("w.bin", os.urandom(4 * BS))
+    m = mount_factory(bucket, *SMALL, "--small-file-threshold", "4K")
+    assert read_uncached(m.path / "w.bin") == data
+    m.settle()
+    before = m.stats()
+    fd = os.open(m.path / "w.bin", os.O_RDONLY | os.O_DIRECT)
+    try:
+        for i in range(40):
+            off = (i * 7919 * 4096) % (len(data) - 4096) // 4096 * 4096
+            assert os.preadv(fd, [buf := bytearray(4096)], off) == 4096 and buf == data[off:off + 4096]
+    finally:
+        os.close(fd)
+    stats = m.stats()
+    threaded = stats.get("chain.part_reads_threaded", 0) - before.get("chain.part_reads_threaded", 0)
+    inline = stats.get("chain.part_reads_inline", 0) - before.get("chain.part_reads_inline", 0)
+    assert threaded <= 4 and inline >= 36, (threaded, inline)

@@ -9,6 +9,7 @@ from tieredfs.blocks import BlockRef, ObjectVersion
 from tieredfs.index import MAIN, SMALL, BlockIndex
 from tieredfs.stats import Counters
 from tieredfs.tiers import local as local_mod
+from tieredfs.tiers.blockfiles import BlockFiles
 from tieredfs.tiers.local import CacheDir, LocalTier, open_index
 
 BS = 4096
@@ -79,8 +80,8 @@ def test_remove_and_clear_account_bytes(index):
 def make_tier(path, capacity, min_free=0):
     cache = CacheDir(path)
     cache.create()
-    return LocalTier(cache, open_index(cache, 1 << 26), capacity=capacity, min_free=min_free,
-                     counters=Counters("local"))
+    return LocalTier(cache, open_index(cache, 1 << 26), BlockFiles(cache.block_path, 8), capacity=capacity,
+                     min_free=min_free, counters=Counters("local"))
 
 
 def refs(n, key="k", etag="e"):

@@ -5,7 +5,7 @@ is part of the address, so a changed object can never be served from an old
 version's blocks: the new ETag simply misses.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import xxhash
 
@@ -25,6 +25,14 @@ class BlockRef:
     obj: ObjectVersion
     index: int
     block_size: int
+    # Fixed-length, filesystem-safe address shared by every tier (32 hex chars); computed
+    # once, since every tier and the single-flight table look blocks up by it.
+    id: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        o = self.obj
+        raw = f"{o.bucket}\0{o.key}\0{o.etag}\0{self.block_size}\0{self.index}".encode()
+        object.__setattr__(self, "id", xxhash.xxh3_128_hexdigest(raw))
 
     @property
     def start(self) -> int:
@@ -34,12 +42,6 @@ class BlockRef:
     def length(self) -> int:
         return max(0, min(self.block_size, self.obj.size - self.start))
 
-    @property
-    def id(self) -> str:
-        """Fixed-length, filesystem-safe address shared by every tier (32 hex chars)."""
-        o = self.obj
-        raw = f"{o.bucket}\0{o.key}\0{o.etag}\0{self.block_size}\0{self.index}".encode()
-        return xxhash.xxh3_128_hexdigest(raw)
 
 
 def block_count(size: int, block_size: int) -> int:

@@ -63,6 +63,7 @@ class Config:
     block_size: int = 1 * MiB
     cache_size: str = "10G"  # bytes or a percentage of the cache filesystem, e.g. "20%"
     cache_min_free: int = 1 * GiB
+    cache_open_files: int = 1024  # block files kept open between reads
     list_ttl: float = 60.0
 
     # S3 access.
@@ -115,7 +116,7 @@ class Config:
                 raise ConfigError(f"cache-size {text!r}: percentage must be in (0, 100]")
         elif self.cache_size_bytes(0) < 16 * bs:
             raise ConfigError(f"cache-size {text!r} is smaller than 16 blocks of {bs} bytes")
-        for name in ("s3_max_requests", "s3_max_attempts", "max_threads"):
+        for name in ("s3_max_requests", "s3_max_attempts", "max_threads", "cache_open_files"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.dir_prefetch <= 256:

@@ -8,6 +8,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -28,6 +29,7 @@ from .reader import Reader
 from .stats import Registry
 from .tiers.chain import TierChain
 from .tiers.filler import Filler
+from .tiers.blockfiles import BlockFiles
 from .tiers.local import CacheDir, LocalTier, open_index
 from .tiers.s3 import S3Backend, S3Tier
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _MIN_FREE_TO_OPEN_INDEX = 8 << 20
 _FLUSH_SECONDS = 10.0  # on unmount, how long queued cache writes may still take
+_FDS_BESIDES_BLOCK_FILES = 512  # S3 connections, LMDB, /dev/fuse, logs, listings in flight
 
 
 # A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED once the kernel has
@@ -115,8 +118,9 @@ class Daemon:
                         self.cache_dir.path, str(e))
             return None
         self.capacity = capacity
-        local = LocalTier(self.cache_dir, index, capacity=capacity, min_free=c.cache_min_free,
-                          counters=self.registry.counters("local"))
+        files = BlockFiles(self.cache_dir.block_path, _open_block_files_limit(c.cache_open_files))
+        local = LocalTier(self.cache_dir, index, files, capacity=capacity,
+                          min_free=c.cache_min_free, counters=self.registry.counters("local"))
         self.registry.add_source(local.gauges)
         return local
 
@@ -209,6 +213,20 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
             with trio.move_on_after(_FLUSH_SECONDS, shield=True):
                 await daemon.filler.flush()
             writers.cancel_scope.cancel()
+
+
+def _open_block_files_limit(wanted: int) -> int:
+    """How many block files may stay open: the soft descriptor limit (often 1024) is raised
+    to make room for them, up to the hard limit; with less room, fewer stay open."""
+    need = wanted + _FDS_BESIDES_BLOCK_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    usable = wanted if soft == resource.RLIM_INFINITY else min(wanted, soft - _FDS_BESIDES_BLOCK_FILES)
+    if usable < wanted:
+        log.warning("event=open_file_limit_low cache_open_files=%d usable=%d", wanted, max(1, usable))
+    return max(1, usable)
 
 
 def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:

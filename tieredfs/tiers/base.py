@@ -1,6 +1,7 @@
 """The one interface every tier offers to the chain.
 
-Calls are blocking and run in worker threads; a tier never talks to another tier.
+Calls are blocking and run in worker threads (except peek_part, which never blocks); a tier
+never talks to another tier.
 """
 
 from typing import Protocol
@@ -16,6 +17,10 @@ class Tier(Protocol):
 
     def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
         """Verified bytes [lo, hi) of the block, or None: then the chain asks for all of it."""
+
+    def peek_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
+        """get_part without blocking, called on the trio thread: None whenever the answer
+        would need to wait (a tier that cannot tell returns None)."""
 
     def put(self, ref: BlockRef, data: bytes) -> None:
         """Offer a block fetched from below; a tier may decline (full, failing) silently."""

@@ -25,6 +25,7 @@ from ..blocks import BlockRef
 from ..errors import CacheError, CacheLocked
 from ..index import BlockIndex
 from ..stats import Counters
+from .blockfiles import BlockFiles
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ CHUNK = 64 * 1024  # a small read verifies (and reads) only the chunks it covers
 
 def chunk_sums(data) -> bytes:
     """The xxh3-64 digests of `data`'s CHUNK-sized pieces, concatenated (8 bytes each)."""
+    if len(data) <= CHUNK:
+        return xxhash.xxh3_64_digest(data)
     view = memoryview(data)
     return b"".join(xxhash.xxh3_64_digest(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK))
 
@@ -122,10 +125,11 @@ def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
 class LocalTier:
     name = "local"
 
-    def __init__(self, cache: CacheDir, index: BlockIndex, *, capacity: int, min_free: int,
-                 counters: Counters):
+    def __init__(self, cache: CacheDir, index: BlockIndex, files: BlockFiles, *, capacity: int,
+                 min_free: int, counters: Counters):
         self.cache = cache
         self.index = index
+        self.files = files
         self.capacity = capacity
         self.min_free = min_free
         self.counters = counters
@@ -147,10 +151,9 @@ class LocalTier:
             self.counters.add("misses")
             return None
         try:
-            with open(self.cache.block_path(hex_id), "rb") as f:
-                data = f.read(entry.length + 1)
+            data = self.files.read(hex_id, 0, entry.length + 1, wait=True)
         except OSError as e:
-            return self._drop(block_id, f"unreadable: {e.strerror}")
+            return self._unreadable(block_id, e)
         if len(data) != entry.length or len(data) != ref.length:
             return self._drop(block_id, f"length {len(data)} != {entry.length}")
         if chunk_sums(data) != entry.chunk_sums:
@@ -160,22 +163,33 @@ class LocalTier:
 
     def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
         """Bytes [lo, hi) of the block, reading and verifying only the chunks they lie in."""
-        block_id = bytes.fromhex(ref.id)
+        return self._part(ref, lo, hi, wait=True)
+
+    def peek_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
+        """get_part that never blocks, for the trio thread: the bytes if the block's file is
+        open and its pages are in memory, else None (then ask get_part in a worker thread).
+        Anything amiss is left to get_part to find, drop and report."""
+        return self._part(ref, lo, hi, wait=False)
+
+    def _part(self, ref: BlockRef, lo: int, hi: int, wait: bool):
+        hex_id = ref.id
+        block_id = bytes.fromhex(hex_id)
         entry = self.index.lookup(block_id)
         if entry is None or entry.length != ref.length:
             return None  # the caller reads the whole block
         first, last = lo // CHUNK, (hi - 1) // CHUNK
         start = first * CHUNK
+        size = min(entry.length, (last + 1) * CHUNK) - start
         try:
-            with open(self.cache.block_path(ref.id), "rb") as f:
-                f.seek(start)
-                data = f.read(min(entry.length, (last + 1) * CHUNK) - start)
+            data = self.files.read(hex_id, start, size, wait)
         except OSError as e:
-            return self._drop(block_id, f"unreadable: {e.strerror}")
+            return self._unreadable(block_id, e)
+        if data is None:
+            return None
         if chunk_sums(data) != entry.chunk_sums[first * 8:(last + 1) * 8]:
-            return self._drop(block_id, "chunk checksum mismatch or short file")
+            return self._drop(block_id, "chunk checksum mismatch or short file") if wait else None
         self._hit(block_id, hi - lo)
-        return data[lo - start:hi - start]
+        return memoryview(data)[lo - start:hi - start]
 
     def _hit(self, block_id: bytes, nbytes: int) -> None:
         self.counters.add("hits")
@@ -285,6 +299,7 @@ class LocalTier:
             raise
 
     def _unlink(self, hex_id: str) -> None:
+        self.files.forget(hex_id)
         _remove(self.cache.block_path(hex_id))
 
     def _drop(self, block_id: bytes, why: str) -> None:
@@ -294,6 +309,15 @@ class LocalTier:
         self.index.remove([block_id])
         self._unlink(block_id.hex())
         return None
+
+    def _unreadable(self, block_id: bytes, e: OSError) -> None:
+        """A block that cannot be read is dropped, unless the fault is this process's own
+        (out of descriptors or memory): then the block is fine and only this read misses."""
+        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            self.counters.add("read_errors")
+            self._say_once("read_errors", f"event=cache_read_error error={e!r} action=serving_from_lower_tiers")
+            return None
+        return self._drop(block_id, f"unreadable: {e.strerror}")
 
     def _say_once(self, what: str, line: str) -> None:
         if what not in self._said:
@@ -334,6 +358,7 @@ class LocalTier:
         hits = self._take_hits()
         if hits:
             self.index.apply_hits(hits)
+        self.files.close_all()
         self.index.close()
 
 

@@ -1,0 +1,91 @@
+"""The kept-open block files: a bounded set of descriptors, reads that never block, and
+no descriptor outliving its file (real files in a temp dir)."""
+
+import os
+import threading
+
+import pytest
+
+from tieredfs.tiers.blockfiles import BlockFiles
+
+
+def open_fds() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+@pytest.fixture
+def blocks(tmp_path):
+    data = {f"b{i}": os.urandom(64 * 1024) for i in range(8)}
+    for name, content in data.items():
+        (tmp_path / name).write_bytes(content)
+    return tmp_path, data
+
+
+def test_reads_and_keeps_at_most_limit_files_open(blocks):
+    root, data = blocks
+    files = BlockFiles(lambda name: root / name, limit=3)
+    for name, content in data.items():
+        assert files.read(name, 100, 5000, wait=True) == content[100:5100]
+    assert len(files) == 3
+    kept = {p for p in open_fds() if p.startswith(str(root))}
+    assert kept == {str(root / n) for n in ("b5", "b6", "b7")}  # the most recently used
+    files.close_all()
+    assert not {p for p in open_fds() if p.startswith(str(root))}
+
+
+def test_a_read_that_may_not_wait_needs_an_open_file_and_cached_pages(blocks):
+    root, data = blocks
+    files = BlockFiles(lambda name: root / name, limit=8)
+    assert files.read("b0", 0, 4096, wait=False) is None  # not open yet: opening may block
+    assert files.read("b0", 0, 4096, wait=True) == data["b0"][:4096]
+    assert files.read("b0", 0, 4096, wait=False) == data["b0"][:4096]
+    fd = os.open(root / "b0", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert files.read("b0", 0, 4096, wait=False) is None  # pages dropped: would wait for the disk
+    assert files.read("b0", 0, 4096, wait=True) == data["b0"][:4096]
+    files.close_all()
+
+
+def test_forget_closes_the_descriptor_of_an_unlinked_file(blocks):
+    root, data = blocks
+    files = BlockFiles(lambda name: root / name, limit=8)
+    files.read("b1", 0, 10, wait=True)
+    (root / "b1").unlink()
+    assert any(p.startswith(str(root / "b1")) for p in open_fds())  # held open: space not freed
+    files.forget("b1")
+    assert not any(p.startswith(str(root / "b1")) for p in open_fds())
+    with pytest.raises(FileNotFoundError):
+        files.read("b1", 0, 10, wait=True)
+
+
+def test_concurrent_reads_and_evictions_never_read_another_file(blocks):
+    """A descriptor is closed only when no reader holds it: with a limit of 2 and 8 threads
+    cycling through 8 files, a closed-and-reused descriptor number would return another
+    file's bytes."""
+    root, data = blocks
+    files = BlockFiles(lambda name: root / name, limit=2)
+    wrong = []
+
+    def reader(seed: int):
+        names = sorted(data)
+        for i in range(400):
+            name = names[(seed + i * 3) % len(names)]
+            if files.read(name, 0, 64 * 1024, wait=True) != data[name]:
+                wrong.append(name)
+            if i % 50 == 0:
+                files.forget(names[(seed + i) % len(names)])
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+    assert len(files) <= 2
+    files.close_all()
+    assert not {p for p in open_fds() if p.startswith(str(root))}

@@ -1,0 +1,103 @@
+"""Open block files, kept open between reads (a bounded LRU of file descriptors).
+
+A 4 KiB random read from tier 1 is mostly fixed cost; an open() and close() per read
+was a tenth of it. Keeping descriptors open also lets the trio thread try a read that
+cannot block (RWF_NOWAIT: the bytes come from the page cache or not at all) before it
+pays for a hop to a worker thread.
+
+A descriptor is closed only when no reader holds it, so a read never lands on a
+descriptor number that was closed and reused for another file. Block files are
+immutable (an id names one version's bytes), so an open descriptor never goes stale;
+it is forgotten when its file is unlinked, so evicted blocks free their disk space.
+"""
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+
+class _Open:
+    __slots__ = ("fd", "users", "closing")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.users = 0
+        self.closing = False
+
+
+class BlockFiles:
+    def __init__(self, path_of: Callable[[str], os.PathLike], limit: int):
+        self.path_of = path_of
+        self.limit = limit
+        self._open: OrderedDict[str, _Open] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, name: str, offset: int, size: int, wait: bool) -> bytes | bytearray | None:
+        """`size` bytes at `offset` (fewer at the end of the file).
+
+        wait=False never blocks: None if the file is not open already or its bytes are not
+        all in the page cache. wait=True opens the file if needed; OSError if it cannot.
+        """
+        handle = self._acquire(name, may_open=wait)
+        if handle is None:
+            return None
+        try:
+            if wait:
+                return os.pread(handle.fd, size, offset)
+            buf = bytearray(size)
+            try:
+                got = os.preadv(handle.fd, [buf], offset, os.RWF_NOWAIT)
+            except (BlockingIOError, OSError):
+                return None
+            return buf if got == size else None  # partly cached, or short: the waiting path decides
+        finally:
+            self._release(handle)
+
+    def forget(self, name: str) -> None:
+        """The file is being unlinked: close its descriptor once no reader holds it."""
+        with self._lock:
+            handle = self._open.pop(name, None)
+            if handle is not None:
+                self._retire(handle)
+
+    def close_all(self) -> None:
+        with self._lock:
+            while self._open:
+                self._retire(self._open.popitem()[1])
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def _acquire(self, name: str, may_open: bool) -> _Open | None:
+        with self._lock:
+            handle = self._open.get(name)
+            if handle is not None:
+                self._open.move_to_end(name)
+                handle.users += 1
+                return handle
+        if not may_open:
+            return None
+        fd = os.open(self.path_of(name), os.O_RDONLY | os.O_CLOEXEC)
+        with self._lock:
+            handle = self._open.get(name)
+            if handle is not None:  # another thread opened it meanwhile
+                os.close(fd)
+            else:
+                handle = self._open[name] = _Open(fd)
+                while len(self._open) > self.limit:
+                    self._retire(self._open.popitem(last=False)[1])
+            handle.users += 1
+            return handle
+
+    def _release(self, handle: _Open) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.closing and handle.users == 0:
+                os.close(handle.fd)
+
+    def _retire(self, handle: _Open) -> None:
+        """Under the lock: close now, or when its last reader is done."""
+        handle.closing = True
+        if handle.users == 0:
+            os.close(handle.fd)
