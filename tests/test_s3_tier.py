@@ -27,12 +27,12 @@ def test_only_etags_that_can_be_an_md5_are_checked():
 
 def test_a_mismatch_is_retried_and_the_same_bytes_twice_mean_etags_are_not_md5s():
     b = backend()
-    b._check_md5(ObjectVersion("bkt", "k", MD5_OF_ABC, 3), b"abc", set())
+    b._check_md5(ObjectVersion("bkt", "k", MD5_OF_ABC, 3), [b"ab", b"c"], set())
     seen: set[str] = set()
     odd = ObjectVersion("bkt", "k", "0" * 32, 3)
     with pytest.raises(_Retry):
-        b._check_md5(odd, b"abc", seen)
-    b._check_md5(odd, b"abc", seen)  # identical bytes again: accepted
+        b._check_md5(odd, [b"abc"], seen)
+    b._check_md5(odd, [b"abc"], seen)  # identical bytes again: accepted
     assert not b._md5_checkable("0" * 32, {})
     assert b.counters.get("checksum_mismatches") == 1
 

@@ -55,8 +55,9 @@ class Filler:
             return
         if ref.id in self._queue or ref.id in self._writing:
             return  # queued by another fetch while this one waited
-        # A view would keep its whole multi-block GET body alive while queued: copy it.
-        self._queue[ref.id] = (ref, bytes(data))
+        # Blocks arrive in buffers of their own (S3Backend.get_pieces); a view of something
+        # bigger would keep all of it alive while queued, so that is copied.
+        self._queue[ref.id] = (ref, bytes(data) if isinstance(data, memoryview) else data)
         self._bytes += len(data)
         self.counters.max("fill_queue_peak_bytes", self._bytes)
         self._wakeup.set()

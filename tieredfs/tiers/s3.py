@@ -154,55 +154,62 @@ class S3Backend:
 
     def get_range(self, obj: ObjectVersion, start: int, length: int) -> bytes:
         """Exactly `length` bytes of version `obj.etag` from `start`, or an exception."""
-        if length <= 0:
-            return b""
+        return self.get_pieces(obj, start, [length])[0] if length > 0 else b""
+
+    def get_pieces(self, obj: ObjectVersion, start: int, lengths: list[int]) -> list[bytearray]:
+        """One ranged GET from `start`, received straight into one buffer per piece (e.g. per
+        block), so each piece lives and dies on its own: nothing needs copying out of a shared
+        body, and a body is not held whole while one of its blocks is still wanted."""
+        length = sum(lengths)
         mismatches: set[str] = set()  # MD5s of bodies that failed the check, across attempts
 
-        def attempt(stop_at: float) -> bytes:
+        def attempt(stop_at: float) -> list[bytearray]:
             resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
                                            Range=f"bytes={start}-{start + length - 1}")
             # Not `with resp["Body"] as body`: that yields the raw urllib3 stream, skipping
             # botocore's Content-Length and x-amz-checksum-* verification.
             body = resp["Body"]
             try:
-                data = self._read_body(body, length, stop_at)
+                pieces, got = self._read_body(body, lengths, stop_at)
             finally:
                 body.close()
             got_range = resp.get("ContentRange", "")
-            if len(data) != length or (got_range and not got_range.startswith(f"bytes {start}-")):
+            if got != length or (got_range and not got_range.startswith(f"bytes {start}-")):
                 self.counters.add("short_bodies")
-                raise _Retry(f"asked {length} bytes at {start}, got {len(data)} ({got_range})")
+                raise _Retry(f"asked {length} bytes at {start}, got {got} ({got_range})")
             if length == obj.size and self._md5_checkable(obj.etag, resp):
-                self._check_md5(obj, data, mismatches)
-            return data
+                self._check_md5(obj, pieces, mismatches)
+            return pieces
 
-        data = self._call("get", attempt)
-        self.counters.add("bytes", len(data))
-        return data
+        pieces = self._call("get", attempt)
+        self.counters.add("bytes", length)
+        return pieces
 
-    def _read_body(self, body, length: int, stop_at: float) -> bytearray:
+    def _read_body(self, body, lengths: list[int], stop_at: float) -> tuple[list[bytearray], int]:
         """The body, unless it trickles in past the deadline: botocore's read timeout is per
         socket read, so a server sending a little at a time would otherwise hold a read forever.
 
-        Read into one buffer of the expected length: a list of pieces joined at the end held
-        every body twice (bench/: peak RSS of a cold read ~250 MiB -> see docs/benchmarks.md).
+        Read into buffers of the expected lengths: a list of socket reads joined at the end
+        held every body twice (bench/: peak RSS of a cold read ~250 MiB, docs/benchmarks.md).
+        Returns the buffers and how many bytes arrived in all.
         """
         read, most = _body_reader(body)
-        buf = bytearray(length)
-        view, pos = memoryview(buf), 0
-        while pos < length and (chunk := read(min(most, length - pos))):
-            view[pos:pos + len(chunk)] = chunk
-            pos += len(chunk)
-            if time.monotonic() > stop_at:
-                self.counters.add("slow_bodies")
-                raise _Retry(f"body still arriving at the deadline ({pos} bytes)")
-        if pos == length and read(1):
+        pieces, got = [bytearray(n) for n in lengths], 0
+        for buf in pieces:
+            view, pos = memoryview(buf), 0
+            while pos < len(buf) and (chunk := read(min(most, len(buf) - pos))):
+                view[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+                if time.monotonic() > stop_at:
+                    self.counters.add("slow_bodies")
+                    raise _Retry(f"body still arriving at the deadline ({got + pos} bytes)")
+            got += pos
+            if pos < len(buf):
+                return pieces, got  # short: the caller retries
+        if read(1):
             self.counters.add("short_bodies")  # too long: not the range asked for
-            raise _Retry(f"asked {length} bytes, got more")
-        del view
-        if pos != length:
-            del buf[pos:]
-        return buf
+            raise _Retry(f"asked {got} bytes, got more")
+        return pieces, got
 
     def _md5_checkable(self, etag: str, resp: dict) -> bool:
         """A single-part object's ETag is its MD5, unless SSE-KMS or SSE-C encrypted it."""
@@ -210,8 +217,11 @@ class S3Backend:
                 and resp.get("ServerSideEncryption", "AES256") == "AES256"
                 and "SSECustomerAlgorithm" not in resp)
 
-    def _check_md5(self, obj: ObjectVersion, data: bytes, mismatches: set[str]) -> None:
-        digest = hashlib.md5(data).hexdigest()
+    def _check_md5(self, obj: ObjectVersion, pieces: list[bytearray], mismatches: set[str]) -> None:
+        md5 = hashlib.md5()
+        for piece in pieces:
+            md5.update(piece)
+        digest = md5.hexdigest()
         if digest == obj.etag:
             return
         if digest in mismatches:
@@ -303,20 +313,10 @@ class S3Tier:
     def get(self, ref: BlockRef) -> bytes:
         return self.backend.get_range(ref.obj, ref.start, ref.length)
 
-    def get_span(self, refs: list[BlockRef]) -> list[memoryview]:
-        """Consecutive blocks in one ranged GET, split back into blocks.
-
-        The blocks are views of the one body, not copies: copying 8 MiB per request was a
-        measurable share of a cold read's CPU.
-        """
+    def get_span(self, refs: list[BlockRef]) -> list[bytearray]:
+        """Consecutive blocks in one ranged GET, each received into its own buffer."""
         first = refs[0]
-        length = sum(r.length for r in refs)
-        data = memoryview(self.backend.get_range(first.obj, first.start, length))
-        out, pos = [], 0
-        for r in refs:
-            out.append(data[pos:pos + r.length])
-            pos += r.length
-        return out
+        return self.backend.get_pieces(first.obj, first.start, [r.length for r in refs])
 
     def put(self, ref: BlockRef, data: bytes) -> None:
         """S3 is the source of truth; blocks are never written back."""
