@@ -24,6 +24,7 @@ WORKLOADS = {
     "seq": workloads.sequential,
     "rand4k": workloads.random_4k,
     "multi4": workloads.multi_reader,
+    "open200": workloads.many_readers,
     "small": workloads_files.small_files,
     "ttfb": workloads_files.first_byte,
     "mount": workloads_files.mount_ready,

@@ -5,11 +5,16 @@ same run, and tieredfs cold (empty cache, new daemon), from tier 1 (new daemon, 
 files' pages dropped) and from the page cache (re-read on the same mount).
 """
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import fio, raw_s3
-from .context import Run
-from .mounts import NullMount
+from .context import MiB, Run
+from .mounts import NullMount, drop_tree_cache
+
+BLOCK_READERS = 4
 
 
 def _best(fn, n: int, key=lambda r: r.mib_s):
@@ -73,9 +78,27 @@ def sequential(run: Run) -> None:
                     lambda: _mib(_best(lambda: seq(m.path / "big", 0), reps)),
                     vs=f"{w}.native_pc")
     run.warm_caches["big"] = cache
+    with run.tiered(run.fresh_cache("big-nowait"), "--cache-fill-wait", "0").start() as m:
+        run.measure(m, w, "cold_nowait", "tieredfs cold, never waiting for the cache disk "
+                    "(--cache-fill-wait 0)", "MiB/s", lambda: _mib(seq(m.path / "big")),
+                    vs=f"{w}.boto3")
+    drop_tree_cache(cache / "blocks")
+    run.record(w, "blockfiles", f"the cache's block files read directly, {BLOCK_READERS} threads, "
+               "page cache dropped", "MiB/s", *read_block_files(cache / "blocks"))
     with run.remount_tier1(cache) as m:
         run.measure(m, w, "tier1", "tieredfs tier 1 (page cache dropped)", "MiB/s",
                     lambda: _mib(seq(m.path / "big")), vs=f"{w}.native")
+
+
+def read_block_files(blocks: Path) -> tuple[float, dict]:
+    """The disk's ceiling for tier 1's layout (one file per block, spread over fan-out dirs),
+    which reads slower here than one big file: every file read whole by a few threads."""
+    files = sorted(p for p in blocks.rglob("*") if p.is_file())
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(BLOCK_READERS) as pool:
+        n = sum(pool.map(lambda p: len(p.read_bytes()), files))
+    seconds = time.perf_counter() - t0
+    return n / MiB / seconds, {"bytes": n, "seconds": seconds, "files": len(files)}
 
 
 def random_4k(run: Run) -> None:
@@ -118,3 +141,38 @@ def multi_reader(run: Run) -> None:
         run.measure(m, w, "tier1", "tieredfs tier 1 (page cache dropped)", "MiB/s",
                     lambda: _mib(multi(m.path / "multi")), vs=f"{w}.native")
 
+
+
+MANY_READERS = 200
+
+
+def many_readers(run: Run) -> None:
+    """Memory with many files open and read at once: the RSS target holds "whatever the
+    number of open files". Each reader opens its own handle on one of the four files, waits
+    until all are open, then reads its own stretch sequentially (cold cache)."""
+    w, size = "open200", run.dataset.multi_size
+    span = max(MiB, min(8 * MiB, size // 4))
+    jobs = [(f"multi/part{i % 4}", (i // 4) * MiB % (size - span + 1)) for i in range(MANY_READERS)]
+
+    def read_all(root: Path) -> tuple[float, dict]:
+        everyone_open = threading.Barrier(len(jobs))
+
+        def one(job) -> int:
+            rel, offset = job
+            with open(root / rel, "rb", buffering=0) as f:
+                everyone_open.wait(60)
+                f.seek(offset)
+                n = 0
+                while n < span and (chunk := f.read(MiB)):
+                    n += len(chunk)
+                return n
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            n = sum(pool.map(one, jobs))
+        seconds = time.perf_counter() - t0
+        return n / MiB / seconds, {"bytes": n, "seconds": seconds, "readers": len(jobs)}
+
+    with run.tiered(run.fresh_cache("open200")).start() as m:
+        run.measure(m, w, "cold", f"tieredfs cold, {MANY_READERS} files open and read at once",
+                    "MiB/s", lambda: read_all(m.path))
