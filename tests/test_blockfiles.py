@@ -89,3 +89,15 @@ def test_concurrent_reads_and_evictions_never_read_another_file(blocks):
     assert len(files) <= 2
     files.close_all()
     assert not {p for p in open_fds() if p.startswith(str(root))}
+
+
+def test_a_file_unlinked_by_someone_else_is_a_miss_not_a_stale_read(blocks):
+    """Someone cleaning the cache dir by hand: the space is freed and the read misses."""
+    root, data = blocks
+    files = BlockFiles(lambda name: root / name, limit=8)
+    files.read("b2", 0, 10, wait=True)
+    (root / "b2").unlink()
+    assert files.read("b2", 0, 10, wait=False) is None
+    with pytest.raises(FileNotFoundError):
+        files.read("b2", 0, 10, wait=True)
+    assert not any(p.startswith(str(root / "b2")) for p in open_fds())

@@ -1,6 +1,6 @@
 """The LMDB index of the local block cache (the only module that imports lmdb).
 
-Per block: length, the xxh3-64 checksum of each 64 KiB chunk (so a small read verifies
+Per block: length, the xxh3-64 checksum of each 16 KiB chunk (so a small read verifies
 only what it reads, a whole-block read all of them), eviction queue and position,
 access frequency, insert and last-access times. Eviction is S3-FIFO (docs/cache.md): new blocks enter a
 small FIFO; only blocks read again while there move to the main FIFO, so one big
@@ -12,6 +12,7 @@ needs no scan: the oldest block of each queue is one cursor step away.
 
 import logging
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ _ENTRY = struct.Struct("<IBQBdd")  # length, queue, seq, freq, inserted, last_ac
 _ORDER = struct.Struct(">BQ")  # queue, seq: big-endian so keys sort in FIFO order
 _U64 = struct.Struct("<Q")
 _SEQ = struct.Struct(">Q")  # ghost order keys: big-endian to sort oldest first
-FORMAT = b"2"  # 2: entries carry chunk checksums; an index of another format starts empty
+FORMAT = b"3"  # 3: a checksum per 16 KiB chunk; an index of another format starts empty
+_SUMS_KEPT = 16384  # blocks whose checksums are kept in memory (~4 MiB)
 
 
 @dataclass
@@ -67,6 +69,12 @@ class BlockIndex:
         self._ghost_order = self.env.open_db(b"ghost_order")
         self._meta = self.env.open_db(b"meta")
         self._check_format(path)
+        # (length, chunk sums) of recently read blocks, so a hit needs no LMDB transaction.
+        # A block's bytes never change under its id: only its removal makes this stale, and
+        # removals (after their commit) bump _removals, so a lookup that raced one is not kept.
+        self._sums: dict[bytes, tuple[int, bytes]] = {}
+        self._sums_lock = threading.Lock()
+        self._removals = 0
 
     def _check_format(self, path: Path) -> None:
         with self.env.begin(write=True) as txn:
@@ -91,6 +99,30 @@ class BlockIndex:
         with self.env.begin(db=self._blocks) as txn:
             raw = txn.get(block_id)
         return _unpack(raw) if raw is not None else None
+
+    def checksums(self, block_id: bytes) -> tuple[int, bytes] | None:
+        """(length, chunk sums) of a block, or None: lookup() for the read path."""
+        found = self._sums.get(block_id)
+        if found is not None:
+            return found
+        removals = self._removals
+        entry = self.lookup(block_id)
+        if entry is None:
+            return None
+        found = (entry.length, entry.chunk_sums)
+        with self._sums_lock:
+            if removals == self._removals:
+                if len(self._sums) >= _SUMS_KEPT:
+                    del self._sums[next(iter(self._sums))]  # the oldest kept
+                self._sums[block_id] = found
+        return found
+
+    def _removed(self, block_ids) -> None:
+        """After a commit that removed these blocks: forget what checksums() kept of them."""
+        with self._sums_lock:
+            self._removals += 1
+            for block_id in block_ids:
+                self._sums.pop(block_id, None)
 
     def totals(self) -> dict[str, int]:
         with self.env.begin() as txn:
@@ -122,6 +154,7 @@ class BlockIndex:
                 if victim is None:
                     break
                 evicted.append(victim)
+        self._removed(evicted)
         return evicted
 
     def insert(self, block_id: bytes, length: int, chunk_sums: bytes) -> None:
@@ -138,12 +171,16 @@ class BlockIndex:
         with self.env.begin(write=True) as txn:
             for block_id in block_ids:
                 self._delete(txn, block_id)
+        self._removed(block_ids)
 
     def clear(self) -> None:
         with self.env.begin(write=True) as txn:
             for db in (self._blocks, self._order, self._ghosts, self._ghost_order, self._meta):
                 txn.drop(db, delete=False)
             txn.put(b"format", FORMAT, db=self._meta)
+        with self._sums_lock:
+            self._removals += 1
+            self._sums.clear()
 
     def apply_hits(self, hits: dict[bytes, int]) -> None:
         with self.env.begin(write=True) as txn:

@@ -160,7 +160,8 @@ class ReadaheadEngine:
         st.next_index = st.issued = last + 1
         st.last_end = end
         st.position += 1
-        self._drop(st, set(st.buffered))
+        if st.buffered:
+            self._drop(st, set(st.buffered))
         return first
 
     # --- demand path ---------------------------------------------------------------------------

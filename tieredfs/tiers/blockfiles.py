@@ -8,7 +8,8 @@ pays for a hop to a worker thread.
 A descriptor is closed only when no reader holds it, so a read never lands on a
 descriptor number that was closed and reused for another file. Block files are
 immutable (an id names one version's bytes), so an open descriptor never goes stale;
-it is forgotten when its file is unlinked, so evicted blocks free their disk space.
+it is forgotten when its file is unlinked, by us (evicted blocks free their disk space)
+or by anyone else (checked at each use: the read then misses, as it would without us).
 """
 
 import os
@@ -75,7 +76,13 @@ class BlockFiles:
             if handle is not None:
                 self._open.move_to_end(name)
                 handle.users += 1
+        if handle is not None:
+            if os.fstat(handle.fd).st_nlink:
                 return handle
+            # Unlinked behind our back (someone cleaning the cache dir): its bytes are still
+            # readable here, but the space should be freed and the miss seen, as without us.
+            self._release(handle)
+            self.forget(name)
         if not may_open:
             return None
         fd = os.open(self.path_of(name), os.O_RDONLY | os.O_CLOEXEC)

@@ -18,6 +18,9 @@ from .s3 import S3Tier
 log = logging.getLogger(__name__)
 
 
+_SERVED_NAMES: dict[str, tuple[str, str]] = {}  # source -> its two counter names
+
+
 class _Abandoned(Exception):
     """The fetching task was cancelled (e.g. a prefetch on close); waiters fetch themselves."""
 
@@ -176,8 +179,10 @@ class TierChain:
 
     def _served(self, source: str, nbytes: int) -> None:
         """hits.* count block lookups; bytes.* what each source delivered (a part or a block)."""
-        self.counters.add(f"hits.{source}")
-        self.counters.add(f"bytes.{source}", nbytes)
+        hits, nbytes_name = _SERVED_NAMES.get(source) or _SERVED_NAMES.setdefault(
+            source, (f"hits.{source}", f"bytes.{source}"))
+        self.counters.add(hits)
+        self.counters.add(nbytes_name, nbytes)
 
     def stats(self) -> dict[str, int]:
         return self.counters.snapshot()

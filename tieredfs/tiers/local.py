@@ -3,7 +3,7 @@
 Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/cd/<32-hex id>.
 Write order is data file (temp + rename) then index entry, so a crash leaves at most
 an orphan file, swept later in the background. Every read is verified against the
-checksums in the index (one per 64 KiB chunk: a small read checks only the chunks it
+checksums in the index (one per 16 KiB chunk: a small read checks only the chunks it
 covers); a bad block is dropped and reported as a miss.
 
 The capacity is enforced on insert: room is made (evicting) and reserved before the
@@ -36,7 +36,8 @@ _STATVFS_TTL = 1.0
 CORRELATION_WINDOW = 2.0
 _RECENT_MAX = 65536
 _ORPHAN_AGE = 60.0  # a file this young may be a fill whose index entry is being written
-CHUNK = 64 * 1024  # a small read verifies (and reads) only the chunks it covers
+CHUNK = 16 * 1024  # a small read verifies (and reads) only the chunks it covers
+_DISK_READ = 64 * 1024  # ...but one that may have to wait for the disk reads this much around it
 
 
 def chunk_sums(data) -> bytes:
@@ -146,17 +147,18 @@ class LocalTier:
     def get(self, ref: BlockRef) -> bytes | None:
         hex_id = ref.id
         block_id = bytes.fromhex(hex_id)
-        entry = self.index.lookup(block_id)
-        if entry is None:
+        known = self.index.checksums(block_id)
+        if known is None:
             self.counters.add("misses")
             return None
+        length, sums = known
         try:
-            data = self.files.read(hex_id, 0, entry.length + 1, wait=True)
+            data = self.files.read(hex_id, 0, length + 1, wait=True)
         except OSError as e:
             return self._unreadable(block_id, e)
-        if len(data) != entry.length or len(data) != ref.length:
-            return self._drop(block_id, f"length {len(data)} != {entry.length}")
-        if chunk_sums(data) != entry.chunk_sums:
+        if len(data) != length or len(data) != ref.length:
+            return self._drop(block_id, f"length {len(data)} != {length}")
+        if chunk_sums(data) != sums:
             return self._drop(block_id, "checksum mismatch")
         self._hit(block_id, len(data))
         return data
@@ -174,19 +176,26 @@ class LocalTier:
     def _part(self, ref: BlockRef, lo: int, hi: int, wait: bool):
         hex_id = ref.id
         block_id = bytes.fromhex(hex_id)
-        entry = self.index.lookup(block_id)
-        if entry is None or entry.length != ref.length:
+        known = self.index.checksums(block_id)
+        if known is None or known[0] != ref.length:
             return None  # the caller reads the whole block
+        length, sums = known
         first, last = lo // CHUNK, (hi - 1) // CHUNK
+        if wait:
+            # This read may go to the disk: take the chunks around it too, so that the next
+            # small reads nearby find their pages in memory and need no worker thread.
+            group = _DISK_READ // CHUNK
+            first = first // group * group
+            last = min((last // group + 1) * group, -(-length // CHUNK)) - 1
         start = first * CHUNK
-        size = min(entry.length, (last + 1) * CHUNK) - start
+        size = min(length, (last + 1) * CHUNK) - start
         try:
             data = self.files.read(hex_id, start, size, wait)
         except OSError as e:
             return self._unreadable(block_id, e)
         if data is None:
             return None
-        if chunk_sums(data) != entry.chunk_sums[first * 8:(last + 1) * 8]:
+        if chunk_sums(data) != sums[first * 8:(last + 1) * 8]:
             return self._drop(block_id, "chunk checksum mismatch or short file") if wait else None
         self._hit(block_id, hi - lo)
         return memoryview(data)[lo - start:hi - start]
@@ -203,7 +212,7 @@ class LocalTier:
         hex_id = ref.id
         block_id = bytes.fromhex(hex_id)
         try:
-            if self.index.lookup(block_id) is not None:
+            if self.index.checksums(block_id) is not None:
                 return
             if not self._reserve(len(data)):
                 self.counters.add("declined")
