@@ -12,6 +12,7 @@ it is forgotten when its file is unlinked, by us (evicted blocks free their disk
 or by anyone else (checked at each use: the read then misses, as it would without us).
 """
 
+import errno
 import os
 import threading
 from collections import OrderedDict
@@ -31,6 +32,7 @@ class BlockFiles:
     def __init__(self, path_of: Callable[[str], os.PathLike], limit: int):
         self.path_of = path_of
         self.limit = limit
+        self._nowait = True  # until the cache filesystem refuses RWF_NOWAIT
         self._open: OrderedDict[str, _Open] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -40,6 +42,8 @@ class BlockFiles:
         wait=False never blocks: None if the file is not open already or its bytes are not
         all in the page cache. wait=True opens the file if needed; OSError if it cannot.
         """
+        if not wait and not self._nowait:
+            return None
         handle = self._acquire(name, may_open=wait)
         if handle is None:
             return None
@@ -49,7 +53,9 @@ class BlockFiles:
             buf = bytearray(size)
             try:
                 got = os.preadv(handle.fd, [buf], offset, os.RWF_NOWAIT)
-            except (BlockingIOError, OSError):
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:  # this filesystem cannot: stop asking
+                    self._nowait = False
                 return None
             return buf if got == size else None  # partly cached, or short: the waiting path decides
         finally:
