@@ -83,7 +83,8 @@ def _restart_target(by_id: dict) -> dict:
 _ALSO = {"seq.page_cache": [(None, "seq.nullfs_pc", "the no-op FUSE fs in page cache")],
          "seq.tier1": [(None, "seq.nullfs", "the no-op FUSE fs"),
                        (None, "seq.blockfiles", "the block files read directly")],
-         "seq.cold": [("seq.cold_nowait", "seq.boto3", "with --cache-fill-wait 0")],
+         "seq.cold": [("seq.cold_nowait", "seq.boto3", "with --cache-fill-wait 0"),
+                      (None, "seq.diskwrite", "the cache disk's write speed")],
          "rand4k.tier1": [("rand4k.tier1_warm", "rand4k.nullfs",
                            "with the block files in the page cache")]}
 

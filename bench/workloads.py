@@ -5,10 +5,14 @@ same run, and tieredfs cold (empty cache, new daemon), from tier 1 (new daemon, 
 files' pages dropped) and from the page cache (re-read on the same mount).
 """
 
+import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tieredfs.tiers.blockfiles import BlockFiles
 
 from . import fio, raw_s3
 from .context import MiB, Run
@@ -70,6 +74,9 @@ def sequential(run: Run) -> None:
                f"{best['chunk'] >> 20} MiB (best)", "MiB/s", best["mib_s"],
                bytes=best["bytes"], seconds=best["seconds"], trials=best["trials"])
 
+    run.record(w, "diskwrite", f"the cache disk: new 1 MiB block files written as tier 1 does, "
+               f"{BLOCK_READERS} threads", "MiB/s",
+               *write_block_files(run.workdir / "diskwrite", ds.big_size))
     cache = run.fresh_cache("big")
     with run.tiered(cache).start() as m:
         run.measure(m, w, "cold", "tieredfs cold (S3)", "MiB/s",
@@ -88,6 +95,19 @@ def sequential(run: Run) -> None:
     with run.remount_tier1(cache) as m:
         run.measure(m, w, "tier1", "tieredfs tier 1 (page cache dropped)", "MiB/s",
                     lambda: _mib(seq(m.path / "big")), vs=f"{w}.native")
+
+
+def write_block_files(root: Path, size: int) -> tuple[float, dict]:
+    """The ceiling of a cold read that caches everything when the disk is slower than the
+    network: `size` bytes as new 1 MiB block files, written the way tier 1 writes them."""
+    files = BlockFiles(lambda name: root / name[:2] / name, 1)
+    data = os.urandom(MiB)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(BLOCK_READERS) as pool:
+        list(pool.map(lambda i: files.write(f"{i:032x}", data), range(size // MiB)))
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(root)
+    return size / MiB / seconds, {"bytes": size, "seconds": seconds}
 
 
 def read_block_files(blocks: Path) -> tuple[float, dict]:

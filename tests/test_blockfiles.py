@@ -1,6 +1,8 @@
-"""The kept-open block files: a bounded set of descriptors, reads that never block, and
-no descriptor outliving its file (real files in a temp dir)."""
+"""Block files: written whole (O_DIRECT, or buffered where refused), then read through a
+bounded set of kept-open descriptors; reads that never block; no descriptor outliving its
+file (real files in a temp dir)."""
 
+import errno
 import os
 import threading
 
@@ -101,3 +103,33 @@ def test_a_file_unlinked_by_someone_else_is_a_miss_not_a_stale_read(blocks):
     with pytest.raises(FileNotFoundError):
         files.read("b2", 0, 10, wait=True)
     assert not any(p.startswith(str(root / "b2")) for p in open_fds())
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 64 * 1024 + 7, 1 << 20])
+def test_written_files_hold_exactly_the_bytes(tmp_path, size):
+    """O_DIRECT writes whole 4 KiB pages: a length that is not a multiple is cut back."""
+    files = BlockFiles(lambda name: tmp_path / name[:2] / name, limit=4)
+    data = os.urandom(size)
+    files.write("ab" * 16, data)
+    assert (tmp_path / "ab" / ("ab" * 16)).read_bytes() == data
+    assert files.read("ab" * 16, 0, size + 1, wait=True) == data
+    assert not list(tmp_path.rglob("*.tmp-*"))
+    files.close_all()
+
+
+def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path, monkeypatch):
+    """Every filesystem here takes O_DIRECT, so its refusal (EINVAL, as from some FUSE or
+    network filesystems) is simulated: the one stand-in in this file."""
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    files = BlockFiles(lambda name: tmp_path / name, limit=4)
+    for i in range(3):
+        files.write(f"f{i}", b"x" * (5000 + i))
+        assert (tmp_path / f"f{i}").read_bytes() == b"x" * (5000 + i)
+    assert files._direct is False

@@ -192,9 +192,13 @@ def test_sweep_removes_orphans_only(tmp_path, monkeypatch):
     orphan.write_bytes(b"x")
     temp = kept_path.with_name(kept.id + ".tmp-1-2")
     temp.write_bytes(b"y")
+    old_layout = kept_path.parent / "cd"  # blocks/ab/cd/<id>, as caches before format 3 had
+    old_layout.mkdir()
+    (old_layout / ("cd" * 16)).write_bytes(b"z")
     monkeypatch.setattr(local_mod, "_ORPHAN_AGE", -1.0)
-    assert tier.sweep_dir(kept_path.parent) == 2
+    assert tier.sweep_dir(kept_path.parent) == 3
     assert kept_path.exists() and not orphan.exists() and not temp.exists()
+    assert not old_layout.exists()
     tier.close()
 
 

@@ -1,6 +1,14 @@
-"""Open block files, kept open between reads (a bounded LRU of file descriptors).
+"""Block files on disk: written once (temp file + rename, O_DIRECT where the filesystem
+allows), then read through descriptors kept open between reads (a bounded LRU).
 
-A 4 KiB random read from tier 1 is mostly fixed cost; an open() and close() per read
+Writing: new files written through the page cache ran into the kernel's dirty-page
+throttling within a few hundred MiB: measured here, 4 threads writing new 1 MiB files
+went from 3,300 MiB/s to 640 MiB/s at 3 ms of CPU per MiB, and the cache fill capped
+cold reads at ~400 MiB/s. With O_DIRECT the same writes ran at 1,800-1,950 MiB/s and
+0.45 ms of CPU per MiB, steadily. The bytes go through an aligned buffer from a small
+pool (one per concurrent writer).
+
+Reading: a 4 KiB random read from tier 1 is mostly fixed cost; an open() and close() per read
 was a tenth of it. Keeping descriptors open also lets the trio thread try a read that
 cannot block (RWF_NOWAIT: the bytes come from the page cache or not at all) before it
 pays for a hop to a worker thread.
@@ -13,10 +21,15 @@ or by anyone else (checked at each use: the read then misses, as it would withou
 """
 
 import errno
+import mmap
 import os
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable
+
+_ALIGN = 4096  # O_DIRECT wants the buffer, the offset and the length aligned to this
+_BUFFERS_KEPT = 8  # more writers than this at once allocate (and free) their own
 
 
 class _Open:
@@ -33,6 +46,8 @@ class BlockFiles:
         self.path_of = path_of
         self.limit = limit
         self._nowait = True  # until the cache filesystem refuses RWF_NOWAIT
+        self._direct = True  # until it refuses O_DIRECT
+        self._buffers: list[mmap.mmap] = []  # aligned write buffers not in use
         self._open: OrderedDict[str, _Open] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -60,6 +75,75 @@ class BlockFiles:
             return buf if got == size else None  # partly cached, or short: the waiting path decides
         finally:
             self._release(handle)
+
+    def write(self, name: str, data) -> None:
+        """A new block file, complete before it appears under its name (temp + rename)."""
+        path = Path(self.path_of(name))
+        tmp = path.with_name(f"{name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            try:
+                self._write_new(tmp, data)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._write_new(tmp, data)
+            os.rename(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def _write_new(self, path: Path, data) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        if self._direct:
+            try:
+                fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # this filesystem has no O_DIRECT: write through the cache
+            else:
+                try:
+                    self._write_direct(fd, data)
+                finally:
+                    os.close(fd)
+                return
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def _write_direct(self, fd: int, data) -> None:
+        n = len(data)
+        padded = -(-n // _ALIGN) * _ALIGN
+        buf = self._take_buffer(padded)
+        try:
+            buf[:n] = data
+            buf[n:padded] = bytes(padded - n)
+            view = memoryview(buf)
+            try:
+                written = 0
+                while written < padded:
+                    written += os.write(fd, view[written:padded])
+            finally:
+                view.release()
+        finally:
+            self._give_buffer(buf)
+        if padded != n:
+            os.ftruncate(fd, n)
+
+    def _take_buffer(self, size: int) -> mmap.mmap:
+        with self._lock:
+            for i, buf in enumerate(self._buffers):
+                if len(buf) >= size:
+                    return self._buffers.pop(i)
+        return mmap.mmap(-1, max(size, _ALIGN))  # page-aligned; kept for the next writer
+
+    def _give_buffer(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._buffers) < _BUFFERS_KEPT:
+                self._buffers.append(buf)
+                return
+        buf.close()
 
     def forget(self, name: str) -> None:
         """The file is being unlinked: close its descriptor once no reader holds it."""

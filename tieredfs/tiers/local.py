@@ -1,6 +1,6 @@
 """Tier 1: block files on the node's disk, indexed by LMDB (index.py).
 
-Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/cd/<32-hex id>.
+Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/<32-hex id>.
 Write order is data file (temp + rename) then index entry, so a crash leaves at most
 an orphan file, swept later in the background. Every read is verified against the
 checksums in the index (one per 16 KiB chunk: a small read checks only the chunks it
@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -59,7 +60,9 @@ class CacheDir:
         self._lock_fd: int | None = None
 
     def block_path(self, hex_id: str) -> Path:
-        return self.blocks / hex_id[:2] / hex_id[2:4] / hex_id
+        # One level of 256 directories: with two (65,536) nearly every block of a new cache
+        # also made a new directory, and ext4 directory creation was ~40% of the fill time.
+        return self.blocks / hex_id[:2] / hex_id
 
     def create(self) -> None:
         try:
@@ -218,7 +221,7 @@ class LocalTier:
                 self.counters.add("declined")
                 return
             try:
-                self._write_file(hex_id, data)
+                self.files.write(hex_id, data)
                 self.index.insert(block_id, len(data), chunk_sums(data))
                 self._note_use(block_id, time.monotonic())
                 self.counters.add("fills")
@@ -291,22 +294,6 @@ class LocalTier:
 
     # --- files -------------------------------------------------------------------------------
 
-    def _write_file(self, hex_id: str, data: bytes) -> None:
-        path = self.cache.block_path(hex_id)
-        tmp = path.with_name(f"{hex_id}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
-            f = open(tmp, "wb")
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(tmp, "wb")
-        try:
-            with f:
-                f.write(data)
-            os.rename(tmp, path)
-        except BaseException:
-            _remove(tmp)
-            raise
-
     def _unlink(self, hex_id: str) -> None:
         self.files.forget(hex_id)
         _remove(self.cache.block_path(hex_id))
@@ -336,7 +323,8 @@ class LocalTier:
     # --- background upkeep --------------------------------------------------------------------
 
     def sweep_dir(self, subdir: Path) -> int:
-        """Remove orphans (no index entry, or stale temp files) from one fan-out directory."""
+        """Remove orphans (no index entry, or stale temp files) from one fan-out directory,
+        and directories in it: those are the older two-level layout's, all of them orphans."""
         removed = 0
         now = time.time()
         try:
@@ -348,7 +336,10 @@ class LocalTier:
             try:
                 if now - path.stat().st_mtime < _ORPHAN_AGE:
                     continue
-                if ".tmp-" in name or len(name) != 32 or self.index.lookup(bytes.fromhex(name)) is None:
+                if path.is_dir():
+                    removed += sum(len(files) for _, _, files in os.walk(path))
+                    shutil.rmtree(path)
+                elif ".tmp-" in name or len(name) != 32 or self.index.lookup(bytes.fromhex(name)) is None:
                     path.unlink()
                     removed += 1
             except (OSError, ValueError):
@@ -358,8 +349,7 @@ class LocalTier:
 
     def fanout_dirs(self) -> list[Path]:
         try:
-            return [self.cache.blocks / a / b for a in sorted(os.listdir(self.cache.blocks))
-                    for b in sorted(os.listdir(self.cache.blocks / a))]
+            return [self.cache.blocks / a for a in sorted(os.listdir(self.cache.blocks))]
         except OSError:
             return []
 
