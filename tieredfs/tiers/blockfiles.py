@@ -28,8 +28,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-_ALIGN = 4096  # O_DIRECT wants the buffer, the offset and the length aligned to this
+from ..memory import PAGE, address  # O_DIRECT wants buffer, offset and length page-aligned
+
 _BUFFERS_KEPT = 8  # more writers than this at once allocate (and free) their own
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    written = 0
+    while written < len(view):
+        written += os.write(fd, view[written:])
 
 
 class _Open:
@@ -114,16 +121,18 @@ class BlockFiles:
 
     def _write_direct(self, fd: int, data) -> None:
         n = len(data)
-        padded = -(-n // _ALIGN) * _ALIGN
+        start = address(data)
+        if n % PAGE == 0 and start is not None and start % PAGE == 0:
+            _write_all(fd, memoryview(data))  # a receive buffer (memory.py): as it is
+            return
+        padded = -(-n // PAGE) * PAGE
         buf = self._take_buffer(padded)
         try:
             buf[:n] = data
             buf[n:padded] = bytes(padded - n)
             view = memoryview(buf)
             try:
-                written = 0
-                while written < padded:
-                    written += os.write(fd, view[written:padded])
+                _write_all(fd, view[:padded])
             finally:
                 view.release()
         finally:
@@ -136,7 +145,7 @@ class BlockFiles:
             for i, buf in enumerate(self._buffers):
                 if len(buf) >= size:
                     return self._buffers.pop(i)
-        return mmap.mmap(-1, max(size, _ALIGN))  # page-aligned; kept for the next writer
+        return mmap.mmap(-1, max(size, PAGE))  # page-aligned; kept for the next writer
 
     def _give_buffer(self, buf: mmap.mmap) -> None:
         with self._lock:

@@ -55,9 +55,8 @@ class Filler:
             return
         if ref.id in self._queue or ref.id in self._writing:
             return  # queued by another fetch while this one waited
-        # Blocks arrive in buffers of their own (S3Backend.get_pieces); a view of something
-        # bigger would keep all of it alive while queued, so that is copied.
-        self._queue[ref.id] = (ref, bytes(data) if isinstance(data, memoryview) else data)
+        # Blocks arrive in buffers of their own (S3Backend.get_pieces): queued as they are.
+        self._queue[ref.id] = (ref, data)
         self._bytes += len(data)
         self.counters.max("fill_queue_peak_bytes", self._bytes)
         self._wakeup.set()

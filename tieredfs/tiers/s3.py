@@ -35,6 +35,7 @@ from ..errors import (
     ObjectChanged,
     ObjectMissing,
 )
+from ..memory import receive_buffer
 from ..stats import Counters
 
 log = logging.getLogger(__name__)
@@ -156,14 +157,14 @@ class S3Backend:
         """Exactly `length` bytes of version `obj.etag` from `start`, or an exception."""
         return self.get_pieces(obj, start, [length])[0] if length > 0 else b""
 
-    def get_pieces(self, obj: ObjectVersion, start: int, lengths: list[int]) -> list[bytearray]:
+    def get_pieces(self, obj: ObjectVersion, start: int, lengths: list[int]) -> list[memoryview]:
         """One ranged GET from `start`, received straight into one buffer per piece (e.g. per
         block), so each piece lives and dies on its own: nothing needs copying out of a shared
         body, and a body is not held whole while one of its blocks is still wanted."""
         length = sum(lengths)
         mismatches: set[str] = set()  # MD5s of bodies that failed the check, across attempts
 
-        def attempt(stop_at: float) -> list[bytearray]:
+        def attempt(stop_at: float) -> list[memoryview]:
             resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
                                            Range=f"bytes={start}-{start + length - 1}")
             # Not `with resp["Body"] as body`: that yields the raw urllib3 stream, skipping
@@ -185,7 +186,7 @@ class S3Backend:
         self.counters.add("bytes", length)
         return pieces
 
-    def _read_body(self, body, lengths: list[int], stop_at: float) -> tuple[list[bytearray], int]:
+    def _read_body(self, body, lengths: list[int], stop_at: float) -> tuple[list[memoryview], int]:
         """The body, unless it trickles in past the deadline: botocore's read timeout is per
         socket read, so a server sending a little at a time would otherwise hold a read forever.
 
@@ -194,17 +195,17 @@ class S3Backend:
         Returns the buffers and how many bytes arrived in all.
         """
         read, most = _body_reader(body)
-        pieces, got = [bytearray(n) for n in lengths], 0
-        for buf in pieces:
-            view, pos = memoryview(buf), 0
-            while pos < len(buf) and (chunk := read(min(most, len(buf) - pos))):
+        pieces, got = [receive_buffer(n) for n in lengths], 0
+        for view in pieces:
+            pos = 0
+            while pos < len(view) and (chunk := read(min(most, len(view) - pos))):
                 view[pos:pos + len(chunk)] = chunk
                 pos += len(chunk)
                 if time.monotonic() > stop_at:
                     self.counters.add("slow_bodies")
                     raise _Retry(f"body still arriving at the deadline ({got + pos} bytes)")
             got += pos
-            if pos < len(buf):
+            if pos < len(view):
                 return pieces, got  # short: the caller retries
         if read(1):
             self.counters.add("short_bodies")  # too long: not the range asked for
@@ -217,7 +218,7 @@ class S3Backend:
                 and resp.get("ServerSideEncryption", "AES256") == "AES256"
                 and "SSECustomerAlgorithm" not in resp)
 
-    def _check_md5(self, obj: ObjectVersion, pieces: list[bytearray], mismatches: set[str]) -> None:
+    def _check_md5(self, obj: ObjectVersion, pieces: list, mismatches: set[str]) -> None:
         md5 = hashlib.md5()
         for piece in pieces:
             md5.update(piece)
@@ -313,7 +314,7 @@ class S3Tier:
     def get(self, ref: BlockRef) -> bytes:
         return self.backend.get_range(ref.obj, ref.start, ref.length)
 
-    def get_span(self, refs: list[BlockRef]) -> list[bytearray]:
+    def get_span(self, refs: list[BlockRef]) -> list[memoryview]:
         """Consecutive blocks in one ranged GET, each received into its own buffer."""
         first = refs[0]
         return self.backend.get_pieces(first.obj, first.start, [r.length for r in refs])
