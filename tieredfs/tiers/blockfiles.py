@@ -31,6 +31,7 @@ from typing import Callable
 from ..memory import PAGE, address  # O_DIRECT wants buffer, offset and length page-aligned
 
 _BUFFERS_KEPT = 8  # more writers than this at once allocate (and free) their own
+_BUFFER_KEPT_MAX = 1 << 20  # bigger ones (large blocks) are freed after use
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -149,7 +150,7 @@ class BlockFiles:
 
     def _give_buffer(self, buf: mmap.mmap) -> None:
         with self._lock:
-            if len(self._buffers) < _BUFFERS_KEPT:
+            if len(self._buffers) < _BUFFERS_KEPT and len(buf) <= _BUFFER_KEPT_MAX:
                 self._buffers.append(buf)
                 return
         buf.close()
