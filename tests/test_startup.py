@@ -142,6 +142,7 @@ def test_local_failures(mode, attempt, s3server, bucket, mount_factory, tmp_path
     (["s3://bkt", "--list-ttl", "0"], "list-ttl must be positive"),
     (["s3://bkt", "--list-ttl", "soon"], "not a valid float"),
     (["s3://bkt", "--uid", "-1"], "not a valid id"),
+    (["s3://bkt", "--cache-open-files", "0"], "cache-open-files must be at least 1"),
     (["s3://bkt", "--endpoint-url", "127.0.0.1:9000"], "must look like http"),
     (["s3://bkt", "-o", "rw"], "not supported"),
     (["s3://bkt", "--no-such-option"], "No such option"),
