@@ -87,6 +87,10 @@ class TieredMount(_Process):
     def stats(self) -> dict[str, int]:
         return json.loads(os.getxattr(self.path, STATS_XATTR))
 
+    def settle(self, timeout: float = 60) -> None:
+        """Until the blocks queued for the cache are written."""
+        wait_until(lambda: self.stats().get("chain.fill_queue_bytes", 0) == 0, timeout, interval=0.05)
+
 
 class NullMount(_Process):
     def __init__(self, path: Path, files: dict[str, int], log: Path, keep_cache: bool = False):

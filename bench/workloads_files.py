@@ -120,7 +120,14 @@ def restart(run: Run) -> None:
     cache = run.fresh_cache("restart")
     with run.tiered(cache, "--block-size", "4K", "--readahead-max", "1M").start() as m:
         t0 = time.perf_counter()
-        _read_prefix(m.path / "big", blocks * bs)
+        # Creating 100,000 block files can outrun this disk, and the fill then skips blocks
+        # (docs/readahead.md); what is measured is the restart, so read again what is missing.
+        for _ in range(3):
+            drop_file_cache(m.path / "big")
+            _read_prefix(m.path / "big", blocks * bs)
+            m.settle()
+            if m.stats().get("local.blocks", 0) >= blocks:
+                break
         fill_s = time.perf_counter() - t0
         cached = m.stats().get("local.blocks", 0)
     drop_tree_cache(cache)
