@@ -36,6 +36,7 @@ _STATVFS_TTL = 1.0
 # block, or a prefetched block then read, must not look like re-use to the eviction.
 CORRELATION_WINDOW = 2.0
 _RECENT_MAX = 65536
+_HITS_BATCH = 65536  # hits kept in memory before they are written to the index
 _ORPHAN_AGE = 60.0  # a file this young may be a fill whose index entry is being written
 CHUNK = 16 * 1024  # a small read verifies (and reads) only the chunks it covers
 _DISK_READ = 64 * 1024  # ...but one that may have to wait for the disk reads this much around it
@@ -163,7 +164,7 @@ class LocalTier:
             return self._drop(block_id, f"length {len(data)} != {length}")
         if chunk_sums(data) != sums:
             return self._drop(block_id, "checksum mismatch")
-        self._hit(block_id, len(data))
+        self._hit(block_id, len(data), may_flush=True)
         return data
 
     def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
@@ -200,13 +201,13 @@ class LocalTier:
             return None
         if chunk_sums(data) != sums[first * 8:(last + 1) * 8]:
             return self._drop(block_id, "chunk checksum mismatch or short file") if wait else None
-        self._hit(block_id, hi - lo)
+        self._hit(block_id, hi - lo, may_flush=wait)
         return memoryview(data)[lo - start:hi - start]
 
-    def _hit(self, block_id: bytes, nbytes: int) -> None:
+    def _hit(self, block_id: bytes, nbytes: int, may_flush: bool) -> None:
         self.counters.add("hits")
         self.counters.add("hit_bytes", nbytes)
-        self._note_hit(block_id)
+        self._note_hit(block_id, may_flush)
 
     def put(self, ref: BlockRef, data: bytes) -> None:
         """Store a block if room can be made; failures are counted, never raised."""
@@ -272,17 +273,21 @@ class LocalTier:
             hits, self._hits = self._hits, {}
         return hits
 
-    def _note_hit(self, block_id: bytes) -> None:
-        # Batched: frequencies reach LMDB when room is next made, not one write per read.
+    def _note_hit(self, block_id: bytes, may_flush: bool) -> None:
+        """Batched: frequencies reach LMDB when room is next made, or when the batch is full
+        and this is a worker thread; the FUSE thread never writes LMDB, and while a full
+        batch waits for a worker, further hits go unrecorded (memory stays bounded)."""
         now = time.monotonic()
         with self._hits_lock:
             began = self._recent.get(block_id)
             if began is not None and now - began < CORRELATION_WINDOW:
                 return
+            full = len(self._hits) >= _HITS_BATCH
+            if full and not may_flush:
+                return
             self._hits[block_id] = self._hits.get(block_id, 0) + 1
-            flush = len(self._hits) >= 65536
         self._note_use(block_id, now)
-        if flush:
+        if full:
             self.index.apply_hits(self._take_hits())
 
     def _note_use(self, block_id: bytes, now: float) -> None:
