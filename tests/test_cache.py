@@ -290,7 +290,7 @@ def test_small_random_reads_verify_the_chunks_they_read(bucket, put, mount_facto
     m.settle()
     victim = block_files(m.cache_dir)[0]
     raw = bytearray(victim.read_bytes())
-    raw[100 * K] ^= 0xFF  # in the second 64 KiB chunk of one block
+    raw[100 * K] ^= 0xFF  # in the seventh 16 KiB chunk (second 64 KiB piece) of one block
     victim.write_bytes(bytes(raw))
     s3server.reset_counts()
     fd = os.open(m.path / "r.bin", os.O_RDONLY)
