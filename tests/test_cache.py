@@ -284,7 +284,7 @@ def test_cache_dir_on_a_completely_full_disk_serves_from_s3(bucket, put, mount_f
 
 
 def test_small_random_reads_verify_the_chunks_they_read(bucket, put, mount_factory, s3server):
-    data = put("r.bin", os.urandom(8 * 64 * K))  # 512 KiB: blocks of 256 KiB, chunks of 64 KiB
+    data = put("r.bin", os.urandom(8 * 64 * K))  # 512 KiB: blocks of 256 KiB, chunks of 16 KiB
     m = mount_factory(bucket, "--block-size", "256K", "--small-file-threshold", "64K")
     assert read_uncached(m.path / "r.bin") == data
     m.settle()
