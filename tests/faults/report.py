@@ -26,6 +26,8 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
+    if not RESULTS.exists():
+        sys.exit(f"no {RESULTS} yet: run the fault tests first (python -m pytest tests/faults)")
     text = table(json.loads(RESULTS.read_text()))
     if "--print" in sys.argv:
         print(text)
