@@ -117,17 +117,29 @@ def test_written_files_hold_exactly_the_bytes(tmp_path, size):
     files.close_all()
 
 
-def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path, monkeypatch):
-    """Every filesystem here takes O_DIRECT, so its refusal (EINVAL, as from some FUSE or
-    network filesystems) is simulated: the one stand-in in this file."""
-    real_open = os.open
+@pytest.mark.parametrize("refused_by", ["open", "write"])
+def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path, monkeypatch, refused_by):
+    """Every filesystem here takes O_DIRECT, so its refusal (EINVAL at open, as from some FUSE
+    or network filesystems, or at the first write, as where the alignment is larger than
+    4 KiB) is simulated: the one stand-in in this file."""
+    real_open, real_write = os.open, os.write
+    direct_fds = set()
 
-    def no_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
+    def open_(path, flags, *args):
+        if flags & os.O_DIRECT and refused_by == "open":
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
+        fd = real_open(path, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
 
-    monkeypatch.setattr(os, "open", no_direct)
+    def write(fd, data):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "write", write)
     files = BlockFiles(lambda name: tmp_path / name, limit=4)
     for i in range(3):
         files.write(f"f{i}", b"x" * (5000 + i))

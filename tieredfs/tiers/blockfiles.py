@@ -107,16 +107,17 @@ class BlockFiles:
         if self._direct:
             try:
                 fd = os.open(path, flags | os.O_DIRECT, 0o644)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._direct = False  # this filesystem has no O_DIRECT: write through the cache
-            else:
                 try:
                     self._write_direct(fd, data)
                 finally:
                     os.close(fd)
                 return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # No O_DIRECT on this filesystem, or not with 4 KiB alignment: write through
+                # the page cache from now on (the file is written again from the start).
+                self._direct = False
         with open(path, "wb") as f:
             f.write(data)
 
