@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import read_file
+from tieredfs.devserver import wait_until
 
 AWKWARD_VISIBLE = {
     # key -> path under the mount
@@ -124,6 +125,50 @@ def test_inodes_are_stable_across_relistings(bucket, s3, put, mount_factory):
     time.sleep(0.7)
     assert os.stat(m.path / "g.txt").st_ino not in before.values()
     assert read_file(m.path / "g.txt") == b"g again"
+
+
+def drop_kernel_inodes() -> None:
+    """Make the kernel evict unused dentries and inodes: FUSE then sends FORGET for each."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def test_names_the_kernel_forgets_are_freed(bucket, put, mount_factory):
+    names = [f"many/{i:03d}" for i in range(200)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: put(key, b"x"), names))
+    m = mount_factory(bucket, "--list-ttl", "0.3")
+    assert len(os.listdir(m.path / "many")) == 200  # readdirplus: 200 references
+    assert all(os.stat(m.path / name).st_size == 1 for name in names[::7])  # lookups
+    for v in range(8):  # each version is a new inode
+        put("v.txt", b"version %d" % v)
+        time.sleep(0.35)
+        assert read_file(m.path / "v.txt") == b"version %d" % v
+    assert m.stats()["namespace.nodes"] >= 200 + 1 + 2
+    drop_kernel_inodes()
+    # Without a forget handler (or with one that frees nothing) this stays above 200.
+    assert wait_until(lambda: m.stats()["namespace.nodes"] <= 4, 10), m.stats()["namespace.nodes"]
+    assert m.stats()["namespace.listed_dirs"] == 1  # the root's; "many" is listed again on need
+    assert read_file(m.path / "many/007") == b"x"
+    assert len(os.listdir(m.path / "many")) == 200
+    assert read_file(m.path / "v.txt") == b"version 7"
+
+
+def test_a_name_held_by_the_kernel_survives_its_listing(bucket, s3, put, mount_factory):
+    put("keep.txt", b"k")
+    m = mount_factory(bucket, "--list-ttl", "0.3")
+    with open(m.path / "keep.txt", "rb") as f:
+        assert f.read() == b"k"
+        ino = os.fstat(f.fileno()).st_ino
+        s3.delete_object(Bucket=bucket, Key="keep.txt")
+        time.sleep(0.35)
+        assert os.listdir(m.path) == []  # relisted: the name is gone from S3
+        drop_kernel_inodes()  # an open file pins its inode: no FORGET for it
+        time.sleep(0.35)  # past the attribute timeout: fstat asks the daemon (getattr)
+        st = os.fstat(f.fileno())
+        assert (st.st_ino, st.st_size) == (ino, 1)
+        assert os.pread(f.fileno(), 1, 0) == b"k"
 
 
 def test_readdir_continues_from_its_opendir_snapshot(bucket, s3, put, mount_factory):

@@ -9,7 +9,7 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import trio
 
@@ -61,15 +61,23 @@ class FileSystem:
         self._dirs[fh] = entries
         return fh
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[Node, int]]:
-        """(entry, offset of the next one) from `start` on; lazy, since the kernel takes
-        one page of entries per call and a big directory would otherwise be quadratic."""
+    def readdir(self, fh: int, start: int, emit: Callable[[Node, int], bool]) -> None:
+        """emit(entry, offset of the next one) from `start` on, until it returns False (the
+        kernel's page is full: a big directory takes many calls). Each entry emitted is one
+        more reference the kernel holds (readdirplus)."""
         entries = self._dirs.get(fh, [])
         for i in range(max(0, start), len(entries)):
-            yield entries[i], i + 1
+            if not emit(entries[i], i + 1):
+                return
+            self.namespace.remember(entries[i])
 
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
+
+    def forget(self, inode_counts) -> None:
+        for ino in self.namespace.forget(inode_counts):
+            # The kernel dropped the inode, and its pages with it.
+            self._etag_at_last_open.pop(ino, None)
 
     # --- files ---------------------------------------------------------------------------
 

@@ -85,13 +85,18 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        for node, next_id in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, node.name, self._attrs(node), next_id):
-                return
+        self.fs.readdir(fh, start_id, lambda node, next_id: pyfuse3.readdir_reply(
+            token, node.name, self._attrs(node), next_id))
 
     @_errors
     async def releasedir(self, fh):
         self.fs.releasedir(fh)
+
+    async def forget(self, inode_list):
+        try:
+            self.fs.forget(inode_list)
+        except Exception:  # pyfuse3: forget must not raise; it answers no request
+            log.exception("event=handler_bug op=forget")
 
     @_errors
     async def open(self, inode, flags, ctx):

@@ -4,9 +4,13 @@ Each directory is listed lazily (one delimited ListObjectsV2, all pages) the fir
 time it is needed and again once its listing is older than the TTL. A refresh makes
 one attempt (`refresh_dir`); if it fails, the last listing stays in use and is retried
 a few seconds later: an outage must neither hide files whose blocks are cached nor
-hold their readers for a whole read deadline. Inode numbers are stable for a
-(parent, name, kind, ETag) for the life of the mount, also across a deletion and
-re-creation; a new version is a new inode.
+hold their readers for a whole read deadline.
+
+Inode numbers are stable for a (parent, name, kind, ETag) while the kernel holds the
+inode, also across a deletion and re-creation; a new version is a new inode. Memory
+follows the kernel: once it forgets a directory, that directory's listing and every name
+under it are freed, and a name gone from S3 is freed once the kernel forgets it
+(docs/namespace.md, "Memory").
 
 Keys that cannot be a path are skipped with one log line each (docs/namespace.md):
 empty components (`a//b`, `/a`), `.` and `..`, NUL, names over 255 bytes. When a key
@@ -29,7 +33,7 @@ NAME_MAX = 255
 STALE_RETRY = 5.0  # seconds a listing that S3 failed to refresh is used before trying again
 
 
-@dataclass
+@dataclass(slots=True)  # one per name listed: a bucket may have millions
 class Node:
     ino: int
     parent: int
@@ -39,6 +43,7 @@ class Node:
     size: int = 0
     mtime_ns: int = 0
     etag: str = ""
+    lookups: int = 0  # references the kernel holds (FUSE lookup count)
 
 
 @dataclass
@@ -95,12 +100,15 @@ class Namespace:
                 raise ObjectMissing(f"inode {ino} is unknown") from None
 
     def lookup(self, parent: int, name: bytes) -> Node:
+        """The entry, handed to the kernel: it holds a reference until it forgets it."""
         d = self._fresh_dir(parent)
         with self._lock:
             ino = d.children.get(name)
             if ino is None:
                 raise ObjectMissing(f"no entry {name!r}")
-            return self._nodes[ino]
+            node = self._nodes[ino]
+            node.lookups += 1
+            return node
 
     def children(self, ino: int) -> list[Node]:
         d = self._fresh_dir(ino)
@@ -124,6 +132,69 @@ class Namespace:
             if pos < 0:
                 return -1, []
             return pos, [self._nodes[i] for i in d.order[pos + 1:pos + 1 + count]]
+
+    # --- the kernel's references ----------------------------------------------------------
+
+    def remember(self, node: Node) -> None:
+        """The kernel took a reference other than through lookup (a readdirplus entry)."""
+        with self._lock:
+            node.lookups += 1
+            # A snapshot taken at opendir may hold a name freed since: it is known again.
+            self._nodes.setdefault(node.ino, node)
+
+    def forget(self, inode_counts) -> list[int]:
+        """The kernel dropped `count` references to each inode. Returns the inodes it no
+        longer knows; what nothing else needs is freed."""
+        unknown = []
+        with self._lock:
+            for ino, count in inode_counts:
+                node = self._nodes.get(ino)
+                if node is None or ino == ROOT_INO or node.lookups == 0:
+                    continue
+                node.lookups = max(0, node.lookups - count)
+                if node.lookups == 0:
+                    unknown.append(ino)
+                    self._unreferenced(node)
+        return unknown
+
+    def _unreferenced(self, node: Node) -> None:
+        """A node the kernel no longer knows. A directory's listing goes (the kernel forgot
+        everything below it); the node itself goes unless a current listing names it."""
+        if node.is_dir and self._drop_listing(node.ino):
+            return
+        parent = self._dirs.get(node.parent)
+        if parent is None or parent.children.get(node.name) != node.ino:
+            self._free(node)
+
+    def _drop_listing(self, ino: int) -> bool:
+        """Free a directory's listing and all below it; True if some name below is still
+        held by the kernel (it should not be: a child pins its parent), and so kept."""
+        d = self._dirs[ino]
+        held = {}
+        for identity, child_ino in d.known.items():
+            child = self._nodes.get(child_ino)
+            if child is None:
+                continue
+            if child.lookups or (child.is_dir and self._drop_listing(child_ino)):
+                held[identity] = child_ino
+            else:
+                self._nodes.pop(child_ino, None)
+                self._dirs.pop(child_ino, None)
+        d.children, d.known, d.order, d.position, d.listed_at = {}, held, None, {}, None
+        return bool(held)
+
+    def _free(self, node: Node) -> None:
+        self._nodes.pop(node.ino, None)
+        self._dirs.pop(node.ino, None)
+        parent = self._dirs.get(node.parent)
+        identity = (node.name, node.is_dir, node.etag)
+        if parent is not None and parent.known.get(identity) == node.ino:
+            del parent.known[identity]
+
+    def gauges(self) -> dict[str, int]:
+        with self._lock:
+            return {"namespace.nodes": len(self._nodes),
+                    "namespace.listed_dirs": sum(d.listed_at is not None for d in self._dirs.values())}
 
     def mark_stale(self, ino: int) -> None:
         """Forget a directory's listing so the next lookup sees S3's current state."""
@@ -183,7 +254,9 @@ class Namespace:
             self._replace_children(parent.ino, entries)
 
     def _replace_children(self, parent: int, entries: dict) -> None:
-        d = self._dirs[parent]
+        d = self._dirs.get(parent)
+        if d is None:
+            return  # freed meanwhile: the kernel forgot this directory
         children = {}
         for name, (is_dir, key, size, mtime_ns, etag) in entries.items():
             # A new version is a new inode, as a file renamed over another: the kernel keeps
@@ -200,8 +273,13 @@ class Namespace:
                 node = self._nodes[ino]
             node.size, node.mtime_ns, node.etag = size, mtime_ns, etag
             children[name] = node.ino
+        gone = set(d.children.values()) - set(children.values())
         d.children = children
         d.order = None
+        for ino in gone:
+            node = self._nodes.get(ino)
+            if node is not None and node.lookups == 0:
+                self._unreferenced(node)  # a deleted or replaced version nobody holds
 
     def _checked(self, component: str, key: str, consequence: str) -> bytes | None:
         problem = unusable(component)

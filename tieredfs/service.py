@@ -94,6 +94,7 @@ class Daemon:
             counters=self.registry.counters("s3"))
         self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
                                    refresh_dir=functools.partial(self.backend.list_dir, attempts=1))
+        self.registry.add_source(self.namespace.gauges)
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))
