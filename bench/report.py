@@ -95,6 +95,10 @@ def _also(by_id: dict, row: dict) -> str:
         num, ref = by_id.get(num_id) if num_id else row, by_id.get(ref_id)
         if num and ref and num["value"] and ref["value"]:
             notes.append(f"{num['value'] / ref['value']:.2f}× {label}")
+    if row["id"] == "seq.page_cache":  # the kernel's share of a miss (bench/folios.py)
+        native, ours = by_id.get("folio.native"), by_id.get("folio.tieredfs")
+        if native and ours and native["value"] and ours["value"]:
+            notes.append(f"page-cache folios of {ours['value']:.0f} KiB, native {native['value']:.0f} KiB")
     return f" ({'; '.join(notes)})" if notes else ""
 
 

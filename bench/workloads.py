@@ -15,6 +15,7 @@ from pathlib import Path
 from tieredfs.tiers.blockfiles import BlockFiles
 
 from . import fio, raw_s3
+from .folios import mean_folio_kib
 from .context import MiB, Run
 from .mounts import NullMount, drop_tree_cache
 
@@ -61,6 +62,8 @@ def sequential(run: Run) -> None:
     run.record(w, "native", "native file, page cache dropped", "MiB/s", *_mib(r))
     r = _best(lambda: seq(native, 0), reps)
     run.record(w, "native_pc", "native file, in page cache", "MiB/s", *_mib(r))
+    run.record("folio", "native", "native file in page cache: folio size of its average byte",
+               "KiB", mean_folio_kib(native))
     with nullfs(run) as null:
         r = _best(lambda: seq(null.path / "big"), reps)
     run.record(w, "nullfs", "no-op pyfuse3 fs", "MiB/s", *_mib(r))
@@ -84,6 +87,8 @@ def sequential(run: Run) -> None:
         run.measure(m, w, "page_cache", "tieredfs re-read, page cache", "MiB/s",
                     lambda: _mib(_best(lambda: seq(m.path / "big", 0), reps)),
                     vs=f"{w}.native_pc")
+        run.record("folio", "tieredfs", "tieredfs file in page cache: folio size of its average "
+                   "byte", "KiB", mean_folio_kib(m.path / "big"))
     run.warm_caches["big"] = cache
     with run.tiered(run.fresh_cache("big-nowait"), "--cache-fill-wait", "0").start() as m:
         run.measure(m, w, "cold_nowait", "tieredfs cold, never waiting for the cache disk "
