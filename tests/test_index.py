@@ -177,9 +177,13 @@ def test_unreadable_index_is_moved_aside(tmp_path):
     cache.create()
     cache.index.mkdir()
     (cache.index / "data.mdb").write_bytes(b"\xde\xad" * 8192)
+    earlier = tmp_path / "index.lmdb.corrupt-1"  # moved aside by an earlier start
+    earlier.mkdir()
     idx = open_index(cache, 1 << 26)
     assert idx.totals()["blocks"] == 0
-    assert any(p.name.startswith("index.lmdb.corrupt-") for p in tmp_path.iterdir())
+    asides = [p for p in tmp_path.iterdir() if p.name.startswith("index.lmdb.corrupt-")]
+    assert len(asides) == 1 and asides[0] != earlier  # only the last one is kept
+    assert (asides[0] / "data.mdb").read_bytes() == b"\xde\xad" * 8192
     idx.env.close()
 
 
@@ -202,7 +206,7 @@ def test_sweep_removes_orphans_only(tmp_path, monkeypatch):
     tier.close()
 
 
-def test_an_index_of_an_older_format_starts_empty(tmp_path):
+def test_an_index_of_an_older_format_starts_empty(tmp_path, caplog):
     import lmdb  # only to write an index as the previous format did: no format key
 
     cache = CacheDir(tmp_path)
@@ -215,6 +219,8 @@ def test_an_index_of_an_older_format_starts_empty(tmp_path):
     index = open_index(cache, 1 << 26)
     try:
         assert index.totals()["blocks"] == 0
-        assert list(tmp_path.glob("index.lmdb.corrupt-*"))  # moved aside, not deleted
+        assert not list(tmp_path.glob("index.lmdb.*"))  # nothing to investigate: not kept
+        assert "event=cache_index_format_changed" in caplog.text
+        assert "is of format 1, this version uses 3" in caplog.text
     finally:
         index.env.close()

@@ -75,6 +75,10 @@ class CacheLocked(CacheError):
     pass
 
 
+class CacheFormatChanged(CacheError):
+    """The index was written by a version of tieredfs that laid the cache out differently."""
+
+
 class ReadOnly(TieredError):
     errno = errno.EROFS
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import lmdb
 
-from .errors import CacheError
+from .errors import CacheError, CacheFormatChanged
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class BlockIndex:
                 found = FORMAT
         if found != FORMAT:
             self.env.close()
-            raise CacheError(f"cache index {path} is of an older format")
+            raise CacheFormatChanged(f"cache index {path} is of format {(found or b'1').decode()}, "
+                                     f"this version uses {FORMAT.decode()}")
 
     def close(self) -> None:
         self.env.sync(True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import xxhash
 
 from ..blocks import BlockRef
-from ..errors import CacheError, CacheLocked
+from ..errors import CacheError, CacheFormatChanged, CacheLocked
 from ..index import BlockIndex
 from ..stats import Counters
 from .blockfiles import BlockFiles
@@ -40,6 +40,7 @@ _HITS_BATCH = 65536  # hits kept in memory before they are written to the index
 _ORPHAN_AGE = 60.0  # a file this young may be a fill whose index entry is being written
 CHUNK = 16 * 1024  # a small read verifies (and reads) only the chunks it covers
 _DISK_READ = 64 * 1024  # ...but one that may have to wait for the disk reads this much around it
+_ASIDE = ".corrupt-"  # an unreadable index is kept as index.lmdb.corrupt-<time>
 
 
 def chunk_sums(data) -> bytes:
@@ -113,18 +114,25 @@ class CacheDir:
 
 
 def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
-    """Open the index; an unreadable one is moved aside and replaced by an empty one."""
+    """Open the index; one of an older format is removed, an unreadable one moved aside (the
+    last one only: they are not counted in the cache size), and the cache starts empty. The
+    block files it indexed are orphans then, swept in the background."""
     try:
         index = BlockIndex(cache.index, map_size)
         index.totals()
         return index
+    except CacheFormatChanged as e:
+        log.warning("event=cache_index_format_changed detail=%r action=start_empty", str(e))
+        shutil.rmtree(cache.index)
     except CacheError as e:
         if not cache.index.exists():
             raise  # nothing to move aside: the disk itself refuses (full, read-only)
-        aside = cache.index.with_name(f"index.lmdb.corrupt-{int(time.time())}")
+        for older in cache.index.parent.glob(f"{cache.index.name}{_ASIDE}*"):
+            shutil.rmtree(older, ignore_errors=True)
+        aside = cache.index.with_name(f"{cache.index.name}{_ASIDE}{int(time.time())}")
         log.warning("event=cache_index_unreadable error=%r action=start_empty moved_to=%s", str(e), aside)
         os.rename(cache.index, aside)
-        return BlockIndex(cache.index, map_size)
+    return BlockIndex(cache.index, map_size)
 
 
 class LocalTier:
