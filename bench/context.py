@@ -74,7 +74,7 @@ class Run:
         return self.workdir / "mnt" / f"null{self._n}", self.workdir / "logs" / f"null{self._n}.log"
 
     def remount_tier1(self, cache: Path, *extra: str) -> TieredMount:
-        """A new daemon on a filled cache whose block files are not in the page cache."""
+        """A new daemon on a filled cache whose files are not in the page cache."""
         drop_tree_cache(cache / "blocks")
         return self.tiered(cache, *extra).start()
 

@@ -82,11 +82,11 @@ def _restart_target(by_id: dict) -> dict:
 # is the target's own row.
 _ALSO = {"seq.page_cache": [(None, "seq.nullfs_pc", "the no-op FUSE fs in page cache")],
          "seq.tier1": [(None, "seq.nullfs", "the no-op FUSE fs"),
-                       (None, "seq.blockfiles", "the block files read directly")],
+                       (None, "seq.blockfiles", "tier 1's files read directly")],
          "seq.cold": [("seq.cold_nowait", "seq.boto3", "with --cache-fill-wait 0"),
                       (None, "seq.diskwrite", "the cache disk's write speed")],
          "rand4k.tier1": [("rand4k.tier1_warm", "rand4k.nullfs",
-                           "with the block files in the page cache")]}
+                           "with tier 1's files in the page cache")]}
 
 
 def _also(by_id: dict, row: dict) -> str:

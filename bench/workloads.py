@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tieredfs.memory import receive_buffer
 from tieredfs.tiers.blockfiles import BlockFiles
 
 from . import fio, raw_s3
@@ -77,7 +78,7 @@ def sequential(run: Run) -> None:
                f"{best['chunk'] >> 20} MiB (best)", "MiB/s", best["mib_s"],
                bytes=best["bytes"], seconds=best["seconds"], trials=best["trials"])
 
-    run.record(w, "diskwrite", f"the cache disk: new 1 MiB block files written as tier 1 does, "
+    run.record(w, "diskwrite", f"the cache disk: an object's 1 MiB blocks written as tier 1 does, "
                f"{BLOCK_READERS} threads", "MiB/s",
                *write_block_files(run.workdir / "diskwrite", ds.big_size))
     cache = run.fresh_cache("big")
@@ -95,7 +96,7 @@ def sequential(run: Run) -> None:
                     "(--cache-fill-wait 0)", "MiB/s", lambda: _mib(seq(m.path / "big")),
                     vs=f"{w}.boto3")
     drop_tree_cache(cache / "blocks")
-    run.record(w, "blockfiles", f"the cache's block files read directly, {BLOCK_READERS} threads, "
+    run.record(w, "blockfiles", f"tier 1's files read directly, 1 MiB blocks, {BLOCK_READERS} threads, "
                "page cache dropped", "MiB/s", *read_block_files(cache / "blocks"))
     run.measure_best(lambda: run.remount_tier1(cache), w, "tier1",
                      "tieredfs tier 1 (page cache dropped; best of new daemons)", "MiB/s",
@@ -104,24 +105,32 @@ def sequential(run: Run) -> None:
 
 def write_block_files(root: Path, size: int) -> tuple[float, dict]:
     """The ceiling of a cold read that caches everything when the disk is slower than the
-    network: `size` bytes as new 1 MiB block files, written the way tier 1 writes them."""
+    network: `size` bytes as one object's 1 MiB blocks, written the way tier 1 writes them
+    (a few threads, each block at its offset of one new file, from page-aligned buffers)."""
     files = BlockFiles(lambda name: root / name[:2] / name, 1)
-    data = os.urandom(MiB)
+    data = receive_buffer(MiB)
+    data[:] = os.urandom(MiB)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(BLOCK_READERS) as pool:
-        list(pool.map(lambda i: files.write(f"{i:032x}", data), range(size // MiB)))
+        list(pool.map(lambda i: files.write_at("ab" * 16, i * MiB, data), range(size // MiB)))
     seconds = time.perf_counter() - t0
     shutil.rmtree(root)
     return size / MiB / seconds, {"bytes": size, "seconds": seconds}
 
 
 def read_block_files(blocks: Path) -> tuple[float, dict]:
-    """The disk's ceiling for tier 1's layout (one file per block, spread over fan-out dirs),
-    which reads slower here than one big file: every file read whole by a few threads."""
+    """The disk's ceiling for tier 1's reads: its files' 1 MiB blocks read by a few threads."""
     files = sorted(p for p in blocks.rglob("*") if p.is_file())
     t0 = time.perf_counter()
+    n = 0
     with ThreadPoolExecutor(BLOCK_READERS) as pool:
-        n = sum(pool.map(lambda p: len(p.read_bytes()), files))
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                n += sum(pool.map(lambda off: len(os.pread(fd, MiB, off)), range(0, size, MiB)))
+            finally:
+                os.close(fd)
     seconds = time.perf_counter() - t0
     return n / MiB / seconds, {"bytes": n, "seconds": seconds, "files": len(files)}
 
@@ -142,9 +151,9 @@ def random_4k(run: Run) -> None:
     with run.remount_tier1(cache) as m:
         run.measure(m, w, "tier1", "tieredfs tier 1, O_DIRECT", "IOPS",
                     lambda: _iops(rand(m.path / "big")), vs=f"{w}.nullfs")
-        # Again: the block files' pages read by the first run are now in memory, so most
+        # Again: the pages of tier 1's files read by the first run are now in memory, so most
         # reads are served without a worker thread (docs/cache.md).
-        run.measure(m, w, "tier1_warm", "tieredfs tier 1, O_DIRECT, block files in the page cache",
+        run.measure(m, w, "tier1_warm", "tieredfs tier 1, O_DIRECT, its files in the page cache",
                     "IOPS", lambda: _iops(rand(m.path / "big")), vs=f"{w}.nullfs")
         fio.run("seq-read-1m", FILE=m.path / "big", INVALIDATE=0)
         run.measure(m, w, "page_cache", "tieredfs, in page cache", "IOPS",

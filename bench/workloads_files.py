@@ -120,7 +120,7 @@ def restart(run: Run) -> None:
     cache = run.fresh_cache("restart")
     with run.tiered(cache, "--block-size", "4K", "--readahead-max", "1M").start() as m:
         t0 = time.perf_counter()
-        # Creating 100,000 block files can outrun this disk, and the fill then skips blocks
+        # Creating 100,000 files (one per small object) can outrun this disk, and the fill then skips blocks
         # (docs/readahead.md); what is measured is the restart, so read again what is missing.
         for _ in range(3):
             drop_file_cache(m.path / "big")

@@ -1,6 +1,6 @@
-"""Block files: written whole (O_DIRECT, or buffered where refused), then read through a
-bounded set of kept-open descriptors; reads that never block; no descriptor outliving its
-file (real files in a temp dir)."""
+"""Tier 1's files: blocks written at their offsets (O_DIRECT, or buffered where refused) and
+freed by punching holes, read through a bounded set of kept-open descriptors; reads that
+never block; no descriptor outliving its file (real files in a temp dir)."""
 
 import errno
 import os
@@ -106,14 +106,32 @@ def test_a_file_unlinked_by_someone_else_is_a_miss_not_a_stale_read(blocks):
 
 
 @pytest.mark.parametrize("size", [1, 4095, 4096, 64 * 1024 + 7, 1 << 20])
-def test_written_files_hold_exactly_the_bytes(tmp_path, size):
+def test_a_last_block_holds_exactly_its_bytes(tmp_path, size):
     """O_DIRECT writes whole 4 KiB pages: a length that is not a multiple is cut back."""
     files = BlockFiles(lambda name: tmp_path / name[:2] / name, limit=4)
     data = os.urandom(size)
-    files.write("ab" * 16, data)
-    assert (tmp_path / "ab" / ("ab" * 16)).read_bytes() == data
-    assert files.read("ab" * 16, 0, size + 1, wait=True) == data
-    assert not list(tmp_path.rglob("*.tmp-*"))
+    files.write_at("ab" * 16, 1 << 20, data)
+    assert (tmp_path / "ab" / ("ab" * 16)).stat().st_size == (1 << 20) + size
+    assert files.read("ab" * 16, 1 << 20, size + 1, wait=True) == data
+    files.close_all()
+
+
+def test_blocks_written_in_any_order_keep_their_neighbours(tmp_path):
+    files = BlockFiles(lambda name: tmp_path / name, limit=4)
+    block = 64 * 1024
+    datas = [os.urandom(block) for _ in range(6)]
+    threads = [threading.Thread(target=files.write_at, args=("obj", i * block, datas[i]))
+               for i in (4, 1, 5, 0, 3, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (tmp_path / "obj").read_bytes() == b"".join(datas)
+    files.punch("obj", 2 * block, block)
+    raw = (tmp_path / "obj").read_bytes()
+    assert raw == b"".join(datas[:2]) + bytes(block) + b"".join(datas[3:])
+    assert (tmp_path / "obj").stat().st_blocks * 512 <= 5 * block
+    files.punch("missing", 0, block)  # nothing to free: not an error
     files.close_all()
 
 
@@ -122,26 +140,26 @@ def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path, monkeypatc
     """Every filesystem here takes O_DIRECT, so its refusal (EINVAL at open, as from some FUSE
     or network filesystems, or at the first write, as where the alignment is larger than
     4 KiB) is simulated: the one stand-in in this file."""
-    real_open, real_write = os.open, os.write
+    real_open, real_pwrite = os.open, os.pwrite
     direct_fds = set()
 
     def open_(path, flags, *args):
         if flags & os.O_DIRECT and refused_by == "open":
             raise OSError(errno.EINVAL, "Invalid argument")
         fd = real_open(path, flags, *args)
-        if flags & os.O_DIRECT:
-            direct_fds.add(fd)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # numbers are reused
         return fd
 
-    def write(fd, data):
+    def pwrite(fd, data, offset):
         if fd in direct_fds:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "open", open_)
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     files = BlockFiles(lambda name: tmp_path / name, limit=4)
     for i in range(3):
-        files.write(f"f{i}", b"x" * (5000 + i))
-        assert (tmp_path / f"f{i}").read_bytes() == b"x" * (5000 + i)
+        files.write_at("f", i * 8192, b"%d" % i * (5000 + i))
+    assert (tmp_path / "f").read_bytes() == b"".join(
+        (b"%d" % i * (5000 + i)).ljust(8192, b"\0") for i in range(3)).rstrip(b"\0")
     assert files._direct is False

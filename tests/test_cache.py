@@ -26,6 +26,7 @@ def gets(s3server) -> int:
 
 
 def block_files(cache_dir):
+    """Tier 1's files: one per object, holding its blocks."""
     return [p for p in (cache_dir / "blocks").rglob("*") if p.is_file()]
 
 
@@ -71,18 +72,21 @@ def test_damaged_block_files_are_refetched(bucket, dataset, mount_factory, s3ser
     m = mount_factory(bucket, *SMALL)
     verify_all(m, dataset)
     files = block_files(m.cache_dir)
+    blocks = m.stats()["local.blocks"]
+    assert len(files) == len(dataset)  # one file per object
     for p in files:
-        if damage == "flip":
+        if damage == "flip":  # a bit in every block
             raw = bytearray(p.read_bytes())
-            raw[len(raw) // 2] ^= 0x01
+            for start in range(0, len(raw), BS):
+                raw[start + min(BS, len(raw) - start) // 2] ^= 0x01
             p.write_bytes(bytes(raw))
-        elif damage == "truncate":
-            os.truncate(p, p.stat().st_size // 2)
+        elif damage == "truncate":  # the first block cut short, the others gone
+            os.truncate(p, BS // 2)
         else:
             p.unlink()
     s3server.reset_counts()
     verify_all(m, dataset)
-    assert m.stats()["local.corrupt"] == len(files)
+    assert m.stats()["local.corrupt"] == blocks
     # Every block came again from S3, once (consecutive misses may share one GET).
     assert s3server.counts()["GET_BYTES"] == sum(len(v) for v in dataset.values())
     assert "event=cache_block_corrupt" in m.log.read_text()
@@ -258,8 +262,8 @@ def test_cache_cli(bucket, dataset, mount_factory):
     assert '"hit_ratio_since_start"' in info.stdout
     refused = run("clear")
     assert refused.returncode == 1 and "in use by" in refused.stderr
-    victim = block_files(m.cache_dir)[0]
-    victim.write_bytes(b"garbage")
+    with open(block_files(m.cache_dir)[0], "r+b") as victim:  # one block of one object
+        victim.write(b"garbage")
     check = run("check")
     assert check.returncode == 1 and '"corrupt": 1' in check.stdout
     assert run("check", "--drop").returncode == 0

@@ -28,11 +28,14 @@ class BlockRef:
     # Fixed-length, filesystem-safe address shared by every tier (32 hex chars); computed
     # once, since every tier and the single-flight table look blocks up by it.
     id: str = field(init=False, compare=False, repr=False)
+    # The same for the object version's blocks together: tier 1 keeps them in one file.
+    file: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         o = self.obj
-        raw = f"{o.bucket}\0{o.key}\0{o.etag}\0{self.block_size}\0{self.index}".encode()
-        object.__setattr__(self, "id", xxhash.xxh3_128_hexdigest(raw))
+        prefix = f"{o.bucket}\0{o.key}\0{o.etag}\0{self.block_size}"
+        object.__setattr__(self, "file", xxhash.xxh3_128_hexdigest(prefix.encode()))
+        object.__setattr__(self, "id", xxhash.xxh3_128_hexdigest(f"{prefix}\0{self.index}".encode()))
 
     @property
     def start(self) -> int:

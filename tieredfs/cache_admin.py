@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .errors import CacheError, CacheLocked
 from .index import BlockIndex
-from .tiers.local import CacheDir, chunk_sums
+from .tiers.blockfiles import BlockFiles
+from .tiers.local import CacheDir, chunk_sums, free_space
 
 _MAP_SIZE = 1 << 30
 
@@ -65,25 +66,28 @@ def clear(path: Path, force: bool) -> int:
 def check(path: Path, drop: bool) -> dict:
     """Verify every block against its checksum; optionally drop the bad ones."""
     cache, index = _open(path)
+    files = BlockFiles(cache.file_path, 16)
     bad: list[bytes] = []
     checked = 0
     try:
         for block_id, entry in index.entries():
             checked += 1
             try:
-                data = cache.block_path(block_id.hex()).read_bytes()
+                data = files.read(entry.file.hex(), entry.offset, entry.length, wait=True)
             except OSError:
                 bad.append(block_id)
                 continue
             if len(data) != entry.length or chunk_sums(data) != entry.chunk_sums:
                 bad.append(block_id)
-        if drop and bad:
-            index.remove(bad)
-            index.sync()
+        removed = index.remove(bad) if drop and bad else []
+        index.sync()
+        for r in removed:
+            try:
+                free_space(cache, files, r)
+            except OSError:
+                pass  # the space comes back with the file's last block
     finally:
+        files.close_all()
         index.env.close()
-    if drop:
-        for block_id in bad:
-            cache.block_path(block_id.hex()).unlink(missing_ok=True)
     return {"checked": checked, "corrupt": len(bad), "dropped": len(bad) if drop else 0,
             "corrupt_ids": [b.hex() for b in bad[:20]]}

@@ -118,7 +118,7 @@ _MOUNT_SETTINGS = {
     "dir_prefetch": click.option("--dir-prefetch", type=int,
                                  help="small files fetched ahead of an in-order directory walk (0: off)"),
     "cache_open_files": click.option("--cache-open-files", type=int,
-                                     help="block files kept open between reads (default 1024)"),
+                                     help="tier-1 files kept open between reads (default 1024)"),
     "cache_write_queue": click.option("--cache-write-queue",
                                       help="fetched blocks waiting for the cache disk (default 32M)"),
     "cache_fill_wait": click.option("--cache-fill-wait", type=float,

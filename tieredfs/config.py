@@ -63,7 +63,7 @@ class Config:
     block_size: int = 1 * MiB
     cache_size: str = "10G"  # bytes or a percentage of the cache filesystem, e.g. "20%"
     cache_min_free: int = 1 * GiB
-    cache_open_files: int = 1024  # block files kept open between reads
+    cache_open_files: int = 1024  # tier-1 files (one per object) kept open between reads
     list_ttl: float = 60.0
 
     # S3 access.

@@ -1,8 +1,9 @@
 """The LMDB index of the local block cache (the only module that imports lmdb).
 
-Per block: length, the xxh3-64 checksum of each 16 KiB chunk (so a small read verifies
-only what it reads, a whole-block read all of them), eviction queue and position,
-access frequency, insert and last-access times. Eviction is S3-FIFO (docs/cache.md): new blocks enter a
+Per block: length, the file holding it and its offset there, the xxh3-64 checksum of
+each 16 KiB chunk (so a small read verifies only what it reads, a whole-block read all of
+them), eviction queue and position, access frequency, insert and last-access times. Per
+file: how many of its blocks are indexed, so the last one evicted removes the file. Eviction is S3-FIFO (docs/cache.md): new blocks enter a
 small FIFO; only blocks read again while there move to the main FIFO, so one big
 scan passes through the small queue without flushing the hot set.
 
@@ -27,11 +28,15 @@ SMALL, MAIN = 0, 1
 SMALL_SHARE = 0.10  # the small queue's share of the capacity, as in the S3-FIFO paper
 MAX_FREQ = 3
 
-_ENTRY = struct.Struct("<IBQBdd")  # length, queue, seq, freq, inserted, last_access; then chunk sums
+# length, queue, seq, freq, inserted, last_access, file, offset; then the chunk sums
+_ENTRY = struct.Struct("<IBQBdd16sQ")
 _ORDER = struct.Struct(">BQ")  # queue, seq: big-endian so keys sort in FIFO order
 _U64 = struct.Struct("<Q")
+_COUNT = struct.Struct("<I")
 _SEQ = struct.Struct(">Q")  # ghost order keys: big-endian to sort oldest first
-FORMAT = b"3"  # 3: a checksum per 16 KiB chunk; an index of another format starts empty
+# 3: a checksum per 16 KiB chunk; 4: the blocks of an object version in one file. An index
+# of another format starts empty.
+FORMAT = b"4"
 _SUMS_KEPT = 16384  # blocks whose checksums are kept in memory (~4 MiB)
 
 
@@ -43,11 +48,24 @@ class Entry:
     freq: int
     inserted: float
     last_access: float
+    file: bytes  # the file holding the block (16 bytes, BlockRef.file)
+    offset: int  # where in that file
     chunk_sums: bytes = b""  # xxh3-64 digests of the block's CHUNK-sized pieces, concatenated
 
     def pack(self) -> bytes:
-        return _ENTRY.pack(self.length, self.queue, self.seq, self.freq,
-                           self.inserted, self.last_access) + self.chunk_sums
+        return _ENTRY.pack(self.length, self.queue, self.seq, self.freq, self.inserted,
+                           self.last_access, self.file, self.offset) + self.chunk_sums
+
+
+@dataclass(frozen=True)
+class Removed:
+    """A block taken out of the index, for its bytes to be freed on disk."""
+
+    block_id: bytes
+    file: bytes
+    offset: int
+    length: int
+    last_in_file: bool  # no other block of its file is indexed: the file can go
 
 
 def _unpack(raw: bytes) -> Entry:
@@ -57,7 +75,7 @@ def _unpack(raw: bytes) -> Entry:
 class BlockIndex:
     def __init__(self, path: Path, map_size: int):
         try:
-            self.env = lmdb.open(str(path), map_size=map_size, max_dbs=5, subdir=True,
+            self.env = lmdb.open(str(path), map_size=map_size, max_dbs=6, subdir=True,
                                  # Block files are checksummed, so losing the last commits in an
                                  # OS crash costs only cache hits; fsync per insert would cost more.
                                  sync=False, metasync=False, readahead=False, max_readers=256)
@@ -67,6 +85,7 @@ class BlockIndex:
         self._order = self.env.open_db(b"order")
         self._ghosts = self.env.open_db(b"ghosts")
         self._ghost_order = self.env.open_db(b"ghost_order")
+        self._files = self.env.open_db(b"files")
         self._meta = self.env.open_db(b"meta")
         self._check_format(path)
         # (length, chunk sums) of recently read blocks, so a hit needs no LMDB transaction.
@@ -125,6 +144,11 @@ class BlockIndex:
             for block_id in block_ids:
                 self._sums.pop(block_id, None)
 
+    def file_in_use(self, file: bytes) -> bool:
+        """Some block of this file is indexed."""
+        with self.env.begin(db=self._files) as txn:
+            return txn.get(file) is not None
+
     def totals(self) -> dict[str, int]:
         with self.env.begin() as txn:
             small, main = self._used(txn, SMALL), self._used(txn, MAIN)
@@ -145,9 +169,9 @@ class BlockIndex:
 
     # --- writes ----------------------------------------------------------------------------
 
-    def make_room(self, needed: int, capacity: int, hits: dict[bytes, int]) -> list[bytes]:
-        """Evict until used + needed <= capacity; return the evicted ids (files to delete)."""
-        evicted: list[bytes] = []
+    def make_room(self, needed: int, capacity: int, hits: dict[bytes, int]) -> list[Removed]:
+        """Evict until used + needed <= capacity; return what was evicted (bytes to free)."""
+        evicted: list[Removed] = []
         with self.env.begin(write=True) as txn:
             self._apply_hits(txn, hits)
             while self._used(txn, SMALL) + self._used(txn, MAIN) + needed > capacity:
@@ -155,10 +179,10 @@ class BlockIndex:
                 if victim is None:
                     break
                 evicted.append(victim)
-        self._removed(evicted)
+        self._removed([r.block_id for r in evicted])
         return evicted
 
-    def insert(self, block_id: bytes, length: int, chunk_sums: bytes) -> None:
+    def insert(self, block_id: bytes, length: int, chunk_sums: bytes, file: bytes, offset: int) -> None:
         now = time.time()
         with self.env.begin(write=True) as txn:
             self._delete(txn, block_id)
@@ -166,17 +190,20 @@ class BlockIndex:
             if was_ghost is not None:
                 txn.delete(was_ghost, db=self._ghost_order)
             queue = MAIN if was_ghost is not None else SMALL
-            self._append(txn, block_id, Entry(length, queue, 0, 0, now, now, chunk_sums))
+            self._append(txn, block_id, Entry(length, queue, 0, 0, now, now, file, offset, chunk_sums))
+            self._count_file(txn, file, +1)
 
-    def remove(self, block_ids: list[bytes]) -> None:
+    def remove(self, block_ids: list[bytes]) -> list[Removed]:
+        """Take blocks out of the index; returns those that were in it."""
         with self.env.begin(write=True) as txn:
-            for block_id in block_ids:
-                self._delete(txn, block_id)
+            removed = [r for r in (self._delete(txn, b) for b in block_ids) if r is not None]
         self._removed(block_ids)
+        return removed
 
     def clear(self) -> None:
         with self.env.begin(write=True) as txn:
-            for db in (self._blocks, self._order, self._ghosts, self._ghost_order, self._meta):
+            for db in (self._blocks, self._order, self._ghosts, self._ghost_order, self._files,
+                       self._meta):
                 txn.drop(db, delete=False)
             txn.put(b"format", FORMAT, db=self._meta)
         with self._sums_lock:
@@ -198,8 +225,8 @@ class BlockIndex:
                 e.freq, e.last_access = min(MAX_FREQ, e.freq + n), now
                 txn.put(block_id, e.pack(), db=self._blocks)
 
-    def _evict_one(self, txn, capacity: int) -> bytes | None:
-        """One S3-FIFO step; returns an evicted id, or None when nothing is left."""
+    def _evict_one(self, txn, capacity: int) -> Removed | None:
+        """One S3-FIFO step; returns the evicted block, or None when nothing is left."""
         while True:
             use_small = self._used(txn, SMALL) > capacity * SMALL_SHARE or self._used(txn, MAIN) == 0
             block_id, e = self._head(txn, SMALL if use_small else MAIN)
@@ -211,10 +238,10 @@ class BlockIndex:
                 e.queue, e.freq = MAIN, (0 if use_small else e.freq - 1)
                 self._append(txn, block_id, e)
                 continue
-            self._unlink(txn, block_id, e)
+            removed = self._take_out(txn, block_id, e)
             if use_small:
                 self._remember_ghost(txn, block_id, capacity // max(1, e.length))
-            return block_id
+            return removed
 
     def _head(self, txn, queue: int) -> tuple[bytes | None, Entry | None]:
         cur = txn.cursor(db=self._order)
@@ -238,10 +265,24 @@ class BlockIndex:
         txn.delete(block_id, db=self._blocks)
         self._add_used(txn, e.queue, -e.length)
 
-    def _delete(self, txn, block_id: bytes) -> None:
+    def _delete(self, txn, block_id: bytes) -> Removed | None:
         raw = txn.get(block_id, db=self._blocks)
-        if raw is not None:
-            self._unlink(txn, block_id, _unpack(raw))
+        return self._take_out(txn, block_id, _unpack(raw)) if raw is not None else None
+
+    def _take_out(self, txn, block_id: bytes, e: Entry) -> Removed:
+        """Out of the index for good (not a move between queues): its file counts one less."""
+        self._unlink(txn, block_id, e)
+        left = self._count_file(txn, e.file, -1)
+        return Removed(block_id, e.file, e.offset, e.length, last_in_file=left == 0)
+
+    def _count_file(self, txn, file: bytes, delta: int) -> int:
+        raw = txn.get(file, db=self._files)
+        n = max(0, (_COUNT.unpack(raw)[0] if raw else 0) + delta)
+        if n:
+            txn.put(file, _COUNT.pack(n), db=self._files)
+        else:
+            txn.delete(file, db=self._files)
+        return n
 
     def _remember_ghost(self, txn, block_id: bytes, limit: int) -> None:
         seq = self._next(txn, b"ghost_seq")

@@ -119,7 +119,7 @@ class Daemon:
                         self.cache_dir.path, str(e))
             return None
         self.capacity = capacity
-        files = BlockFiles(self.cache_dir.block_path, _open_block_files_limit(c.cache_open_files))
+        files = BlockFiles(self.cache_dir.file_path, _open_block_files_limit(c.cache_open_files))
         local = LocalTier(self.cache_dir, index, files, capacity=capacity,
                           min_free=c.cache_min_free, counters=self.registry.counters("local"))
         self.registry.add_source(local.gauges)
@@ -217,7 +217,7 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
 
 
 def _open_block_files_limit(wanted: int) -> int:
-    """How many block files may stay open: the soft descriptor limit (often 1024) is raised
+    """How many tier-1 files may stay open: the soft descriptor limit (often 1024) is raised
     to make room for them, up to the hard limit; with less room, fewer stay open."""
     need = wanted + _FDS_BESIDES_BLOCK_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

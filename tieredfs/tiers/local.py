@@ -1,10 +1,13 @@
-"""Tier 1: block files on the node's disk, indexed by LMDB (index.py).
+"""Tier 1: blocks on the node's disk, one sparse file per object version (blockfiles.py),
+indexed by LMDB (index.py).
 
-Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/<32-hex id>.
-Write order is data file (temp + rename) then index entry, so a crash leaves at most
-an orphan file, swept later in the background. Every read is verified against the
-checksums in the index (one per 16 KiB chunk: a small read checks only the chunks it
-covers); a bad block is dropped and reported as a miss.
+Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/<32-hex file id>, the
+block of index i at offset i x block size. Write order is the bytes, then the index entry:
+a block is readable only once both are there, so a crash leaves at most bytes nothing
+points to (a whole orphan file is swept later in the background). Every read is verified
+against the checksums in the index (one per 16 KiB chunk: a small read checks only the
+chunks it covers); a bad block is dropped and reported as a miss. An evicted block's
+bytes are freed by punching a hole; the file goes with its last block.
 
 The capacity is enforced on insert: room is made (evicting) and reserved before the
 file is written, so concurrent fills cannot overshoot it.
@@ -24,7 +27,7 @@ import xxhash
 
 from ..blocks import BlockRef
 from ..errors import CacheError, CacheFormatChanged, CacheLocked
-from ..index import BlockIndex
+from ..index import BlockIndex, Removed
 from ..stats import Counters
 from .blockfiles import BlockFiles
 
@@ -61,10 +64,10 @@ class CacheDir:
         self.lock_path = self.path / "lock"
         self._lock_fd: int | None = None
 
-    def block_path(self, hex_id: str) -> Path:
+    def file_path(self, file: str) -> Path:
         # One level of 256 directories: with two (65,536) nearly every block of a new cache
         # also made a new directory, and ext4 directory creation was ~40% of the fill time.
-        return self.blocks / hex_id[:2] / hex_id
+        return self.blocks / file[:2] / file
 
     def create(self) -> None:
         try:
@@ -116,7 +119,7 @@ class CacheDir:
 def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
     """Open the index; one of an older format is removed, an unreadable one moved aside (the
     last one only: they are not counted in the cache size), and the cache starts empty. The
-    block files it indexed are orphans then, swept in the background."""
+    files it indexed are orphans then, swept in the background."""
     try:
         index = BlockIndex(cache.index, map_size)
         index.totals()
@@ -148,6 +151,7 @@ class LocalTier:
         self.counters = counters
         self._room = threading.Lock()
         self._reserved = 0
+        self._filling: dict[str, int] = {}  # file -> blocks being written into it (under _room)
         self._hits: dict[bytes, int] = {}
         self._recent: OrderedDict[bytes, float] = OrderedDict()
         self._hits_lock = threading.Lock()
@@ -157,15 +161,14 @@ class LocalTier:
     # --- Tier interface ----------------------------------------------------------------
 
     def get(self, ref: BlockRef) -> bytes | None:
-        hex_id = ref.id
-        block_id = bytes.fromhex(hex_id)
+        block_id = bytes.fromhex(ref.id)
         known = self.index.checksums(block_id)
         if known is None:
             self.counters.add("misses")
             return None
         length, sums = known
         try:
-            data = self.files.read(hex_id, 0, length + 1, wait=True)
+            data = self.files.read(ref.file, ref.start, length, wait=True)
         except OSError as e:
             return self._unreadable(block_id, e)
         if len(data) != length or len(data) != ref.length:
@@ -186,8 +189,7 @@ class LocalTier:
         return self._part(ref, lo, hi, wait=False)
 
     def _part(self, ref: BlockRef, lo: int, hi: int, wait: bool):
-        hex_id = ref.id
-        block_id = bytes.fromhex(hex_id)
+        block_id = bytes.fromhex(ref.id)
         known = self.index.checksums(block_id)
         if known is None or known[0] != ref.length:
             return None  # the caller reads the whole block
@@ -202,7 +204,7 @@ class LocalTier:
         start = first * CHUNK
         size = min(length, (last + 1) * CHUNK) - start
         try:
-            data = self.files.read(hex_id, start, size, wait)
+            data = self.files.read(ref.file, ref.start + start, size, wait)
         except OSError as e:
             return self._unreadable(block_id, e)
         if data is None:
@@ -221,23 +223,25 @@ class LocalTier:
         """Store a block if room can be made; failures are counted, never raised."""
         if len(data) != ref.length:
             return
-        hex_id = ref.id
-        block_id = bytes.fromhex(hex_id)
+        block_id = bytes.fromhex(ref.id)
         try:
             if self.index.checksums(block_id) is not None:
                 return
-            if not self._reserve(len(data)):
+            if not self._reserve(len(data), ref.file):
                 self.counters.add("declined")
                 return
             try:
-                self.files.write(hex_id, data)
-                self.index.insert(block_id, len(data), chunk_sums(data))
+                self.files.write_at(ref.file, ref.start, data)
+                self.index.insert(block_id, len(data), chunk_sums(data), bytes.fromhex(ref.file), ref.start)
                 self._note_use(block_id, time.monotonic())
                 self.counters.add("fills")
                 self.counters.add("fill_bytes", len(data))
             finally:
                 with self._room:
                     self._reserved -= len(data)
+                    self._filling[ref.file] -= 1
+                    if not self._filling[ref.file]:
+                        del self._filling[ref.file]
         except (OSError, CacheError) as e:
             code = getattr(e, "errno", None)
             kind = "disk_full" if code in (errno.ENOSPC, errno.EDQUOT) else "write_errors"
@@ -253,15 +257,18 @@ class LocalTier:
 
     # --- capacity ------------------------------------------------------------------------
 
-    def _reserve(self, n: int) -> bool:
+    def _reserve(self, n: int, file: str) -> bool:
+        """Room for n bytes going into `file`. Evicted bytes are freed before the lock is let
+        go, so a fill that follows (perhaps of the same block) is never punched out."""
         with self._room:
             capacity = self._effective_capacity()
             if n > capacity:
                 return False
             evicted = self.index.make_room(self._reserved + n, capacity, self._take_hits())
             self._reserved += n
-        for block_id in evicted:
-            self._unlink(block_id.hex())
+            self._filling[file] = self._filling.get(file, 0) + 1
+            for removed in evicted:
+                self._free(removed)
         if evicted:
             self.counters.add("evictions", len(evicted))
         return True
@@ -307,16 +314,25 @@ class LocalTier:
 
     # --- files -------------------------------------------------------------------------------
 
-    def _unlink(self, hex_id: str) -> None:
-        self.files.forget(hex_id)
-        _remove(self.cache.block_path(hex_id))
+    def _free(self, removed: Removed) -> None:
+        """Under _room: the disk space of a block taken out of the index."""
+        try:
+            free_space(self.cache, self.files, removed, keep_file=removed.file.hex() in self._filling)
+        except OSError as e:
+            # Not on this filesystem: the space comes back when the file's last block goes.
+            self.counters.add("punch_errors")
+            self._say_once("punch_errors", f"event=cache_punch_failed dir={self.cache.path} error={e!r} "
+                                           "action=space_freed_with_the_whole_file")
 
     def _drop(self, block_id: bytes, why: str) -> None:
+        removed = self.index.remove([block_id])
+        if not removed:
+            return None  # evicted while this read was on its way: a plain miss
         self.counters.add("corrupt")
         self._say_once("corrupt", f"event=cache_block_corrupt id={block_id.hex()} reason={why!r} "
                                   "action=dropped_and_refetched (further ones are only counted)")
-        self.index.remove([block_id])
-        self._unlink(block_id.hex())
+        with self._room:
+            self._free(removed[0])
         return None
 
     def _unreadable(self, block_id: bytes, e: OSError) -> None:
@@ -336,7 +352,7 @@ class LocalTier:
     # --- background upkeep --------------------------------------------------------------------
 
     def sweep_dir(self, subdir: Path) -> int:
-        """Remove orphans (no index entry, or stale temp files) from one fan-out directory,
+        """Remove orphans (files none of whose blocks is indexed) from one fan-out directory,
         and directories in it: those are the older two-level layout's, all of them orphans."""
         removed = 0
         now = time.time()
@@ -352,13 +368,20 @@ class LocalTier:
                 if path.is_dir():
                     removed += sum(len(files) for _, _, files in os.walk(path))
                     shutil.rmtree(path)
-                elif ".tmp-" in name or len(name) != 32 or self.index.lookup(bytes.fromhex(name)) is None:
-                    path.unlink()
+                elif self._remove_orphan(path):
                     removed += 1
             except (OSError, ValueError):
                 continue
         self.counters.add("orphans_swept", removed)
         return removed
+
+    def _remove_orphan(self, path: Path) -> bool:
+        name = path.name
+        with self._room:  # no fill may start writing into it meanwhile
+            if len(name) == 32 and (name in self._filling or self.index.file_in_use(bytes.fromhex(name))):
+                return False
+            path.unlink()
+            return True
 
     def fanout_dirs(self) -> list[Path]:
         try:
@@ -372,6 +395,18 @@ class LocalTier:
             self.index.apply_hits(hits)
         self.files.close_all()
         self.index.close()
+
+
+def free_space(cache: CacheDir, files: BlockFiles, removed: Removed, keep_file: bool = False) -> None:
+    """The disk space of a block taken out of the index: its file goes with its last block
+    (unless `keep_file`: a fill is writing into it), else its hole is punched (OSError if
+    the filesystem cannot)."""
+    file = removed.file.hex()
+    if removed.last_in_file and not keep_file:
+        files.forget(file)
+        _remove(cache.file_path(file))
+    else:
+        files.punch(file, removed.offset, removed.length)
 
 
 def _remove(path: Path) -> None:
