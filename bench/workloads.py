@@ -119,7 +119,7 @@ def write_block_files(root: Path, size: int) -> tuple[float, dict]:
 
 
 def read_block_files(blocks: Path) -> tuple[float, dict]:
-    """The disk's ceiling for tier 1's reads: its files' 1 MiB blocks read by a few threads."""
+    """Tier 1's files read directly as tier 1 reads them: 1 MiB blocks, a few at a time."""
     files = sorted(p for p in blocks.rglob("*") if p.is_file())
     t0 = time.perf_counter()
     n = 0
