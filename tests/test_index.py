@@ -207,6 +207,27 @@ def test_reads_within_one_use_are_not_reuse(tmp_path, monkeypatch):
     tier.close()
 
 
+def test_a_failed_write_gives_its_space_back(tmp_path, monkeypatch):
+    tier = make_tier(tmp_path, 100 * BS)
+    first, second = refs(2)
+    tier.put(first, os.urandom(BS))
+    real_pwrite = os.pwrite
+
+    def half_then_full(fd, data, offset):  # ENOSPC cannot be had on demand here: simulated
+        if offset == BS:
+            real_pwrite(fd, bytes(memoryview(data)[:BS // 2]), offset)
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", half_then_full)
+    tier.put(second, os.urandom(BS))
+    assert tier.counters.get("disk_full") == 1
+    path = tier.cache.file_path(first.file)
+    assert path.stat().st_blocks * 512 <= BS  # the half-written block is a hole again
+    assert tier.get(second) is None and tier.get(first) is not None
+    tier.close()
+
+
 def test_min_free_lowers_capacity(tmp_path):
     st = os.statvfs(tmp_path)
     free = st.f_bavail * st.f_frsize

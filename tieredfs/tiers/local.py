@@ -231,7 +231,7 @@ class LocalTier:
                 self.counters.add("declined")
                 return
             try:
-                self.files.write_at(ref.file, ref.start, data)
+                self._write(ref, data)
                 self.index.insert(block_id, len(data), chunk_sums(data), bytes.fromhex(ref.file), ref.start)
                 self._note_use(block_id, time.monotonic())
                 self.counters.add("fills")
@@ -256,6 +256,18 @@ class LocalTier:
         return {f"local.{k}": v for k, v in self.index.totals().items()}
 
     # --- capacity ------------------------------------------------------------------------
+
+    def _write(self, ref: BlockRef, data) -> None:
+        try:
+            self.files.write_at(ref.file, ref.start, data)
+        except OSError:
+            # Part of it may be on disk (a full disk): give the space back, as a failed
+            # fill must not take room that nothing accounts for.
+            try:
+                self.files.punch(ref.file, ref.start, len(data))
+            except OSError:
+                pass
+            raise
 
     def _reserve(self, n: int, file: str) -> bool:
         """Room for n bytes going into `file`. Evicted bytes are freed before the lock is let
