@@ -2,7 +2,7 @@
 VmHWM) and the no-op reference filesystem. Both are always unmounted and stopped.
 
 "Cold" here means: a new daemon, an empty (or page-cache-dropped) cache dir, and the file's
-pages dropped with posix_fadvise(DONTNEED) (this container cannot write
+pages dropped with posix_fadvise(DONTNEED) (only the files under test lose theirs, unlike
 /proc/sys/vm/drop_caches). A new FUSE mount starts with no cached pages of its own.
 """
 

@@ -7,6 +7,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from conftest import read_file
 from tieredfs.devserver import wait_until
 
@@ -128,10 +130,14 @@ def test_inodes_are_stable_across_relistings(bucket, s3, put, mount_factory):
 
 
 def drop_kernel_inodes() -> None:
-    """Make the kernel evict unused dentries and inodes: FUSE then sends FORGET for each."""
+    """Make the kernel evict unused dentries and inodes: FUSE then sends FORGET for each.
+    The tests run as root (they mount FUSE), which may write this."""
     os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+    except OSError as e:
+        pytest.fail(f"cannot make the kernel drop its inodes (/proc/sys/vm/drop_caches: {e})")
 
 
 def test_names_the_kernel_forgets_are_freed(bucket, put, mount_factory):
