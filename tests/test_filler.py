@@ -31,6 +31,10 @@ class HungDisk:
         self.released.wait(30)
         self.stored[ref.id] = bytes(data)
 
+    def put_many(self, items):
+        for ref, data in items:
+            self.put(ref, data)
+
 
 def ref(i: int) -> BlockRef:
     return BlockRef(OBJ, i, BS)
@@ -46,7 +50,7 @@ def test_a_stalled_cache_disk_costs_one_bounded_wait_then_reads_go_on():
     async def main():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(filler.run)
-            for i in range(4):  # fills the queue; two writers take a block each and hang
+            for i in range(4):  # fills the queue; the writers take what is queued and hang
                 await filler.offer(ref(i), bytes([i]) * BS)
             assert filler.pending(ref(0)) == bytes([0]) * BS  # served while unwritten
             for i in range(4, 8):

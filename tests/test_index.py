@@ -228,6 +228,46 @@ def test_a_failed_write_gives_its_space_back(tmp_path, monkeypatch):
     tier.close()
 
 
+def test_a_batch_is_stored_together_and_each_block_once(tmp_path):
+    tier = make_tier(tmp_path, 100 * BS)
+    a, b = refs(3, key="a"), refs(2, key="b")
+    datas = {r.id: os.urandom(BS) for r in a + b}
+    tier.put(a[0], datas[a[0].id])
+    batch = [(r, datas[r.id]) for r in (b[1], a[0], a[2], b[0], a[1], a[2])]  # a cached one, a repeat
+    tier.put_many(batch)
+    assert tier.counters.get("fills") == 1 + 4
+    assert all(tier.get(r) == datas[r.id] for r in a + b)
+    assert len([p for p in (tmp_path / "blocks").rglob("*") if p.is_file()]) == 2
+    tier.close()
+
+
+def test_a_batch_bigger_than_the_cache_is_stored_block_by_block(tmp_path):
+    tier = make_tier(tmp_path, 4 * BS)
+    six = refs(6)
+    tier.put_many([(r, os.urandom(BS)) for r in six])
+    assert tier.counters.get("fills") == 6 and tier.counters.get("evictions") == 2
+    assert tier.index.totals()["used_bytes"] == 4 * BS
+    tier.close()
+
+
+def test_an_error_in_a_batch_keeps_the_blocks_written_before_it(tmp_path, monkeypatch):
+    tier = make_tier(tmp_path, 100 * BS)
+    three = refs(3)
+    real_pwrite = os.pwrite
+
+    def full_at_the_third(fd, data, offset):  # ENOSPC cannot be had on demand here: simulated
+        if offset == 2 * BS:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_at_the_third)
+    tier.put_many([(r, os.urandom(BS)) for r in three])
+    assert tier.counters.get("fills") == 2 and tier.counters.get("disk_full") == 1
+    assert [tier.get(r) is not None for r in three] == [True, True, False]
+    assert tier._reserved == 0 and tier._filling == {}
+    tier.close()
+
+
 def test_min_free_lowers_capacity(tmp_path):
     st = os.statvfs(tmp_path)
     free = st.f_bavail * st.f_frsize

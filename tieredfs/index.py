@@ -183,15 +183,20 @@ class BlockIndex:
         return evicted
 
     def insert(self, block_id: bytes, length: int, chunk_sums: bytes, file: bytes, offset: int) -> None:
+        self.insert_many([(block_id, length, chunk_sums, file, offset)])
+
+    def insert_many(self, blocks: list[tuple[bytes, int, bytes, bytes, int]]) -> None:
+        """(block id, length, chunk sums, file, offset) of each, in one transaction."""
         now = time.time()
         with self.env.begin(write=True) as txn:
-            self._delete(txn, block_id)
-            was_ghost = txn.pop(block_id, db=self._ghosts)
-            if was_ghost is not None:
-                txn.delete(was_ghost, db=self._ghost_order)
-            queue = MAIN if was_ghost is not None else SMALL
-            self._append(txn, block_id, Entry(length, queue, 0, 0, now, now, file, offset, chunk_sums))
-            self._count_file(txn, file, +1)
+            for block_id, length, chunk_sums, file, offset in blocks:
+                self._delete(txn, block_id)
+                was_ghost = txn.pop(block_id, db=self._ghosts)
+                if was_ghost is not None:
+                    txn.delete(was_ghost, db=self._ghost_order)
+                queue = MAIN if was_ghost is not None else SMALL
+                self._append(txn, block_id, Entry(length, queue, 0, 0, now, now, file, offset, chunk_sums))
+                self._count_file(txn, file, +1)
 
     def remove(self, block_ids: list[bytes]) -> list[Removed]:
         """Take blocks out of the index; returns those that were in it."""

@@ -25,5 +25,8 @@ class Tier(Protocol):
     def put(self, ref: BlockRef, data: bytes) -> None:
         """Offer a block fetched from below; a tier may decline (full, failing) silently."""
 
+    def put_many(self, items: list[tuple[BlockRef, bytes]]) -> None:
+        """put() for several blocks at once, which a tier may store together."""
+
     def stats(self) -> dict[str, int]:
         """Counters since start, flat name -> number."""

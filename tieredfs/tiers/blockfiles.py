@@ -34,6 +34,7 @@ import mmap
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +53,53 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
     written = 0
     while written < len(view):
         written += os.pwrite(fd, view[written:], offset + written)
+
+
+class _Writer:
+    """The descriptor of one BlockFiles.writer(): O_DIRECT until the filesystem refuses it."""
+
+    def __init__(self, files: "BlockFiles", path: Path):
+        self.files = files
+        self.path = path
+        self.fd: int | None = None
+        self.direct = False
+
+    def write(self, offset: int, data) -> None:
+        if self.fd is None:
+            self._open()
+        if self.direct:
+            try:
+                self.files._write_direct(self.fd, offset, data)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._refused()
+        _write_all(self.fd, memoryview(data).cast("B"), offset)
+
+    def _open(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        if self.files._direct:
+            try:
+                self.fd, self.direct = self.files._open_new(self.path, flags | os.O_DIRECT), True
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.files._direct = False
+        self.fd, self.direct = self.files._open_new(self.path, flags), False
+
+    def _refused(self) -> None:
+        """No O_DIRECT on this filesystem, or not with 4 KiB alignment: write through the page
+        cache from now on (the block is written again, whole)."""
+        self.files._direct = False
+        self.close()
+        self._open()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class _Open:
@@ -101,27 +149,18 @@ class BlockFiles:
     def write_at(self, name: str, offset: int, data) -> None:
         """`data` at `offset` of the file, which is created if it is missing. Bytes around it
         (other blocks) are left as they are."""
-        path = Path(self.path_of(name))
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
-        if self._direct:
-            try:
-                fd = self._open_new(path, flags | os.O_DIRECT)
-                try:
-                    self._write_direct(fd, offset, data)
-                finally:
-                    os.close(fd)
-                return
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # No O_DIRECT on this filesystem, or not with 4 KiB alignment: write through
-                # the page cache from now on (this block is written again, whole).
-                self._direct = False
-        fd = self._open_new(path, flags)
+        with self.writer(name) as w:
+            w.write(offset, data)
+
+    @contextmanager
+    def writer(self, name: str):
+        """Blocks written into one file through one descriptor: a batch of blocks costs one
+        open and close, not one each (each is a wait for the GIL in a busy daemon)."""
+        w = _Writer(self, Path(self.path_of(name)))
         try:
-            _write_all(fd, memoryview(data).cast("B"), offset)
+            yield w
         finally:
-            os.close(fd)
+            w.close()
 
     def punch(self, name: str, offset: int, length: int) -> None:
         """Free the disk space of [offset, offset + length); it reads as zeros after."""

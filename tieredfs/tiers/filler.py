@@ -28,6 +28,9 @@ from .base import Tier
 log = logging.getLogger(__name__)
 
 _CONGESTED_SECONDS = 30.0
+# Blocks one writer takes at a time. Under load, batches of 8 filled a cold 1 GiB read's
+# blocks with a fraction of the GIL waits of one block at a time (docs/readahead.md).
+_BATCH = 8
 
 
 class Filler:
@@ -110,20 +113,23 @@ class Filler:
             await self._write_next()
 
     async def _write_next(self) -> None:
-        block_id, (ref, data) = self._queue.popitem(last=False)
-        self._writing[block_id] = data
+        """Write the oldest queued blocks, up to a batch: a tier stores a batch together."""
+        batch = [self._queue.popitem(last=False) for _ in range(min(_BATCH, len(self._queue)))]
+        for block_id, (_, data) in batch:
+            self._writing[block_id] = data
         try:
-            await trio.to_thread.run_sync(self._put, ref, data, limiter=self._limiter)
+            await trio.to_thread.run_sync(self._put, [item for _, item in batch], limiter=self._limiter)
         finally:
-            del self._writing[block_id]
-            self._bytes -= len(data)
+            for block_id, (_, data) in batch:
+                del self._writing[block_id]
+                self._bytes -= len(data)
             self._room.set()
             self._room = trio.Event()
 
-    def _put(self, ref: BlockRef, data: bytes) -> None:
+    def _put(self, items: list[tuple[BlockRef, bytes]]) -> None:
         for tier in self.tiers:
             try:
-                tier.put(ref, data)
+                tier.put_many(items)
             except Exception:
                 # A tier's put never raises for expected conditions; a bug here must cost only
                 # this block's caching, not the mount.

@@ -15,6 +15,7 @@ file is written, so concurrent fills cannot overshoot it.
 
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import shutil
@@ -221,33 +222,76 @@ class LocalTier:
 
     def put(self, ref: BlockRef, data: bytes) -> None:
         """Store a block if room can be made; failures are counted, never raised."""
-        if len(data) != ref.length:
-            return
-        block_id = bytes.fromhex(ref.id)
+        self.put_many([(ref, data)])
+
+    def put_many(self, items: list[tuple[BlockRef, bytes]]) -> None:
+        """Store blocks if room can be made, with one reservation, one open per file and one
+        index transaction for them all: in a busy daemon each call that lets the GIL go costs
+        a wait to get it back, and per block those waits, not the disk, bounded fills.
+        Failures are counted, never raised."""
         try:
-            if self.index.checksums(block_id) is not None:
+            todo = self._new_blocks(items)
+            if not todo:
                 return
-            if not self._reserve(len(data), ref.file):
-                self.counters.add("declined")
+            n = sum(len(data) for _, data in todo)
+            if not self._reserve(n, [ref.file for ref, _ in todo]):
+                if len(todo) > 1:  # together they do not fit: each may, alone
+                    for item in todo:
+                        self.put_many([item])
+                else:
+                    self.counters.add("declined")
                 return
             try:
-                self._write(ref, data)
-                self.index.insert(block_id, len(data), chunk_sums(data), bytes.fromhex(ref.file), ref.start)
-                self._note_use(block_id, time.monotonic())
-                self.counters.add("fills")
-                self.counters.add("fill_bytes", len(data))
+                written, error = self._write_blocks(todo)
+                if written:
+                    self.index.insert_many([(bytes.fromhex(r.id), len(d), chunk_sums(d),
+                                             bytes.fromhex(r.file), r.start) for r, d in written])
+                    now = time.monotonic()
+                    for r, _ in written:
+                        self._note_use(bytes.fromhex(r.id), now)
+                    self.counters.add("fills", len(written))
+                    self.counters.add("fill_bytes", sum(len(d) for _, d in written))
+                if error is not None:
+                    raise error
             finally:
                 with self._room:
-                    self._reserved -= len(data)
-                    self._filling[ref.file] -= 1
-                    if not self._filling[ref.file]:
-                        del self._filling[ref.file]
+                    self._reserved -= n
+                    for ref, _ in todo:
+                        self._filling[ref.file] -= 1
+                        if not self._filling[ref.file]:
+                            del self._filling[ref.file]
         except (OSError, CacheError) as e:
             code = getattr(e, "errno", None)
             kind = "disk_full" if code in (errno.ENOSPC, errno.EDQUOT) else "write_errors"
             self.counters.add(kind)
             self._say_once(kind, f"event=cache_{kind} dir={self.cache.path} error={e!r} "
                                  "action=serving_from_lower_tiers")
+
+    def _new_blocks(self, items: list[tuple[BlockRef, bytes]]) -> list[tuple[BlockRef, bytes]]:
+        """The items of the right length not cached yet, each once, by file and offset."""
+        todo = {}
+        for ref, data in items:
+            if len(data) == ref.length and ref.id not in todo and self.index.checksums(bytes.fromhex(ref.id)) is None:
+                todo[ref.id] = (ref, data)
+        return sorted(todo.values(), key=lambda item: (item[0].file, item[0].start))
+
+    def _write_blocks(self, todo) -> tuple[list, OSError | None]:
+        """Write blocks (sorted by file), one descriptor per file; stop at the first error,
+        giving back the space of the block it hit (part of it may be on disk)."""
+        written = []
+        for file, group in itertools.groupby(todo, key=lambda item: item[0].file):
+            with self.files.writer(file) as w:
+                for ref, data in group:
+                    try:
+                        w.write(ref.start, data)
+                    except OSError as e:
+                        try:
+                            self.files.punch(file, ref.start, len(data))
+                        except OSError:
+                            pass
+                        return written, e
+                    written.append((ref, data))
+        return written, None
 
     def stats(self) -> dict[str, int]:
         return self.counters.snapshot() | self.gauges()
@@ -257,28 +301,18 @@ class LocalTier:
 
     # --- capacity ------------------------------------------------------------------------
 
-    def _write(self, ref: BlockRef, data) -> None:
-        try:
-            self.files.write_at(ref.file, ref.start, data)
-        except OSError:
-            # Part of it may be on disk (a full disk): give the space back, as a failed
-            # fill must not take room that nothing accounts for.
-            try:
-                self.files.punch(ref.file, ref.start, len(data))
-            except OSError:
-                pass
-            raise
-
-    def _reserve(self, n: int, file: str) -> bool:
-        """Room for n bytes going into `file`. Evicted bytes are freed before the lock is let
-        go, so a fill that follows (perhaps of the same block) is never punched out."""
+    def _reserve(self, n: int, files: list[str]) -> bool:
+        """Room for n bytes going into these files (one entry per block). Evicted bytes are
+        freed before the lock is let go, so a fill that follows (perhaps of the same block) is
+        never punched out."""
         with self._room:
             capacity = self._effective_capacity()
             if n > capacity:
                 return False
             evicted = self.index.make_room(self._reserved + n, capacity, self._take_hits())
             self._reserved += n
-            self._filling[file] = self._filling.get(file, 0) + 1
+            for file in files:
+                self._filling[file] = self._filling.get(file, 0) + 1
             for removed in evicted:
                 self._free(removed)
         if evicted:

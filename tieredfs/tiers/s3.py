@@ -322,6 +322,9 @@ class S3Tier:
     def put(self, ref: BlockRef, data: bytes) -> None:
         """S3 is the source of truth; blocks are never written back."""
 
+    def put_many(self, items: list[tuple[BlockRef, bytes]]) -> None:
+        """Nor several."""
+
     def stats(self) -> dict[str, int]:
         return self.backend.counters.snapshot()
 
