@@ -116,7 +116,7 @@ def test_capacity_is_a_hard_limit(bucket, put, mount_factory):
             total = 0
             for p in block_files(m.cache_dir):
                 try:
-                    total += p.stat().st_size
+                    total += p.stat().st_blocks * 512  # allocated: evicted blocks are holes
                 except FileNotFoundError:
                     pass
             peak[0] = max(peak[0], total)
@@ -138,7 +138,10 @@ def test_capacity_is_a_hard_limit(bucket, put, mount_factory):
     stats = m.stats()
     assert stats["local.used_bytes"] <= cap
     assert stats["local.evictions"] > 0
-    assert peak[0] <= cap + BS  # one unlink may trail the index by a block
+    # The watcher sums the files one after another, so it may count a block freed in one file
+    # and then written into another; a file full of holes may also take a 4 KiB block for its
+    # extent tree (ext4).
+    assert peak[0] <= cap + BS + len(data) * 4096
     # Block files kept open between reads: at most --cache-open-files, and none of them
     # evicted (an open descriptor of an unlinked file would hold its space past the cap).
     held = daemon_block_files(m)
