@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from tieredfs.tiers import blockfiles as blockfiles_mod
 from tieredfs.tiers.blockfiles import BlockFiles
 
 
@@ -93,12 +94,15 @@ def test_concurrent_reads_and_evictions_never_read_another_file(blocks):
     assert not {p for p in open_fds() if p.startswith(str(root))}
 
 
-def test_a_file_unlinked_by_someone_else_is_a_miss_not_a_stale_read(blocks):
-    """Someone cleaning the cache dir by hand: the space is freed and the read misses."""
+def test_a_file_unlinked_by_someone_else_is_a_miss_not_a_stale_read(blocks, monkeypatch):
+    """Someone cleaning the cache dir by hand: within a second the space is freed and the
+    read misses (until then the read gets the file's bytes, which are still the block's)."""
     root, data = blocks
     files = BlockFiles(lambda name: root / name, limit=8)
     files.read("b2", 0, 10, wait=True)
     (root / "b2").unlink()
+    assert files.read("b2", 0, 10, wait=False) == data["b2"][:10]  # not asked again yet
+    monkeypatch.setattr(blockfiles_mod, "_LINK_CHECK_SECONDS", 0.0)  # a second later
     assert files.read("b2", 0, 10, wait=False) is None
     with pytest.raises(FileNotFoundError):
         files.read("b2", 0, 10, wait=True)

@@ -24,7 +24,7 @@ A descriptor is closed only when no reader holds it, so a read never lands on a
 descriptor number that was closed and reused for another file. A file holds one object
 version's bytes (its name says which), so an open descriptor never goes stale; it is
 forgotten when its file is unlinked, by us (its last block evicted) or by anyone else
-(checked at each use: the read then misses, as it would without us). Bytes of an evicted
+(checked at most once a second: the read then misses, as it would without us). Bytes of an evicted
 block read as zeros once its hole is punched: the checksums catch a read that raced it.
 """
 
@@ -33,6 +33,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Callable
 
 from ..memory import PAGE, address  # O_DIRECT wants buffer, offset and length page-aligned
 
+_LINK_CHECK_SECONDS = 1.0
 _BUFFERS_KEPT = 8  # more writers than this at once allocate (and free) their own
 _BUFFER_KEPT_MAX = 1 << 20  # bigger ones (large blocks) are freed after use
 
@@ -103,12 +105,13 @@ class _Writer:
 
 
 class _Open:
-    __slots__ = ("fd", "users", "closing")
+    __slots__ = ("fd", "users", "closing", "linked_at")
 
     def __init__(self, fd: int):
         self.fd = fd
         self.users = 0
         self.closing = False
+        self.linked_at = time.monotonic()  # when the file was last seen to have a name
 
 
 class BlockFiles:
@@ -241,7 +244,7 @@ class BlockFiles:
                 self._open.move_to_end(name)
                 handle.users += 1
         if handle is not None:
-            if os.fstat(handle.fd).st_nlink:
+            if self._still_linked(handle):
                 return handle
             # Unlinked behind our back (someone cleaning the cache dir): its bytes are still
             # readable here, but the space should be freed and the miss seen, as without us.
@@ -260,6 +263,19 @@ class BlockFiles:
                     self._retire(self._open.popitem(last=False)[1])
             handle.users += 1
             return handle
+
+    @staticmethod
+    def _still_linked(handle: _Open) -> bool:
+        """Asked of the filesystem at most once a second per file: an fstat was ~1.4 us of a
+        ~65 us cached 4 KiB read (A/B: ~5% more IOPS without it). A file unlinked by someone
+        else is seen within that second; its bytes until then are still the block's."""
+        now = time.monotonic()
+        if now - handle.linked_at < _LINK_CHECK_SECONDS:
+            return True
+        if os.fstat(handle.fd).st_nlink:
+            handle.linked_at = now
+            return True
+        return False
 
     def _release(self, handle: _Open) -> None:
         with self._lock:
