@@ -102,3 +102,46 @@ def test_a_slow_disk_that_keeps_writing_gets_every_block():
     # 40 writes of 20 ms: some fetches waited far longer than max_wait, yet nothing was skipped.
     assert counters.get("fill_skipped") == 0 and counters.get("fill_congested") == 0
     assert len(disk.stored) == 40
+
+
+def test_every_writer_takes_work_while_the_others_are_busy():
+    """Blocks queued while writers are busy go to the idle ones: the writers write at once."""
+
+    class CountingDisk(HungDisk):
+        def __init__(self):
+            super().__init__()
+            self.lock = threading.Lock()
+            self.busy = self.most_busy = 0
+
+        def put_many(self, items):
+            with self.lock:
+                self.busy += 1
+                self.most_busy = max(self.most_busy, self.busy)
+            try:
+                super().put_many(items)
+            finally:
+                with self.lock:
+                    self.busy -= 1
+
+    disk = CountingDisk()
+    filler = Filler([disk], max_bytes=64 * BS, max_wait=5, writers=4,
+                    limiter=trio.CapacityLimiter(4), counters=Counters("chain"))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(filler.run)
+            with trio.fail_after(10):
+                for i in range(4):  # one block at a time, each once the writers before it hang
+                    await filler.offer(ref(i), bytes([i]) * BS)
+                    while disk.busy < i + 1:
+                        await trio.sleep(0.01)
+            disk.released.set()
+            with trio.fail_after(10):
+                await filler.flush()
+                while filler.gauges()["chain.fill_queue_bytes"]:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert disk.most_busy == 4
+    assert sorted(disk.stored) == sorted(ref(i).id for i in range(4))

@@ -62,7 +62,11 @@ class Filler:
         self._queue[ref.id] = (ref, data)
         self._bytes += len(data)
         self.counters.max("fill_queue_peak_bytes", self._bytes)
+        # Every idle writer waits on this one event; it is replaced only here, after waking
+        # them all. (Each writer used to replace it before waiting, which orphaned the others:
+        # only one of the four writers ever ran.)
         self._wakeup.set()
+        self._wakeup = trio.Event()
 
     async def _wait_for_room(self, n: int) -> bool:
         if self._bytes + n <= self.max_bytes:
@@ -107,7 +111,6 @@ class Filler:
     async def _writer(self) -> None:
         while True:
             if not self._queue:
-                self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 continue
             await self._write_next()
