@@ -144,7 +144,7 @@ def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path, monkeypatc
     """Every filesystem here takes O_DIRECT, so its refusal (EINVAL at open, as from some FUSE
     or network filesystems, or at the first write, as where the alignment is larger than
     4 KiB) is simulated: the one stand-in in this file."""
-    real_open, real_pwrite = os.open, os.pwrite
+    real_open, real_pwritev = os.open, os.pwritev
     direct_fds = set()
 
     def open_(path, flags, *args):
@@ -154,13 +154,13 @@ def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path, monkeypatc
         (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # numbers are reused
         return fd
 
-    def pwrite(fd, data, offset):
+    def pwritev(fd, buffers, offset):
         if fd in direct_fds:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
+        return real_pwritev(fd, buffers, offset)
 
     monkeypatch.setattr(os, "open", open_)
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
     files = BlockFiles(lambda name: tmp_path / name, limit=4)
     for i in range(3):
         files.write_at("f", i * 8192, b"%d" % i * (5000 + i))

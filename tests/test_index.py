@@ -1,5 +1,7 @@
 """Eviction order and capacity of the local tier, without a mount (real LMDB, real files)."""
 
+import errno
+import mmap
 import os
 import threading
 
@@ -207,19 +209,28 @@ def test_reads_within_one_use_are_not_reuse(tmp_path, monkeypatch):
     tier.close()
 
 
+def disk_full_from(limit: int):
+    """os.pwritev of a disk that fills at byte `limit` of the file: a short write up to it,
+    then ENOSPC, as the kernel does. ENOSPC cannot be had on demand here: simulated."""
+    real_pwritev = os.pwritev
+
+    def pwritev(fd, buffers, offset):
+        if offset >= limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        room, fitting = limit - offset, []
+        for b in buffers:
+            fitting.append(memoryview(b)[:room])
+            room -= len(fitting[-1])
+        return real_pwritev(fd, [b for b in fitting if len(b)], offset)
+
+    return pwritev
+
+
 def test_a_failed_write_gives_its_space_back(tmp_path, monkeypatch):
     tier = make_tier(tmp_path, 100 * BS)
     first, second = refs(2)
     tier.put(first, os.urandom(BS))
-    real_pwrite = os.pwrite
-
-    def half_then_full(fd, data, offset):  # ENOSPC cannot be had on demand here: simulated
-        if offset == BS:
-            real_pwrite(fd, bytes(memoryview(data)[:BS // 2]), offset)
-            raise OSError(28, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", half_then_full)
+    monkeypatch.setattr(os, "pwritev", disk_full_from(BS + BS // 2))
     tier.put(second, os.urandom(BS))
     assert tier.counters.get("disk_full") == 1
     path = tier.cache.file_path(first.file)
@@ -253,14 +264,7 @@ def test_a_batch_bigger_than_the_cache_is_stored_block_by_block(tmp_path):
 def test_an_error_in_a_batch_keeps_the_blocks_written_before_it(tmp_path, monkeypatch):
     tier = make_tier(tmp_path, 100 * BS)
     three = refs(3)
-    real_pwrite = os.pwrite
-
-    def full_at_the_third(fd, data, offset):  # ENOSPC cannot be had on demand here: simulated
-        if offset == 2 * BS:
-            raise OSError(28, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", full_at_the_third)
+    monkeypatch.setattr(os, "pwritev", disk_full_from(2 * BS + BS // 2))
     tier.put_many([(r, os.urandom(BS)) for r in three])
     assert tier.counters.get("fills") == 2 and tier.counters.get("disk_full") == 1
     assert [tier.get(r) is not None for r in three] == [True, True, False]
@@ -334,3 +338,24 @@ def test_an_index_of_an_older_format_starts_empty(tmp_path, caplog):
         assert "is of format 1, this version uses 4" in caplog.text
     finally:
         index.env.close()
+
+
+def test_consecutive_blocks_of_a_batch_are_written_in_one_system_call(tmp_path, monkeypatch):
+    """In a busy daemon every call that lets the GIL go costs a wait to get it back."""
+    tier = make_tier(tmp_path, 100 * BS)
+    calls = []
+    real_pwritev = os.pwritev
+
+    def counting(fd, buffers, offset):  # a spy: the real write, counted
+        calls.append(len(buffers))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", counting)
+    blocks = refs(6)
+    datas = [mmap.mmap(-1, BS) for _ in blocks]  # page-aligned, as blocks from S3 are
+    for d in datas:
+        d[:] = os.urandom(BS)
+    tier.put_many([(r, d) for r, d in zip(blocks, datas) if r.index != 3])  # runs 0-2 and 4-5
+    assert calls == [3, 2]
+    assert all(tier.get(r) == bytes(d) for r, d in zip(blocks, datas) if r.index != 3)
+    tier.close()

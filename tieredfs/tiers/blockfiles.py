@@ -51,10 +51,32 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
-def _write_all(fd: int, view: memoryview, offset: int) -> None:
-    written = 0
-    while written < len(view):
-        written += os.pwrite(fd, view[written:], offset + written)
+def _write_all(fd: int, datas: list, offset: int) -> int:
+    """Consecutive buffers from `offset` in as few system calls as the kernel takes (one,
+    unless a write is short); returns the offset after them. An OSError says where the
+    bytes on disk stop (`failed_at`)."""
+    views = [memoryview(d).cast("B") for d in datas]
+    while views:
+        try:
+            n = os.pwritev(fd, views, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+        except OSError as e:
+            e.failed_at = offset  # the bytes before it are on disk (a short write, then this)
+            raise
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+    return offset
+
+
+def _direct_ready(data) -> bool:
+    """Whether O_DIRECT can take the buffer as it is: page-aligned start and length (the
+    receive buffers of memory.py are)."""
+    start = address(data)
+    return len(data) % PAGE == 0 and start is not None and start % PAGE == 0
 
 
 class _Writer:
@@ -66,18 +88,34 @@ class _Writer:
         self.fd: int | None = None
         self.direct = False
 
-    def write(self, offset: int, data) -> None:
+    def write(self, offset: int, datas: list) -> None:
+        """Consecutive blocks from `offset`. Blocks that are ready for O_DIRECT go in one
+        system call: in a busy daemon each call that lets the GIL go costs a wait to get it
+        back, and beside one busy Python thread a 1 MiB block took 5.8 ms written alone,
+        1.0 ms written as one of 8 (bench: docs/cache.md)."""
         if self.fd is None:
             self._open()
         if self.direct:
             try:
-                self.files._write_direct(self.fd, offset, data)
+                self._write_direct(offset, datas)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self._refused()
-        _write_all(self.fd, memoryview(data).cast("B"), offset)
+        _write_all(self.fd, datas, offset)
+
+    def _write_direct(self, offset: int, datas: list) -> None:
+        ready: list = []
+        for data in datas:
+            if _direct_ready(data):
+                ready.append(data)
+                continue
+            offset = _write_all(self.fd, ready, offset)
+            ready = []
+            self.files._write_padded(self.fd, offset, data)
+            offset += len(data)
+        _write_all(self.fd, ready, offset)
 
     def _open(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
@@ -153,7 +191,7 @@ class BlockFiles:
         """`data` at `offset` of the file, which is created if it is missing. Bytes around it
         (other blocks) are left as they are."""
         with self.writer(name) as w:
-            w.write(offset, data)
+            w.write(offset, [data])
 
     @contextmanager
     def writer(self, name: str):
@@ -186,12 +224,9 @@ class BlockFiles:
             path.parent.mkdir(parents=True, exist_ok=True)
             return os.open(path, flags, 0o644)
 
-    def _write_direct(self, fd: int, offset: int, data) -> None:
+    def _write_padded(self, fd: int, offset: int, data) -> None:
+        """O_DIRECT of a buffer that is not ready for it: copied into an aligned one."""
         n = len(data)
-        start = address(data)
-        if n % PAGE == 0 and start is not None and start % PAGE == 0:
-            _write_all(fd, memoryview(data), offset)  # a receive buffer (memory.py): as it is
-            return
         padded = -(-n // PAGE) * PAGE
         buf = self._take_buffer(padded)
         try:
@@ -199,7 +234,7 @@ class BlockFiles:
             buf[n:padded] = bytes(padded - n)
             view = memoryview(buf)
             try:
-                _write_all(fd, view[:padded], offset)
+                _write_all(fd, [view[:padded]], offset)
             finally:
                 view.release()
         finally:

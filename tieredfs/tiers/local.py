@@ -139,6 +139,9 @@ def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
     return BlockIndex(cache.index, map_size)
 
 
+_IN_FLIGHT_SHARE = 4  # fills being written take at most 1/4 of the cache
+
+
 class LocalTier:
     name = "local"
 
@@ -151,6 +154,7 @@ class LocalTier:
         self.min_free = min_free
         self.counters = counters
         self._room = threading.Lock()
+        self._written = threading.Condition(self._room)  # a reservation ended
         self._reserved = 0
         self._filling: dict[str, int] = {}  # file -> blocks being written into it (under _room)
         self._hits: dict[bytes, int] = {}
@@ -256,6 +260,7 @@ class LocalTier:
             finally:
                 with self._room:
                     self._reserved -= n
+                    self._written.notify_all()
                     for ref, _ in todo:
                         self._filling[ref.file] -= 1
                         if not self._filling[ref.file]:
@@ -276,21 +281,28 @@ class LocalTier:
         return sorted(todo.values(), key=lambda item: (item[0].file, item[0].start))
 
     def _write_blocks(self, todo) -> tuple[list, OSError | None]:
-        """Write blocks (sorted by file), one descriptor per file; stop at the first error,
-        giving back the space of the block it hit (part of it may be on disk)."""
+        """Write blocks (sorted by file and offset), one descriptor per file and one write per
+        run of consecutive blocks; stop at the first error. The blocks of the run on disk
+        whole before the error are kept; the space of the rest is given back (part of it may
+        be on disk)."""
         written = []
         for file, group in itertools.groupby(todo, key=lambda item: item[0].file):
             with self.files.writer(file) as w:
-                for ref, data in group:
+                for run in _consecutive(list(group)):
+                    start = run[0][0].start
                     try:
-                        w.write(ref.start, data)
+                        w.write(start, [data for _, data in run])
                     except OSError as e:
+                        whole = [(r, d) for r, d in run if r.start + len(d) <= getattr(e, "failed_at", start)]
+                        written.extend(whole)
+                        lost = run[len(whole)][0].start
+                        end = run[-1][0].start + len(run[-1][1])
                         try:
-                            self.files.punch(file, ref.start, len(data))
+                            self.files.punch(file, lost, end - lost)
                         except OSError:
                             pass
                         return written, e
-                    written.append((ref, data))
+                    written.extend(run)
         return written, None
 
     def stats(self) -> dict[str, int]:
@@ -309,6 +321,12 @@ class LocalTier:
             capacity = self._effective_capacity()
             if n > capacity:
                 return False
+            # Room made for bytes still being written comes out of what is cached: with
+            # several writers at once, each with a batch, a small cache would evict its hot
+            # blocks to make room for the fills in flight. So fills in flight take at most a
+            # quarter of the cache (or one batch, alone); a writer over that waits its turn.
+            while self._reserved and self._reserved + n > capacity // _IN_FLIGHT_SHARE:
+                self._written.wait()
             evicted = self.index.make_room(self._reserved + n, capacity, self._take_hits())
             self._reserved += n
             for file in files:
@@ -460,3 +478,14 @@ def _remove(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _consecutive(items: list[tuple[BlockRef, bytes]]) -> list[list[tuple[BlockRef, bytes]]]:
+    """Blocks sorted by offset, in runs where each starts where the one before it ends."""
+    runs: list[list] = []
+    for ref, data in items:
+        if runs and runs[-1][-1][0].start + len(runs[-1][-1][1]) == ref.start:
+            runs[-1].append((ref, data))
+        else:
+            runs.append([(ref, data)])
+    return runs
