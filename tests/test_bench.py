@@ -2,10 +2,13 @@
 (the endpoint that counts requests on the server side) and produce sane rows."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import boto3
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,3 +82,24 @@ def test_targets_are_reported(result):
     assert len(targets) == 9
     assert targets["sequential read from tier 1"]["ratio"] > 0
     assert targets["cold small files, packed vs unpacked"]["met"] is None
+
+
+def test_the_latency_proxy_delays_each_request_and_passes_bytes_intact(s3server, bucket, put):
+    """bench/proxy.py in front of the moto server: right bytes, one latency per request."""
+    sys.path.insert(0, str(REPO))  # bench/ is not a package of the install
+    from bench.proxy import LatencyProxy
+
+    data = put("obj", os.urandom(3 << 20))
+    proxy = LatencyProxy(s3server.url, 200).start()
+    try:
+        client = boto3.client("s3", endpoint_url=proxy.url)
+        start = time.monotonic()
+        first = client.get_object(Bucket=bucket, Key="obj")["Body"].read()
+        one = time.monotonic() - start
+        start = time.monotonic()
+        part = client.get_object(Bucket=bucket, Key="obj", Range="bytes=1000-2000999")["Body"].read()
+        two = time.monotonic() - start  # a second request on the same connection
+    finally:
+        proxy.stop()
+    assert first == data and part == data[1000:2001000]
+    assert one >= 0.2 and two >= 0.2
