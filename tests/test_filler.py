@@ -40,6 +40,15 @@ def ref(i: int) -> BlockRef:
     return BlockRef(OBJ, i, BS)
 
 
+async def release_and_drain(disk: HungDisk, filler: Filler) -> None:
+    """Let the disk answer again, then wait until everything queued is written."""
+    disk.released.set()
+    with trio.fail_after(10):
+        await filler.flush()
+        while filler.gauges()["chain.fill_queue_bytes"]:
+            await trio.sleep(0.01)
+
+
 def test_a_stalled_cache_disk_costs_one_bounded_wait_then_reads_go_on():
     disk = HungDisk()
     counters = Counters("chain")
@@ -57,11 +66,7 @@ def test_a_stalled_cache_disk_costs_one_bounded_wait_then_reads_go_on():
                 start = time.monotonic()
                 await filler.offer(ref(i), bytes([i]) * BS)
                 waits.append(time.monotonic() - start)
-            disk.released.set()
-            with trio.fail_after(10):
-                await filler.flush()
-                while filler.gauges()["chain.fill_queue_bytes"]:
-                    await trio.sleep(0.01)
+            await release_and_drain(disk, filler)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -135,11 +140,7 @@ def test_every_writer_takes_work_while_the_others_are_busy():
                     await filler.offer(ref(i), bytes([i]) * BS)
                     while disk.busy < i + 1:
                         await trio.sleep(0.01)
-            disk.released.set()
-            with trio.fail_after(10):
-                await filler.flush()
-                while filler.gauges()["chain.fill_queue_bytes"]:
-                    await trio.sleep(0.01)
+            await release_and_drain(disk, filler)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
