@@ -293,7 +293,8 @@ class LocalTier:
                     try:
                         w.write(start, [data for _, data in run])
                     except OSError as e:
-                        whole = [(r, d) for r, d in run if r.start + len(d) <= getattr(e, "failed_at", start)]
+                        on_disk = getattr(e, "failed_at", start)
+                        whole = [(r, d) for r, d in run if r.start + len(d) <= on_disk]
                         written.extend(whole)
                         lost = run[len(whole)][0].start
                         end = run[-1][0].start + len(run[-1][1])
