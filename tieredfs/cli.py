@@ -110,7 +110,7 @@ _MOUNT_SETTINGS = {
                                     help="attempts per S3 request within the read deadline"),
     "readahead_max": click.option("--readahead-max", help="largest readahead window per file"),
     "readahead_budget": click.option("--readahead-budget", help="readahead memory for all files"),
-    "request_size": click.option("--request-size", help="bytes per prefetch GET (default 8M)"),
+    "request_size": click.option("--request-size", help="bytes per prefetch GET (default 16M)"),
     "small_file_threshold": click.option("--small-file-threshold",
                                          help="objects up to this size are fetched whole (default 1M)"),
     "kernel_readahead": click.option("--kernel-readahead",

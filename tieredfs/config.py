@@ -76,7 +76,7 @@ class Config:
     # Readahead (docs/readahead.md).
     readahead_max: int = 64 * MiB  # largest window one file keeps fetched ahead of its reader
     readahead_budget: int = 64 * MiB  # prefetch bytes in flight or buffered, all files together
-    request_size: int = 8 * MiB  # bytes per prefetch GET (several blocks in one request)
+    request_size: int = 16 * MiB  # bytes per prefetch GET (several blocks in one request)
     small_file_threshold: int = 1 * MiB  # objects up to this size are fetched whole on first read
     kernel_readahead: int = 4 * MiB  # the kernel's own readahead on the mount (needs root)
     dir_prefetch: int = 8  # small files fetched ahead when a directory is read in order; 0 = off
