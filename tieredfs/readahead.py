@@ -220,9 +220,13 @@ class ReadaheadEngine:
         start = max(st.issued, first)
         end = min(st.blocks, st.next_index + st.window)
         share = self._fair_share()
+        # Requests small enough that a stream's share holds two: with one request in flight
+        # per stream (4 readers of a 64 MiB budget, 16 MiB requests), each reader waits out
+        # every GET.
+        per_request = max(1, min(self.s.request_blocks, share // (2 * self.s.block_size)))
         while start < end:
-            stop = min(end, start + self.s.request_blocks)
-            if stop - start < self.s.request_blocks <= st.window and stop < st.blocks:
+            stop = min(end, start + per_request)
+            if stop - start < per_request <= st.window and stop < st.blocks:
                 return  # a wide window tops up in whole requests, not one block per read
             refs = [BlockRef(st.obj, i, self.s.block_size) for i in range(start, stop)]
             nbytes = sum(r.length for r in refs)
