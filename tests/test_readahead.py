@@ -39,6 +39,32 @@ def status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def read_all_at_once(root, files: dict[str, bytes]) -> None:
+    """Read every file from its own thread, all starting together, in 64 KiB reads; each
+    must give its bytes, and every reader must finish."""
+    errors, barrier = [], threading.Barrier(len(files))
+
+    def reader(key, data):
+        try:
+            barrier.wait(timeout=60)
+            with open(root / key, "rb") as f:
+                got = bytearray()
+                while chunk := f.read(64 * K):
+                    got += chunk
+            if bytes(got) != data:
+                errors.append(f"{key}: wrong bytes")
+        except Exception as e:  # collected and asserted below: a reader must not die silently
+            errors.append(f"{key}: {e!r}")
+
+    threads = [threading.Thread(target=reader, args=item) for item in files.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads), "a reader made no progress"
+    assert errors == []
+
+
 def test_small_sequential_reads_become_few_large_gets(bucket, put, mount_factory, s3server):
     data = put("big.bin", os.urandom(64 * BS + 123))  # 65 blocks
     m = mount_factory(bucket, *SMALL)
@@ -103,27 +129,7 @@ def test_many_concurrent_readers_stay_within_the_budget(bucket, put, mount_facto
     m = mount_factory(bucket, *SMALL, "--readahead-budget", str(budget))
     os.listdir(m.path / "many")
     rss_idle = status_kib(m.pid, "VmRSS")
-    errors, barrier = [], threading.Barrier(len(files))
-
-    def reader(key, data):
-        try:
-            barrier.wait(timeout=60)
-            with open(m.path / key, "rb") as f:
-                got = bytearray()
-                while chunk := f.read(64 * K):
-                    got += chunk
-            if bytes(got) != data:
-                errors.append(f"{key}: wrong bytes")
-        except Exception as e:  # collected and asserted below: a reader must not die silently
-            errors.append(f"{key}: {e!r}")
-
-    threads = [threading.Thread(target=reader, args=item) for item in files.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
-    assert not any(t.is_alive() for t in threads), "a reader made no progress"
-    assert errors == []
+    read_all_at_once(m.path, files)
     stats = m.stats()
     assert 0 < stats["readahead.budget_peak_bytes"] <= budget
     assert stats["readahead.budget_denied"] > 0  # the budget, not luck, kept it bounded
@@ -131,6 +137,25 @@ def test_many_concurrent_readers_stay_within_the_budget(bucket, put, mount_facto
     # the cache write queue (64 MiB) and the in-flight demand reads. A generous margin.
     hwm_growth_mib = (status_kib(m.pid, "VmHWM") - rss_idle) / 1024
     assert hwm_growth_mib < budget / M + 64 + 96, hwm_growth_mib
+
+
+def test_readers_join_prefetches_still_waiting_for_a_slot(bucket, put, mount_factory, s3server):
+    """With one prefetch slot for four readers, most prefetches wait in line. A reader's
+    own read of a block in a waiting prefetch must join it, not fetch the block alone:
+    alone, it cost a one-block GET, and the prefetch later read the block back from tier 1."""
+    files = {f"four/f{i}": os.urandom(64 * BS) for i in range(4)}
+    for key, data in files.items():
+        put(key, data)
+    m = mount_factory(bucket, *SMALL, "--s3-max-requests", "2")  # prefetch slots: 1
+    os.listdir(m.path / "four")
+    s3server.reset_counts()
+    read_all_at_once(m.path, files)
+    counts, stats = s3server.counts(), m.stats()
+    assert counts["GET_BYTES"] == 4 * 64 * BS  # each block once
+    # Whole requests are 8 blocks: 32 GETs. Readers that run ahead of the first prefetches
+    # and the kernel's out-of-order reads add a few; one-block GETs would add dozens.
+    assert counts["GET"] <= 40, counts
+    assert stats.get("chain.hits.local", 0) == 0, stats  # nothing fetched, then read back
 
 
 def test_prefetch_is_cancelled_on_close_and_unmount(bucket, put, mount_factory):

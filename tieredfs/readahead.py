@@ -30,7 +30,7 @@ import trio
 from .blocks import BlockRef, ObjectVersion, assemble, block_count
 from .errors import TieredError
 from .stats import Counters
-from .tiers.chain import TierChain
+from .tiers.chain import Claim, TierChain
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Stream:
     held: int = 0  # budget bytes this stream holds (in flight + buffered)
     position: int = 0  # bumped on every random jump: older prefetches are not kept
     buffered: dict[int, bytes] = field(default_factory=dict)
+    served: set[int] = field(default_factory=set)  # blocks the reader asked for, lately
     scopes: set = field(default_factory=set)
     closed: bool = False
 
@@ -167,6 +168,7 @@ class ReadaheadEngine:
     # --- demand path ---------------------------------------------------------------------------
 
     async def _gather(self, st: Stream, refs: list[BlockRef]) -> list[bytes]:
+        self._note_served(st, refs)
         wanted = refs
         if st.obj.size <= self.s.small_object and st.issued < st.blocks:
             # A small object is read whole on first touch: one GET instead of one per block.
@@ -174,6 +176,11 @@ class ReadaheadEngine:
             st.issued = st.blocks
         have = {r.index: self._take(st, r.index) for r in wanted}
         missing = [r for r in wanted if have[r.index] is None]
+        if wanted[0].index <= st.issued <= wanted[-1].index:
+            # This read fetches the blocks from st.issued on itself (prefetch had no share
+            # left for them): a prefetch issued later must not claim them again, and find
+            # them in tier 1 by then.
+            st.issued = wanted[-1].index + 1
         if missing:
             for r, data in zip(missing, await self.chain.get_many(missing)):
                 have[r.index] = data
@@ -182,6 +189,16 @@ class ReadaheadEngine:
             if r.index not in asked:
                 self._keep(st, r.index, have[r.index])
         return [have[r.index] for r in refs]
+
+    def _note_served(self, st: Stream, refs: list[BlockRef]) -> None:
+        """Remember which blocks the reader asked for, so a prefetch that brings one back
+        later does not hold it for a read that will not come. Noted when asked, not when
+        answered: the reader may be waiting on that very prefetch. Only blocks a window
+        behind the reader are remembered (prefetch keeps none further behind)."""
+        st.served.update(r.index for r in refs)
+        if len(st.served) > 2 * max(st.window, _SEQUENTIAL_SLACK) + len(refs):
+            behind = st.next_index - st.window
+            st.served = {i for i in st.served if i >= behind}
 
     def _take(self, st: Stream, index: int) -> bytes | None:
         data = st.buffered.pop(index, None)
@@ -225,6 +242,9 @@ class ReadaheadEngine:
         # every GET.
         per_request = max(1, min(self.s.request_blocks, share // (2 * self.s.block_size)))
         while start < end:
+            if start in st.served:  # read ahead of the prefetch: fetched, or being fetched
+                start += 1
+                continue
             stop = min(end, start + per_request)
             if stop - start < per_request <= st.window and stop < st.blocks:
                 return  # a wide window tops up in whole requests, not one block per read
@@ -234,33 +254,39 @@ class ReadaheadEngine:
                 return
             st.held += nbytes
             st.issued = stop
-            self._nursery.start_soon(self._prefetch, st, refs, nbytes)
+            # Claimed now, so this read's own demand fetch, issued next, joins it.
+            self._nursery.start_soon(self._prefetch, st, self.chain.claim(refs), nbytes)
             start = stop
 
-    async def _prefetch(self, st: Stream, refs: list[BlockRef], nbytes: int) -> None:
+    async def _prefetch(self, st: Stream, claim: Claim, nbytes: int) -> None:
+        refs = claim.refs
         scope = trio.CancelScope()
         st.scopes.add(scope)
         kept = 0
         position = st.position
         try:
             with scope:
-                async with self._slots:
-                    if st.closed:
-                        return
-                    datas = await self.chain.get_many(refs)
+                if st.closed:
+                    return  # closed before this task began: its scope was not there to cancel
+                datas = await self.chain.complete(claim, self._slots)
                 self.counters.add("prefetched_bytes", sum(len(d) for d in datas))
                 for ref, data in zip(refs, datas):
                     if st.closed or st.position != position or ref.index in st.buffered:
                         self.counters.add("wasted_bytes", len(data))
-                    elif ref.index < st.next_index:
-                        self.counters.add("used_bytes", len(data))  # the reader joined this fetch
+                    elif ref.index in st.served:
+                        self.counters.add("used_bytes", len(data))  # the reader has it already
+                    elif ref.index < st.next_index - st.window:
+                        self.counters.add("wasted_bytes", len(data))  # the reader is far past it
                     else:
+                        # Kept even behind the furthest read: the kernel's reads arrive out of
+                        # order, and the one for this block may be still on its way.
                         st.buffered[ref.index] = data
                         kept += len(data)
         except Exception as e:
             self._failed(st.obj, e)
             return
         finally:
+            self.chain.release(claim)
             st.scopes.discard(scope)
             self._release(st, nbytes - kept)
         if not scope.cancelled_caught and st.window and not st.closed and st.position == position:
@@ -283,17 +309,18 @@ class ReadaheadEngine:
             self._walked[obj] = None
             if len(self._walked) > _REMEMBERED_OBJECTS:
                 self._walked.popitem(last=False)
-            self._nursery.start_soon(self._prefetch_object, obj)
+            refs = [BlockRef(obj, i, self.s.block_size)
+                    for i in range(block_count(obj.size, self.s.block_size))]
+            self._nursery.start_soon(self._prefetch_object, obj, self.chain.claim(refs))
 
-    async def _prefetch_object(self, obj: ObjectVersion) -> None:
-        refs = [BlockRef(obj, i, self.s.block_size) for i in range(block_count(obj.size, self.s.block_size))]
+    async def _prefetch_object(self, obj: ObjectVersion, claim: Claim) -> None:
         try:
-            async with self._slots:
-                await self.chain.get_many(refs)
+            await self.chain.complete(claim, self._slots)
             self.counters.add("walk_prefetched_bytes", obj.size)
         except Exception as e:
             self._failed(obj, e)
         finally:
+            self.chain.release(claim)
             self.budget.give_back(obj.size)
 
     def _failed(self, obj: ObjectVersion, e: Exception) -> None:

@@ -40,6 +40,17 @@ class _Flight:
         return self.data
 
 
+class Claim:
+    """Blocks a caller asked for: the flights it fetches itself, and those it joined."""
+
+    __slots__ = ("refs", "owned", "joined")
+
+    def __init__(self, refs: list[BlockRef]):
+        self.refs = refs
+        self.owned: list[tuple[int, BlockRef, _Flight]] = []
+        self.joined: list[tuple[int, _Flight]] = []
+
+
 class TierChain:
     def __init__(self, upper: list[Tier], s3: S3Tier, filler: Filler, *,
                  disk_limiter: trio.CapacityLimiter, s3_limiter: trio.CapacityLimiter, max_span: int,
@@ -85,33 +96,58 @@ class TierChain:
 
     async def get_many(self, refs: list[BlockRef]) -> list[bytes]:
         """All blocks, fetching the misses in as few ranged GETs as contiguity allows."""
-        results: dict[int, bytes] = {}
-        waits: list[tuple[int, _Flight]] = []
-        owned: list[tuple[int, BlockRef, _Flight]] = []
+        return await self.complete(self.claim(refs))
+
+    def claim(self, refs: list[BlockRef]) -> Claim:
+        """Join the fetches of blocks already in flight and put the rest in flight now, so
+        that a request from here on joins them even before this caller starts fetching.
+
+        A prefetch claims its blocks when it is issued, not when it gets a slot: claimed
+        later, a reader's demand read of a queued block went to S3 alone (4 readers cold:
+        81 of 216 GETs were of one block, and 166 blocks were read back from tier 1).
+        """
+        claim = Claim(refs)
         for i, ref in enumerate(refs):
             flight = self._flights.get(ref.id)
             if flight is not None:
                 self.counters.add("single_flight_joins")
-                waits.append((i, flight))
+                claim.joined.append((i, flight))
             else:
                 flight = self._flights[ref.id] = _Flight()
-                owned.append((i, ref, flight))
+                claim.owned.append((i, ref, flight))
+        return claim
+
+    async def complete(self, claim: Claim, slot: trio.CapacityLimiter | None = None) -> list[bytes]:
+        """The claimed blocks; the ones this claim owns are fetched holding `slot`, if given.
+        The slot is let go before waiting on other claims' fetches, so no slot holder waits
+        for a claim queued behind it."""
         try:
-            await self._resolve(owned)
+            if claim.owned and slot is not None:
+                async with slot:
+                    await self._resolve(claim.owned)
+            elif claim.owned:
+                await self._resolve(claim.owned)
         finally:
-            for _, ref, flight in owned:
-                self._flights.pop(ref.id, None)
-                if not flight.done.is_set():
-                    flight.error = _Abandoned()
-                    flight.done.set()
-        for i, _, flight in owned:
+            self.release(claim)
+        results: dict[int, bytes] = {}
+        for i, _, flight in claim.owned:
             results[i] = await flight.wait()
-        for i, flight in waits:
+        for i, flight in claim.joined:
             try:
                 results[i] = await flight.wait()
             except _Abandoned:
-                results[i] = await self.get(refs[i])
-        return [results[i] for i in range(len(refs))]
+                results[i] = await self.get(claim.refs[i])
+        return [results[i] for i in range(len(claim.refs))]
+
+    def release(self, claim: Claim) -> None:
+        """End the claim's own flights; waiters on one not fetched fetch it themselves.
+        Safe to call again, and needed for a claim that is never completed."""
+        for _, ref, flight in claim.owned:
+            if self._flights.get(ref.id) is flight:
+                del self._flights[ref.id]
+            if not flight.done.is_set():
+                flight.error = _Abandoned()
+                flight.done.set()
 
     async def _resolve(self, owned: list[tuple[int, BlockRef, "_Flight"]]) -> None:
         unwritten = []
