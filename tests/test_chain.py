@@ -26,16 +26,17 @@ def s3_only_chain(bucket: str, url: str) -> TierChain:
                      s3_limiter=trio.CapacityLimiter(4), max_span=8, counters=Counters("chain"))
 
 
-def object_of(s3, bucket: str, key: str, data: bytes) -> ObjectVersion:
-    s3.put_object(Bucket=bucket, Key=key, Body=data)
-    etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-    return ObjectVersion(bucket, key, etag, len(data))
+def four_blocks(s3, bucket: str) -> tuple[bytes, list[BlockRef]]:
+    """A new object of four blocks: its bytes and its blocks."""
+    data = os.urandom(4 * BS)
+    s3.put_object(Bucket=bucket, Key="four", Body=data)
+    etag = s3.head_object(Bucket=bucket, Key="four")["ETag"].strip('"')
+    obj = ObjectVersion(bucket, "four", etag, len(data))
+    return data, [BlockRef(obj, i, BS) for i in range(4)]
 
 
 def test_a_read_joins_a_prefetch_claimed_but_not_yet_fetching(s3, bucket, s3server):
-    data = os.urandom(4 * BS)
-    obj = object_of(s3, bucket, "four", data)
-    refs = [BlockRef(obj, i, BS) for i in range(4)]
+    data, refs = four_blocks(s3, bucket)
     got = {}
 
     async def main():
@@ -57,9 +58,7 @@ def test_a_read_joins_a_prefetch_claimed_but_not_yet_fetching(s3, bucket, s3serv
 
 def test_a_claim_given_up_before_its_fetch_sends_its_joiners_to_fetch_themselves(
         s3, bucket, s3server):
-    data = os.urandom(4 * BS)
-    obj = object_of(s3, bucket, "four", data)
-    refs = [BlockRef(obj, i, BS) for i in range(4)]
+    data, refs = four_blocks(s3, bucket)
     got = {}
 
     async def main():
