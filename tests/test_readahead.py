@@ -158,6 +158,27 @@ def test_readers_join_prefetches_still_waiting_for_a_slot(bucket, put, mount_fac
     assert stats.get("chain.hits.local", 0) == 0, stats  # nothing fetched, then read back
 
 
+def test_a_block_split_between_two_reads_is_looked_up_once(bucket, put, mount_factory, s3server):
+    """Reads not aligned to blocks (the kernel sends such with several readers): the block a
+    read ends inside stays with the stream for the read that finishes it, instead of being
+    looked up again in the cache write queue or tier 1."""
+    data = put("split.bin", os.urandom(48 * BS))
+    m = mount_factory(bucket, *SMALL)
+    os.listdir(m.path)
+    s3server.reset_counts()
+    fd = os.open(m.path / "split.bin", os.O_RDONLY | os.O_DIRECT)  # the daemon sees these reads
+    try:
+        step = BS + BS // 2  # every other read ends inside a block
+        got = b"".join(os.pread(fd, step, off) for off in range(0, len(data), step))
+    finally:
+        os.close(fd)
+    assert got == data
+    assert s3server.counts()["GET_BYTES"] == len(data)
+    stats = m.stats()
+    assert stats.get("chain.hits.fill_queue", 0) + stats.get("chain.hits.local", 0) == 0, stats
+    assert stats.get("readahead.wasted_bytes", 0) == 0
+
+
 def test_prefetch_is_cancelled_on_close_and_unmount(bucket, put, mount_factory):
     data = put("cancel.bin", os.urandom(256 * BS))  # 16 MiB
     m = mount_factory(bucket, *SMALL, "--readahead-max", "8M")

@@ -74,6 +74,7 @@ class Stream:
     position: int = 0  # bumped on every random jump: older prefetches are not kept
     buffered: dict[int, bytes] = field(default_factory=dict)
     served: set[int] = field(default_factory=set)  # blocks the reader asked for, lately
+    kept: set[int] = field(default_factory=set)  # buffered blocks a demand read fetched
     scopes: set = field(default_factory=set)
     closed: bool = False
 
@@ -132,7 +133,7 @@ class ReadaheadEngine:
             ref = refs[0]
             end = min(offset + size, ref.start + ref.length)
             return await self.chain.get_part(ref, offset - ref.start, end - ref.start)
-        return assemble(refs, await self._gather(st, refs), offset, size)
+        return assemble(refs, await self._gather(st, refs, offset + size), offset, size)
 
     # --- access pattern ------------------------------------------------------------------------
 
@@ -167,14 +168,21 @@ class ReadaheadEngine:
 
     # --- demand path ---------------------------------------------------------------------------
 
-    async def _gather(self, st: Stream, refs: list[BlockRef]) -> list[bytes]:
-        self._note_served(st, refs)
+    async def _gather(self, st: Stream, refs: list[BlockRef], end: int) -> list[bytes]:
+        # A read that ends inside its last block leaves the rest of it to a later read: the
+        # block stays buffered for that one. (A fifth of the kernel's reads with 4 readers
+        # are not block-aligned; each such block was read twice, the second time from the
+        # cache write queue or tier 1.)
+        last = refs[-1]
+        unfinished = last if end < last.start + last.length else None
+        self._note_served(st, refs if unfinished is None else refs[:-1])
         wanted = refs
         if st.obj.size <= self.s.small_object and st.issued < st.blocks:
             # A small object is read whole on first touch: one GET instead of one per block.
             wanted = [BlockRef(st.obj, i, self.s.block_size) for i in range(st.blocks)]
             st.issued = st.blocks
-        have = {r.index: self._take(st, r.index) for r in wanted}
+        have = {r.index: st.buffered.get(r.index) if r is unfinished else self._take(st, r.index)
+                for r in wanted}
         missing = [r for r in wanted if have[r.index] is None]
         if wanted[0].index <= st.issued <= wanted[-1].index:
             # This read fetches the blocks from st.issued on itself (prefetch had no share
@@ -186,7 +194,9 @@ class ReadaheadEngine:
                 have[r.index] = data
         asked = {r.index for r in refs}
         for r in wanted:
-            if r.index not in asked:
+            if r.index not in asked or (r is unfinished and st.window and r.index not in st.served):
+                # Kept for a stream only, and only if no read has finished the block already
+                # (the kernel's reads arrive in any order).
                 self._keep(st, r.index, have[r.index])
         return [have[r.index] for r in refs]
 
@@ -204,21 +214,31 @@ class ReadaheadEngine:
         data = st.buffered.pop(index, None)
         if data is not None:
             self._release(st, len(data))
-            self.counters.add("used_bytes", len(data))
+            if not self._was_kept(st, index):
+                self.counters.add("used_bytes", len(data))
         return data
 
     def _keep(self, st: Stream, index: int, data: bytes) -> None:
-        """Hold a block fetched along with a demand read, if the budget allows."""
+        """Hold a block a demand read fetched for a later read, if the budget allows. It
+        is not prefetch: neither used nor wasted prefetch when it goes."""
         if not st.closed and index not in st.buffered and self.budget.try_take(len(data)):
             st.held += len(data)
             st.buffered[index] = data
+            st.kept.add(index)
+
+    def _was_kept(self, st: Stream, index: int) -> bool:
+        if index in st.kept:
+            st.kept.discard(index)
+            return True
+        return False
 
     def _drop(self, st: Stream, indexes: set[int]) -> None:
         for index in indexes:
             data = st.buffered.pop(index, None)
             if data is not None:
                 self._release(st, len(data))
-                self.counters.add("wasted_bytes", len(data))
+                if not self._was_kept(st, index):
+                    self.counters.add("wasted_bytes", len(data))
 
     def _release(self, st: Stream, n: int) -> None:
         st.held -= n
@@ -271,10 +291,17 @@ class ReadaheadEngine:
                 datas = await self.chain.complete(claim, self._slots)
                 self.counters.add("prefetched_bytes", sum(len(d) for d in datas))
                 for ref, data in zip(refs, datas):
-                    if st.closed or st.position != position or ref.index in st.buffered:
+                    if st.buffered.get(ref.index) is data:
+                        # The reader joined this fetch and keeps the block for its rest: a
+                        # prefetched block, used or wasted when it goes.
+                        st.kept.discard(ref.index)
+                        continue
+                    if ref.index in st.served:
+                        # The reader has it already (it joined this fetch), even if it has
+                        # closed the file since.
+                        self.counters.add("used_bytes", len(data))
+                    elif st.closed or st.position != position or ref.index in st.buffered:
                         self.counters.add("wasted_bytes", len(data))
-                    elif ref.index in st.served:
-                        self.counters.add("used_bytes", len(data))  # the reader has it already
                     elif ref.index < st.next_index - st.window:
                         self.counters.add("wasted_bytes", len(data))  # the reader is far past it
                     else:

@@ -121,22 +121,27 @@ class TierChain:
         """The claimed blocks; the ones this claim owns are fetched holding `slot`, if given.
         The slot is let go before waiting on other claims' fetches, so no slot holder waits
         for a claim queued behind it."""
+        results: dict[int, bytes] = {}
         try:
             if claim.owned and slot is not None:
                 async with slot:
                     await self._resolve(claim.owned)
             elif claim.owned:
                 await self._resolve(claim.owned)
+            for i, flight in claim.joined:
+                try:
+                    results[i] = await flight.wait()
+                except _Abandoned:
+                    results[i] = await self.get(claim.refs[i])
         finally:
             self.release(claim)
-        results: dict[int, bytes] = {}
+        # No checkpoint from here to the caller: its blocks must not be out of flight and
+        # not yet where the caller keeps them while another request looks (a reader then
+        # found a prefetch's blocks in neither place and read them back from tier 1).
         for i, _, flight in claim.owned:
-            results[i] = await flight.wait()
-        for i, flight in claim.joined:
-            try:
-                results[i] = await flight.wait()
-            except _Abandoned:
-                results[i] = await self.get(claim.refs[i])
+            if flight.error is not None:
+                raise flight.error
+            results[i] = flight.data
         return [results[i] for i in range(len(claim.refs))]
 
     def release(self, claim: Claim) -> None:
