@@ -73,7 +73,7 @@ class Stream:
     held: int = 0  # budget bytes this stream holds (in flight + buffered)
     position: int = 0  # bumped on every random jump: older prefetches are not kept
     buffered: dict[int, bytes] = field(default_factory=dict)
-    served: set[int] = field(default_factory=set)  # blocks the reader asked for, lately
+    served: set[int] = field(default_factory=set)  # blocks reads have finished, lately
     kept: set[int] = field(default_factory=set)  # buffered blocks a demand read fetched
     scopes: set = field(default_factory=set)
     closed: bool = False
@@ -201,10 +201,11 @@ class ReadaheadEngine:
         return [have[r.index] for r in refs]
 
     def _note_served(self, st: Stream, refs: list[BlockRef]) -> None:
-        """Remember which blocks the reader asked for, so a prefetch that brings one back
-        later does not hold it for a read that will not come. Noted when asked, not when
-        answered: the reader may be waiting on that very prefetch. Only blocks a window
-        behind the reader are remembered (prefetch keeps none further behind)."""
+        """Remember which blocks reads have finished (read to their end), so a prefetch that
+        brings one back later does not hold it for a read that will not come. Noted when
+        asked, not when answered: the reader may be waiting on that very prefetch. Only
+        blocks a window behind the reader are remembered (prefetch keeps none further
+        behind)."""
         st.served.update(r.index for r in refs)
         if len(st.served) > 2 * max(st.window, _SEQUENTIAL_SLACK) + len(refs):
             behind = st.next_index - st.window
