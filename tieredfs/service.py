@@ -22,7 +22,7 @@ from . import fuse_ops
 from .config import Config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem
-from .memory import tune_malloc
+from .memory import BufferPool, tune_malloc
 from .namespace import Namespace
 from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from .reader import Reader
@@ -87,11 +87,16 @@ class Daemon:
         self.config = config
         self.registry = Registry()
         c = config
+        # Blocks prefetched and unread, and blocks waiting for the cache disk, are the buffers
+        # held at once by design: that much is kept for reuse.
+        self.buffers = BufferPool(keep=c.readahead_budget + c.cache_write_queue,
+                                  counters=self.registry.counters("memory"))
+        self.registry.add_source(self.buffers.gauges)
         self.backend = S3Backend(
             c.bucket, endpoint_url=c.endpoint_url, region=c.region, max_requests=c.s3_max_requests,
             connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
-            counters=self.registry.counters("s3"))
+            counters=self.registry.counters("s3"), buffers=self.buffers)
         self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
                                    refresh_dir=functools.partial(self.backend.list_dir, attempts=1))
         self.registry.add_source(self.namespace.gauges)
@@ -119,7 +124,8 @@ class Daemon:
                         self.cache_dir.path, str(e))
             return None
         self.capacity = capacity
-        files = BlockFiles(self.cache_dir.file_path, _open_block_files_limit(c.cache_open_files))
+        files = BlockFiles(self.cache_dir.file_path, _open_block_files_limit(c.cache_open_files),
+                           self.buffers)
         local = LocalTier(self.cache_dir, index, files, capacity=capacity,
                           min_free=c.cache_min_free, counters=self.registry.counters("local"))
         self.registry.add_source(local.gauges)
@@ -206,6 +212,7 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
                 log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
                          c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
                 on_ready()
+                nursery.start_soon(_trim_buffers, daemon.buffers)
                 if daemon.local:
                     nursery.start_soon(_sweep_orphans, daemon.local)
         finally:
@@ -255,6 +262,13 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             log.info("event=signal signal=%s action=unmount", signal.Signals(sig).name)
             scope.cancel()
             return
+
+
+async def _trim_buffers(buffers: BufferPool, period: float = 30.0) -> None:
+    """An idle daemon gives back the buffers its last busy spell left in the pool."""
+    while True:
+        await trio.sleep(period)
+        buffers.trim()
 
 
 async def _sweep_orphans(local: LocalTier, first_delay: float = 10.0, period: float = 3600.0) -> None:

@@ -12,8 +12,9 @@ Writing: new files written through the page cache ran into the kernel's dirty-pa
 throttling within a few hundred MiB: measured here, 4 threads writing new 1 MiB files
 went from 3,300 MiB/s to 640 MiB/s at 3 ms of CPU per MiB, and the cache fill capped
 cold reads at ~400 MiB/s. With O_DIRECT the same writes ran at 1,800-1,950 MiB/s and
-0.45 ms of CPU per MiB, steadily. The bytes go through an aligned buffer from a small
-pool (one per concurrent writer).
+0.45 ms of CPU per MiB, steadily. Blocks from S3 arrive in page-aligned buffers and are
+written as they are; others (an object's short last block) go through an aligned buffer
+from the pool.
 
 Reading: a 4 KiB random read from tier 1 is mostly fixed cost; an open() and close() per read
 was a tenth of it. Keeping descriptors open also lets the trio thread try a read that
@@ -30,7 +31,6 @@ block read as zeros once its hole is punched: the checksums catch a read that ra
 
 import ctypes
 import errno
-import mmap
 import os
 import threading
 import time
@@ -39,11 +39,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from ..memory import PAGE, address  # O_DIRECT wants buffer, offset and length page-aligned
+from ..memory import ALIGNED_FROM, PAGE, BufferPool, address  # O_DIRECT wants buffer, offset
+# and length page-aligned
 
 _LINK_CHECK_SECONDS = 1.0
-_BUFFERS_KEPT = 8  # more writers than this at once allocate (and free) their own
-_BUFFER_KEPT_MAX = 1 << 20  # bigger ones (large blocks) are freed after use
 
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -153,16 +152,17 @@ class _Open:
 
 
 class BlockFiles:
-    def __init__(self, path_of: Callable[[str], os.PathLike], limit: int):
+    def __init__(self, path_of: Callable[[str], os.PathLike], limit: int,
+                 buffers: BufferPool | None = None):
         self.path_of = path_of
         self.limit = limit
+        self.buffers = buffers or BufferPool()  # what blocks are read into
         self._nowait = True  # until the cache filesystem refuses RWF_NOWAIT
         self._direct = True  # until it refuses O_DIRECT
-        self._buffers: list[mmap.mmap] = []  # aligned write buffers not in use
         self._open: OrderedDict[str, _Open] = OrderedDict()
         self._lock = threading.Lock()
 
-    def read(self, name: str, offset: int, size: int, wait: bool) -> bytes | bytearray | None:
+    def read(self, name: str, offset: int, size: int, wait: bool) -> memoryview | None:
         """`size` bytes at `offset` (fewer at the end of the file).
 
         wait=False never blocks: None if the file is not open already or its bytes are not
@@ -174,9 +174,10 @@ class BlockFiles:
         if handle is None:
             return None
         try:
+            buf = self.buffers.take(size)
             if wait:
-                return os.pread(handle.fd, size, offset)
-            buf = bytearray(size)
+                got = os.preadv(handle.fd, [buf], offset)
+                return buf if got == size else buf[:got]
             try:
                 got = os.preadv(handle.fd, [buf], offset, os.RWF_NOWAIT)
             except OSError as e:
@@ -228,34 +229,13 @@ class BlockFiles:
         """O_DIRECT of a buffer that is not ready for it: copied into an aligned one."""
         n = len(data)
         padded = -(-n // PAGE) * PAGE
-        buf = self._take_buffer(padded)
-        try:
-            buf[:n] = data
-            buf[n:padded] = bytes(padded - n)
-            view = memoryview(buf)
-            try:
-                _write_all(fd, [view[:padded]], offset)
-            finally:
-                view.release()
-        finally:
-            self._give_buffer(buf)
+        buf = self.buffers.take(max(padded, ALIGNED_FROM))  # the pool's buffers are page-aligned
+        buf[:n] = data
+        buf[n:padded] = bytes(padded - n)
+        _write_all(fd, [buf[:padded]], offset)
         if padded != n:
             # Only an object's last block is short, so nothing lies beyond it: the padding goes.
             os.ftruncate(fd, offset + n)
-
-    def _take_buffer(self, size: int) -> mmap.mmap:
-        with self._lock:
-            for i, buf in enumerate(self._buffers):
-                if len(buf) >= size:
-                    return self._buffers.pop(i)
-        return mmap.mmap(-1, max(size, PAGE))  # page-aligned; kept for the next writer
-
-    def _give_buffer(self, buf: mmap.mmap) -> None:
-        with self._lock:
-            if len(self._buffers) < _BUFFERS_KEPT and len(buf) <= _BUFFER_KEPT_MAX:
-                self._buffers.append(buf)
-                return
-        buf.close()
 
     def forget(self, name: str) -> None:
         """The file is being unlinked: close its descriptor once no reader holds it."""

@@ -35,7 +35,7 @@ from ..errors import (
     ObjectChanged,
     ObjectMissing,
 )
-from ..memory import receive_buffer
+from ..memory import BufferPool
 from ..stats import Counters
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,11 @@ class Listing:
 class S3Backend:
     def __init__(self, bucket: str, *, endpoint_url: str | None, region: str | None,
                  max_requests: int, connect_timeout: float, read_timeout: float,
-                 max_attempts: int, deadline: float, counters: Counters):
+                 max_attempts: int, deadline: float, counters: Counters,
+                 buffers: BufferPool | None = None):
         self.bucket = bucket
         self.max_attempts = max_attempts
+        self._buffers = buffers or BufferPool()  # what bodies are received into
         self.deadline = deadline
         self.counters = counters
         self._down = False  # the last request ran out of deadline; only a success clears it
@@ -195,7 +197,7 @@ class S3Backend:
         Returns the buffers and how many bytes arrived in all.
         """
         read, most = _body_reader(body)
-        pieces, got = [receive_buffer(n) for n in lengths], 0
+        pieces, got = [self._buffers.take(n) for n in lengths], 0
         for view in pieces:
             pos = 0
             while pos < len(view) and (chunk := read(min(most, len(view) - pos))):
