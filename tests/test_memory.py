@@ -1,6 +1,7 @@
 """The buffer pool: a buffer is reused only once no view of it is left (whichever thread drops
 the last one), at most `keep` bytes wait for reuse, and trim() gives back what sat unused."""
 
+import gc
 import threading
 
 from tieredfs.memory import PAGE, BufferPool, address
@@ -79,3 +80,18 @@ def test_trim_gives_back_what_no_take_needed_since_the_last_trim():
     del busy
     assert pool.trim() == 0
     assert pool.trim() == 2 * M
+
+
+def test_a_buffer_freed_by_the_garbage_collector_comes_back():
+    pool = BufferPool(keep=4 * M)
+
+    class Node:
+        pass
+
+    node = Node()
+    node.buffer, node.me = pool.take(M), node  # a cycle: only the collector frees it
+    where = address(node.buffer)
+    del node
+    gc.collect()
+    assert pool.gauges() == {"memory.pool_free_bytes": M, "memory.pool_lent_bytes": 0}
+    assert address(pool.take(M)) == where

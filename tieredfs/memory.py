@@ -99,10 +99,13 @@ class BufferPool:
     def __init__(self, keep: int = _KEEP, counters: Counters | None = None):
         self.keep = keep
         self.counters = counters or Counters("memory")
-        self._lock = threading.Lock()
+        # Re-entrant: a buffer caught in a reference cycle (an exception's traceback) is freed
+        # by the garbage collector, which may run at any allocation, even under this lock.
+        self._lock = threading.RLock()
         self._free: dict[int, list[mmap.mmap]] = {}  # by size; the oldest first
         self._unused: dict[int, int] = {}  # by size: buffers none of the takes since trim() needed
         self._free_bytes = 0
+        self._lent_bytes = 0
         self._out: dict[int, tuple[weakref.ref, int, mmap.mmap]] = {}  # by id of the weak ref
 
     def take(self, n: int) -> memoryview:
@@ -125,12 +128,14 @@ class BufferPool:
         ref = weakref.ref(holder, self._returned)
         with self._lock:
             self._out[id(ref)] = (ref, size, mapping)
+            self._lent_bytes += size
         view = memoryview(holder).cast("B")
         return view if size == n else view[:n]
 
     def _returned(self, ref: weakref.ref) -> None:
         with self._lock:
             _, size, mapping = self._out.pop(id(ref))
+            self._lent_bytes -= size
             if self._free_bytes + size > self.keep:
                 return  # unmapped as soon as its dying holder lets go of it
             free = self._free.setdefault(size, [])
@@ -143,7 +148,7 @@ class BufferPool:
         """Unmap the free buffers that no take() has needed since the last trim; their bytes."""
         freed = 0
         with self._lock:
-            for size, free in self._free.items():
+            for size, free in list(self._free.items()):
                 idle = self._unused.get(size, 0)
                 closed = 0
                 for mapping in free[:idle]:
@@ -161,4 +166,4 @@ class BufferPool:
     def gauges(self) -> dict[str, int]:
         with self._lock:
             return {"memory.pool_free_bytes": self._free_bytes,
-                    "memory.pool_lent_bytes": sum(size for _, size, _ in self._out.values())}
+                    "memory.pool_lent_bytes": self._lent_bytes}
