@@ -63,15 +63,17 @@ def blocks_for_range(obj: ObjectVersion, offset: int, size: int, block_size: int
 def assemble(blocks: list[BlockRef], datas: list[bytes], offset: int, size: int) -> bytes | memoryview:
     """Cut [offset, offset+size) out of consecutive whole blocks.
 
-    Within one block the result is a view, not a copy: pyfuse3 takes any buffer.
+    Within one block the result is a view, not a copy: pyfuse3 takes any buffer. Across
+    blocks it is one copy of the bytes asked for (joining whole blocks and then slicing was
+    two copies, of more bytes).
     """
     if not blocks:
         return b""
-    base = blocks[0].start
-    lo = offset - base
-    hi = min(offset + size, blocks[-1].start + blocks[-1].length) - base
+    end = min(offset + size, blocks[-1].start + blocks[-1].length)
     if len(datas) == 1:
-        data = datas[0]
+        data, lo, hi = datas[0], offset - blocks[0].start, end - blocks[0].start
         return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
-    joined = b"".join(datas)
-    return joined[lo:hi]
+    parts = [memoryview(d) for d in datas]
+    parts[0] = parts[0][offset - blocks[0].start:]
+    parts[-1] = parts[-1][:end - blocks[-1].start]
+    return b"".join(parts)
