@@ -15,8 +15,8 @@ Zeroing 8 MiB per GET, then copying it again into an aligned buffer for the disk
 Large buffers are reused, not freed (`BufferPool`): on this machine (a VM whose freed memory
 goes back to the host) the first touch of a page costs ~2 us, 0.55 ms per MiB against
 0.02 ms for memory touched before. A cold 1 GiB read with a new buffer per block took
-55,000-93,000 page faults in the daemon, most of them filling receive buffers; reused, 30,000,
-nearly all of them the pool's first fill (docs/readahead.md).
+72,000-102,000 page faults in the daemon, most of them filling receive buffers; reused,
+27,000-32,000, nearly all of them the pool's first fill (docs/readahead.md).
 """
 
 import ctypes

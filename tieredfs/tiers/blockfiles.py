@@ -39,8 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from ..memory import ALIGNED_FROM, PAGE, BufferPool, address  # O_DIRECT wants buffer, offset
-# and length page-aligned
+# O_DIRECT wants buffer, offset and length page-aligned.
+from ..memory import ALIGNED_FROM, PAGE, BufferPool, address
 
 _LINK_CHECK_SECONDS = 1.0
 
