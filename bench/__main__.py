@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     machine["loadavg_at_end"] = os.getloadavg()
+    machine["new_memory_ms_per_mib_at_end"] = report.new_memory_cost()
     result = _result(args, run, endpoint, started, machine)
     paths = report.write(result, args.out, time.strftime("%Y%m%d-%H%M%S") + f"-{report.key(result)}")
     print(report.markdown(result))

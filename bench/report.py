@@ -2,9 +2,11 @@
 DESIGN.md targets with the measured ratio and whether each is met."""
 
 import json
+import mmap
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 _MiB = 1 << 20
@@ -30,7 +32,23 @@ def machine() -> dict:
     return {"nproc": os.cpu_count(), "memory_gib": round(int(mem) / _MiB, 1),
             "kernel": platform.release(), "python": platform.python_version(),
             "cpu": _cpu_model(), "disk": disk.strip().splitlines()[-1] if disk else "",
-            "loadavg_at_start": os.getloadavg()}
+            "loadavg_at_start": os.getloadavg(), "new_memory_ms_per_mib_at_start": new_memory_cost()}
+
+
+def new_memory_cost(mib: int = 64) -> float:
+    """CPU ms per MiB to touch memory just mapped. On this VM (its balloon device reports free
+    pages to the host) it is ~0.55 ms, 25x memory touched before, and it varies between runs
+    with what the machine freed before them: a run with dear new memory is a slow run for
+    every row that fills new pages (tieredfs's cold and tier-1 rows most), not a slow build."""
+    region = mmap.mmap(-1, mib * _MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        page = bytes(4096)
+        t0 = time.process_time()
+        for offset in range(0, len(region), len(page)):
+            region[offset:offset + len(page)] = page
+        return (time.process_time() - t0) * 1000 / mib
+    finally:
+        region.close()
 
 
 def _cpu_model() -> str:
@@ -232,7 +250,9 @@ def update_docs(result: dict, png: Path | None, doc: Path) -> None:
         f"Command: `{meta['command']}` ({meta['seconds']:.0f} s), {meta['started']}, git {meta['git']}.",
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB RAM, kernel {m['kernel']}, "
         f"disk `{m['disk']}`, load average {m['loadavg_at_start'][0]:.1f} at start, "
-        f"{m['loadavg_at_end'][0]:.1f} at the end (other work on the machine makes numbers noisy).",
+        f"{m['loadavg_at_end'][0]:.1f} at the end (other work on the machine makes numbers noisy), "
+        f"new memory {m['new_memory_ms_per_mib_at_start']:.2f} ms/MiB to touch at start, "
+        f"{m['new_memory_ms_per_mib_at_end']:.2f} at the end (`report.new_memory_cost`).",
         f"Dataset: big file {ds['big'] >> 20} MiB, 4 × {ds['multi_each'] >> 20} MiB, "
         f"{ds['small_files']} small files ({ds['small_bytes'] >> 20} MiB).", "",
         markdown(result),

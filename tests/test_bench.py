@@ -46,7 +46,9 @@ def test_every_row_is_there_with_a_positive_value(result):
     assert EXPECTED <= set(by_id)
     for row_id in EXPECTED:
         assert by_id[row_id]["value"] > 0, row_id
-    assert result["meta"]["machine"]["nproc"] >= 1
+    machine = result["meta"]["machine"]
+    assert machine["nproc"] >= 1
+    assert machine["new_memory_ms_per_mib_at_start"] > 0 and machine["new_memory_ms_per_mib_at_end"] > 0
     assert result["meta"]["endpoint_kind"] == "moto"
 
 
