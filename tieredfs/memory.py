@@ -12,9 +12,9 @@ of a block or more start on a page, so tier 1 can write them with O_DIRECT as th
 Zeroing 8 MiB per GET, then copying it again into an aligned buffer for the disk, were
 15% and 4% of the time the GIL was held during a cold read (py-spy --gil).
 
-Large buffers are reused, not freed (`BufferPool`): on this machine (a VM whose freed memory
-goes back to the host) the first touch of a page costs ~2 us, 0.55 ms per MiB against
-0.02 ms for memory touched before. A cold 1 GiB read with a new buffer per block took
+Large buffers are reused, not freed (`BufferPool`): on this machine (a VM whose balloon
+device reports free pages to the host, which most likely makes a freed page new again) the
+first touch of a page costs ~2 us, 0.55 ms per MiB against 0.02 ms for memory touched before. A cold 1 GiB read with a new buffer per block took
 72,000-102,000 page faults in the daemon, most of them filling receive buffers; reused,
 27,000-32,000, nearly all of them the pool's first fill (docs/readahead.md).
 """
