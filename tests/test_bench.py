@@ -105,3 +105,15 @@ def test_the_latency_proxy_delays_each_request_and_passes_bytes_intact(s3server,
         proxy.stop()
     assert first == data and part == data[1000:2001000]
     assert one >= 0.2 and two >= 0.2
+
+
+def test_the_read_path_bench_times_reads_served_on_the_trio_thread(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.read_path", "--reads", "500", "--mib", "64",
+                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    us, _, rest = proc.stdout.strip().partition(" us per 4 KiB read (")
+    inline, _, total = rest.removesuffix(" served on the trio thread)").partition(" of ")
+    assert float(us) > 0 and total == "2500"
+    assert inline == "2500"  # pages in memory: every read served without a worker thread
+    assert list(tmp_path.iterdir()) == []  # its cache dir is removed
