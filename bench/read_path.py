@@ -21,56 +21,37 @@ from pathlib import Path
 import trio
 
 from tieredfs.blocks import BlockRef, ObjectVersion
+from tieredfs.config import Config
 from tieredfs.memory import receive_buffer
-from tieredfs.readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from tieredfs.reader import OpenFile, Reader
-from tieredfs.stats import Registry
-from tieredfs.tiers.blockfiles import BlockFiles
-from tieredfs.tiers.chain import TierChain
-from tieredfs.tiers.filler import Filler
-from tieredfs.tiers.local import CacheDir, LocalTier, open_index
-from tieredfs.tiers.s3 import S3Backend, S3Tier
+from tieredfs.service import Daemon
 
 BLOCK = 1 << 20
 READ = 4096
 
 
-def filled_tier(root: Path, obj: ObjectVersion, registry: Registry) -> LocalTier:
-    cache = CacheDir(root / "cache")
-    cache.create()
-    tier = LocalTier(cache, open_index(cache, 1 << 32), BlockFiles(cache.file_path, 64),
-                     capacity=2 * obj.size, min_free=0, counters=registry.counters("local"))
+def daemon_on(root: Path) -> Daemon:
+    """The daemon's own wiring (service.Daemon), its S3 endpoint one that no read reaches."""
+    return Daemon(Config(bucket="bench", endpoint_url="http://127.0.0.1:9", cache_dir=root / "cache",
+                         cache_min_free=0, block_size=BLOCK))
+
+
+def fill(daemon: Daemon, obj: ObjectVersion) -> None:
     block = receive_buffer(BLOCK)
     block[:] = os.urandom(BLOCK)
     refs = [BlockRef(obj, i, BLOCK) for i in range(obj.size // BLOCK)]
     for i in range(0, len(refs), 8):
-        tier.put_many([(ref, block) for ref in refs[i:i + 8]])
+        daemon.local.put_many([(ref, block) for ref in refs[i:i + 8]])
     for ref in refs:  # written with O_DIRECT: read once so the pages are in memory
-        assert tier.get(ref) is not None
-    return tier
-
-
-def build_reader(tier: LocalTier, registry: Registry) -> Reader:
-    """The daemon's wiring (service.Daemon.build_fs), with an S3 tier no read reaches."""
-    disk = trio.CapacityLimiter(32)
-    filler = Filler([tier], max_bytes=32 << 20, max_wait=2.0, writers=4, limiter=disk,
-                    counters=registry.counters("chain"))
-    unused = S3Backend("bench", endpoint_url="http://127.0.0.1:9", region=None, max_requests=1,
-                       connect_timeout=0.1, read_timeout=0.1, max_attempts=1, deadline=1.0,
-                       counters=registry.counters("s3"))
-    chain = TierChain([tier], S3Tier(unused), filler, disk_limiter=disk,
-                      s3_limiter=trio.CapacityLimiter(16), max_span=16,
-                      counters=registry.counters("chain"))
-    counters = registry.counters("readahead")
-    engine = ReadaheadEngine(chain, ReadaheadSettings(BLOCK, 2, 64, 16, BLOCK),
-                             MemoryBudget(64 << 20, counters), trio.CapacityLimiter(12), counters)
-    return Reader(chain, BLOCK, engine)
+        assert daemon.local.get(ref) is not None
 
 
 WARM_READS = 2000  # before timing: descriptors open, checksums in memory
 
 
-async def time_reads(reader: Reader, obj: ObjectVersion, reads: int, profile: bool) -> float:
+async def time_reads(daemon: Daemon, obj: ObjectVersion, reads: int, profile: bool) -> float:
+    fs, _ = daemon.build_fs()  # limiters belong to the trio run
+    reader: Reader = fs.reader
     f = OpenFile(fh=1, ino=2, obj=obj)
     await reader.opened(f)
     rng = random.Random(1)
@@ -100,11 +81,14 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="tieredfs-read-path-", dir=args.dir))
     try:
-        registry = Registry()
-        obj = ObjectVersion("bench", "big", "0" * 32, args.mib * BLOCK)
-        reader = build_reader(filled_tier(root, obj, registry), registry)
-        us = trio.run(time_reads, reader, obj, args.reads, args.profile)
-        inline = registry.snapshot().get("chain.part_reads_inline", 0)
+        daemon = daemon_on(root)
+        try:
+            obj = ObjectVersion("bench", "big", "0" * 32, args.mib * BLOCK)
+            fill(daemon, obj)
+            us = trio.run(time_reads, daemon, obj, args.reads, args.profile)
+            inline = daemon.registry.snapshot().get("chain.part_reads_inline", 0)
+        finally:
+            daemon.close()
         print(f"{us:.2f} us per 4 KiB read ({inline} of {WARM_READS + args.reads} served on the "
               "trio thread)")
     finally:
