@@ -5,6 +5,7 @@ kernel's page cache for that file (posix_fadvise), since a page-cache hit never
 reaches the local tier at all.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -267,6 +268,7 @@ def test_cache_cli(bucket, dataset, mount_factory):
     info = run("info")
     assert info.returncode == 0 and '"blocks": 15' in info.stdout and f"pid {m.pid}" in info.stdout
     assert '"hit_ratio_since_start"' in info.stdout
+    assert json.loads(info.stdout)["capacity_bytes"] == m.stats()["local.capacity_bytes"] > 15 * BS
     refused = run("clear")
     assert refused.returncode == 1 and "in use by" in refused.stderr
     with open(block_files(m.cache_dir)[0], "r+b") as victim:  # one block of one object

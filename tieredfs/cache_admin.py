@@ -41,6 +41,7 @@ def info(path: Path) -> dict:
             stats = json.loads(os.getxattr(mnt, "user.tieredfs.stats"))
             hits, misses = stats.get("local.hits", 0), stats.get("local.misses", 0)
             out["hit_ratio_since_start"] = round(hits / (hits + misses), 4) if hits + misses else None
+            out["capacity_bytes"] = stats.get("local.capacity_bytes")  # None until it made room
         except OSError:
             out["hit_ratio_since_start"] = None
     return out

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import tieredfs_cmd
 from kit import BS, FAST, K, random_files, read_uncached, record
+from tieredfs.devserver import wait_until
 from test_cache import block_files, tiny_tmpfs
 
 pytestmark = pytest.mark.faults
@@ -152,22 +153,31 @@ def test_cache_disk_fills_up_during_reads_then_frees(bucket, put, mount_factory,
     files = random_files(put, "d", [4 * BS + i for i in range(8)])  # 2 MiB, in a 12 MiB tmpfs
     mnt = mount_factory(bucket, *FAST, "--cache-size", str(24 * BS), cache_dir=tiny_tmpfs / "cache")
     filler = tiny_tmpfs / "filler"
+    # The cache looks at the disk at most once a second, when it makes room (the working set
+    # is larger than the cache, so it keeps making room). Whether the disk runs out under a
+    # write (disk_full), leaves a fill no room (declined) or is seen first (room made by
+    # evicting) depends on when that look falls, so the test waits for the look itself.
+    disk_free = lambda: mnt.stats().get("local.disk_free_bytes", 0)
     with Readers(mnt, files) as readers:
-        time.sleep(0.5)
+        assert wait_until(lambda: disk_free() > 8 << 20, 10), "the cache never looked at its disk"
         with open(filler, "wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 65536)
             except OSError:
                 pass  # the cache disk is full now
-        time.sleep(2)
+        # Full, but for what the cache frees by evicting and has not filled again yet.
+        assert wait_until(lambda: disk_free() < 2 << 20, 10), "the cache never saw its disk full"
+        time.sleep(1)  # reads go on against the full disk
         full = mnt.stats()
         filler.unlink()
-        time.sleep(2.5)  # past the cache's 1 s view of the free space
+        assert wait_until(lambda: disk_free() > 8 << 20, 10), "the cache never saw the space again"
+        time.sleep(0.5)
     after = mnt.stats()
     assert readers.wrong == [] and readers.errors == 0 and readers.ok > len(files)
-    assert full.get("local.disk_full", 0) + full.get("local.declined", 0) > 0
+    assert after["local.capacity_bytes"] == 24 * BS
     assert after["local.fills"] > full["local.fills"], "no fills after the disk had room again"
     record("7b cache disk full during reads", reads_ok=readers.ok, wrong=len(readers.wrong),
            disk_full=full.get("local.disk_full", 0), declined=full.get("local.declined", 0),
-           fills_after_freeing=after["local.fills"] - full["local.fills"])
+           fills_after_freeing=after["local.fills"] - full["local.fills"],
+           capacity_when_full=full["local.capacity_bytes"])

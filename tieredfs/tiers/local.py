@@ -160,7 +160,7 @@ class LocalTier:
         self._hits: dict[bytes, int] = {}
         self._recent: OrderedDict[bytes, float] = OrderedDict()
         self._hits_lock = threading.Lock()
-        self._free_at = (0.0, 0)
+        self._free_at: tuple[float, int] | None = None  # (when, free bytes) of the last statvfs
         self._said: set[str] = set()
 
     # --- Tier interface ----------------------------------------------------------------
@@ -310,7 +310,15 @@ class LocalTier:
         return self.counters.snapshot() | self.gauges()
 
     def gauges(self) -> dict[str, int]:
-        return {f"local.{k}": v for k, v in self.index.totals().items()}
+        totals = self.index.totals()
+        gauges = {f"local.{k}": v for k, v in totals.items()}
+        if self._free_at is not None:
+            # The disk as the cache last saw it (at most once a second, when it made room), and
+            # what a fill may use now: below --cache-size when the disk, not the cap, limits.
+            free = self._free_at[1]
+            gauges["local.disk_free_bytes"] = free
+            gauges["local.capacity_bytes"] = self._capacity_for(totals["used_bytes"], free)
+        return gauges
 
     # --- capacity ------------------------------------------------------------------------
 
@@ -340,12 +348,12 @@ class LocalTier:
 
     def _effective_capacity(self) -> int:
         """The configured cap, lowered so the cache disk keeps `min_free` bytes free."""
-        at, free = self._free_at
-        if time.monotonic() - at > _STATVFS_TTL:
+        if self._free_at is None or time.monotonic() - self._free_at[0] > _STATVFS_TTL:
             st = os.statvfs(self.cache.path)
-            free = st.f_bavail * st.f_frsize
-            self._free_at = (time.monotonic(), free)
-        used = self.index.totals()["used_bytes"]
+            self._free_at = (time.monotonic(), st.f_bavail * st.f_frsize)
+        return self._capacity_for(self.index.totals()["used_bytes"], self._free_at[1])
+
+    def _capacity_for(self, used: int, free: int) -> int:
         return max(0, min(self.capacity, used + free - self.min_free))
 
     def _take_hits(self) -> dict[bytes, int]:
