@@ -117,6 +117,13 @@ def _also(by_id: dict, row: dict) -> str:
         native, ours = by_id.get("folio.native"), by_id.get("folio.tieredfs")
         if native and ours and native["value"] and ours["value"]:
             notes.append(f"page-cache folios of {ours['value']:.0f} KiB, native {native['value']:.0f} KiB")
+    if row["id"] == "rand4k.tier1":
+        # At iodepth 1 a read whose bytes are not in memory waits for the disk, then for the
+        # FUSE round trip the no-op fs is all of: their latencies add up.
+        disk, null = by_id.get("rand4k.native"), by_id.get("rand4k.nullfs")
+        if disk and null and disk["value"] and null["value"]:
+            notes.append(f"{disk['value'] / (disk['value'] + null['value']):.2f}× if every read "
+                         "waited for the disk and for FUSE in turn")
     return f" ({'; '.join(notes)})" if notes else ""
 
 

@@ -84,6 +84,9 @@ def test_targets_are_reported(result):
     assert len(targets) == 9
     assert targets["sequential read from tier 1"]["ratio"] > 0
     assert targets["cold small files, packed vs unpacked"]["met"] is None
+    disk, null = rows(result)["rand4k.native"]["value"], rows(result)["rand4k.nullfs"]["value"]
+    series = f"{disk / (disk + null):.2f}× if every read waited for the disk and for FUSE in turn"
+    assert series in targets["4 KiB random read IOPS from tier 1"]["measured"]
 
 
 def test_the_latency_proxy_delays_each_request_and_passes_bytes_intact(s3server, bucket, put):
