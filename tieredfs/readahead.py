@@ -269,10 +269,12 @@ class ReadaheadEngine:
             stop = min(end, start + per_request)
             if stop - start < per_request <= st.window and stop < st.blocks:
                 return  # a wide window tops up in whole requests, not one block per read
-            refs = [BlockRef(st.obj, i, self.s.block_size) for i in range(start, stop)]
-            nbytes = sum(r.length for r in refs)
+            # The bytes first: with the budget spent, most reads of 4 readers end here, and
+            # the block addresses (two hashes each) would be made for nothing.
+            nbytes = min(stop * self.s.block_size, st.obj.size) - start * self.s.block_size
             if st.held + nbytes > share or not self.budget.try_take(nbytes):
                 return
+            refs = [BlockRef(st.obj, i, self.s.block_size) for i in range(start, stop)]
             st.held += nbytes
             st.issued = stop
             # Claimed now, so this read's own demand fetch, issued next, joins it.
