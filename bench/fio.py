@@ -16,6 +16,7 @@ class FioResult:
     seconds: float
     iops: float
     loops: int
+    window: tuple[float, float]  # time.time() when the reads began and ended (per fio)
 
     @property
     def mib_s(self) -> float:
@@ -41,5 +42,6 @@ def run(job: str, loops: int = 1, **env: str | int) -> FioResult:
     read = job_report["read"]
     if job_report.get("error"):
         raise RuntimeError(f"fio {job}: error {job_report['error']}")
+    end = report["timestamp_ms"] / 1000  # the report's time: a few ms after the last read
     return FioResult(bytes=read["io_bytes"], seconds=read["runtime"] / 1000, iops=read["iops"],
-                     loops=loops)
+                     loops=loops, window=(end - read["runtime"] / 1000, end))

@@ -5,16 +5,20 @@ the best is the reference row. Small files: one GET per file from 8 threads. Fir
 one 4 KiB ranged GET on a warm connection.
 """
 
+import os
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .cpu import CpuSampler
 from .dataset import BUCKET, client
 
 
-def ranged_read(url: str, key: str, size: int, threads: int, chunk: int) -> tuple[int, float]:
-    """(bytes, seconds) to GET the whole object in `chunk`-sized ranges from `threads` threads."""
+def ranged_read(url: str, key: str, size: int, threads: int, chunk: int,
+                server_pid: int | None = None) -> tuple[int, float, dict]:
+    """(bytes, seconds, CPU) to GET the whole object in `chunk`-sized ranges from `threads`
+    threads."""
     s3 = client(url, threads)
     s3.head_object(Bucket=BUCKET, Key=key)  # opens a connection outside the timing
     starts = list(range(0, size, chunk))
@@ -28,18 +32,21 @@ def ranged_read(url: str, key: str, size: int, threads: int, chunk: int) -> tupl
         with lock:
             got[0] += n
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, starts))
-    return got[0], time.perf_counter() - t0
+    with CpuSampler(bench=os.getpid(), server=server_pid) as cpu:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, starts))
+        seconds = time.perf_counter() - t0
+    return got[0], seconds, cpu.result
 
 
-def best_ranged_read(url: str, key: str, size: int, grid: list[tuple[int, int]]) -> dict:
+def best_ranged_read(url: str, key: str, size: int, grid: list[tuple[int, int]],
+                     server_pid: int | None = None) -> dict:
     trials = []
     for threads, chunk in grid:
-        n, seconds = ranged_read(url, key, size, threads, chunk)
+        n, seconds, cpu = ranged_read(url, key, size, threads, chunk, server_pid)
         trials.append({"threads": threads, "chunk": chunk, "bytes": n, "seconds": seconds,
-                       "mib_s": n / (1 << 20) / seconds})
+                       "mib_s": n / (1 << 20) / seconds, "cpu": cpu})
     best = max(trials, key=lambda t: t["mib_s"])
     return {**best, "trials": trials}
 

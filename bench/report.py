@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import cpu
+
 _MiB = 1 << 20
 
 # DESIGN.md "Targets": (what, target, row, reference row or None, the ratio needed)
@@ -117,6 +119,12 @@ def _also(by_id: dict, row: dict) -> str:
         native, ours = by_id.get("folio.native"), by_id.get("folio.tieredfs")
         if native and ours and native["value"] and ours["value"]:
             notes.append(f"page-cache folios of {ours['value']:.0f} KiB, native {native['value']:.0f} KiB")
+    if row["id"] == "seq.cold":
+        # Had nothing waited: what the cores give at the CPU per byte this run measured.
+        boto3, ceiling = by_id.get("seq.boto3"), _ceiling(row)
+        if boto3 and boto3["value"] and ceiling:
+            notes.append(f"at most {ceiling / boto3['value']:.2f}× at this run's CPU per byte "
+                         f"on {os.cpu_count()} cores, had nothing waited")
     if row["id"] == "rand4k.tier1":
         # At iodepth 1 a read whose bytes are not in memory waits for the disk, then for the
         # FUSE round trip the no-op fs is all of: their latencies add up.
@@ -125,6 +133,10 @@ def _also(by_id: dict, row: dict) -> str:
             notes.append(f"{disk['value'] / (disk['value'] + null['value']):.2f}× if every read "
                          "waited for the disk and for FUSE in turn")
     return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _ceiling(row: dict) -> float | None:
+    return cpu.ceiling_mib_s(row["cpu"], row["bytes"]) if row.get("cpu") and row.get("bytes") else None
 
 
 def _mount_target(by_id: dict) -> dict:
@@ -170,8 +182,9 @@ def markdown(result: dict) -> str:
     lines = [f"Endpoint: **{meta['endpoint']}**" + (f", +{meta['s3_latency_ms']} ms per request "
              "(delaying proxy)" if meta["s3_latency_ms"] else "") + f". Mode: {meta['mode']}, "
              f"block size {meta['block_size']}.", "",
-             "| workload | row | result | vs | ratio | S3 GET/HEAD/LIST | S3 MiB | peak RSS | local hits |",
-             "|---|---|---:|---|---:|---|---:|---:|---:|"]
+             "| workload | row | result | vs | ratio | S3 GET/HEAD/LIST | S3 MiB | peak RSS | local hits "
+             "| CPU s per GiB: all (daemon, S3 server, bench), idle |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|---|"]
     for r in result["rows"]:
         d = r.get("daemon")
         reqs = f"{d['s3_get']}/{d['s3_head']}/{d['s3_list']}" if d else ""
@@ -180,12 +193,22 @@ def markdown(result: dict) -> str:
         hit = d["local_hit_ratio"] if d else None
         lines.append(f"| {r['workload']} | {r['label']} | {_fmt(r['value'], r['metric'])} | "
                      f"{r.get('vs', '')} | {_ratio(r)} | {reqs} | {s3_mib} | {rss} | "
-                     f"{'' if hit is None else f'{hit:.0%}'} |")
+                     f"{'' if hit is None else f'{hit:.0%}'} | {_cpu_cell(r)} |")
     lines += ["", "| target (DESIGN.md) | wanted | measured | met |", "|---|---|---|---|"]
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         lines.append(f"| {t['what']} | {t['target']} | {t['measured']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_cell(r: dict) -> str:
+    """The machine's busy CPU per GiB the row moved, the named processes' part of it, and
+    the share of the cores that sat idle (bench/cpu.py)."""
+    if not r.get("cpu") or not r.get("bytes") or r["metric"] != "MiB/s":
+        return ""
+    g = cpu.per_gib(r["cpu"], r["bytes"])
+    named = ", ".join(f"{g[k]:.2f}" if k in g else "–" for k in ("daemon", "server", "bench"))
+    return f"{g['busy']:.2f} ({named}), {g['idle_share']:.0%}"
 
 
 def _ratio(r: dict) -> str:

@@ -57,6 +57,11 @@ class Endpoint:
     def counts(self) -> dict[str, int] | None:
         return None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process, when it runs here (its CPU is part of a row's cost)."""
+        return None
+
     def describe(self) -> str:
         return f"external S3 endpoint {self.url}"
 
@@ -95,6 +100,10 @@ class RcloneEndpoint(Endpoint):
     def stop(self) -> None:
         _stop(self.proc)
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
     def describe(self) -> str:
         return f"rclone serve s3 ({self.version}) on 127.0.0.1, local dir backend"
 
@@ -116,6 +125,10 @@ class MotoEndpoint(Endpoint):
 
     def counts(self) -> dict[str, int]:
         return dict(self.server.counts())
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.proc.pid if self.server.proc else None
 
     def describe(self) -> str:
         return ("moto server on 127.0.0.1 (reads the whole object per ranged GET: "

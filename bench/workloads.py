@@ -28,11 +28,11 @@ def _best(fn, n: int, key=lambda r: r.mib_s):
 
 
 def _mib(r: fio.FioResult) -> tuple[float, dict]:
-    return r.mib_s, {"bytes": r.bytes, "seconds": r.seconds, "loops": r.loops}
+    return r.mib_s, {"bytes": r.bytes, "seconds": r.seconds, "loops": r.loops, "io_window": r.window}
 
 
 def _iops(r: fio.FioResult) -> tuple[float, dict]:
-    return r.iops, {"bytes": r.bytes, "seconds": r.seconds}
+    return r.iops, {"bytes": r.bytes, "seconds": r.seconds, "io_window": r.window}
 
 
 def nullfs(run: Run, keep_cache: bool = False) -> NullMount:
@@ -73,10 +73,11 @@ def sequential(run: Run) -> None:
         r = _best(lambda: seq(null.path / "big", 0), reps)
     run.record(w, "nullfs_pc", "no-op pyfuse3 fs, in page cache", "MiB/s", *_mib(r),
                vs=f"{w}.native_pc")
-    best = raw_s3.best_ranged_read(run.s3_url, "big", ds.big_size, list(run.mode.boto_grid))
+    best = raw_s3.best_ranged_read(run.s3_url, "big", ds.big_size, list(run.mode.boto_grid),
+                                   run.endpoint.pid)
     run.record(w, "boto3", f"boto3 ranged GETs, {best['threads']} threads x "
                f"{best['chunk'] >> 20} MiB (best)", "MiB/s", best["mib_s"],
-               bytes=best["bytes"], seconds=best["seconds"], trials=best["trials"])
+               bytes=best["bytes"], seconds=best["seconds"], trials=best["trials"], cpu=best["cpu"])
 
     run.record(w, "diskwrite", f"the cache disk: an object's 1 MiB blocks written as tier 1 does, "
                f"{BLOCK_READERS} threads", "MiB/s",

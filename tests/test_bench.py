@@ -79,6 +79,17 @@ def test_daemon_and_server_counts_agree_and_tiers_behave(result):
             assert 10 << 20 < row["peak_rss_bytes"] < 2 << 30, row["id"]
 
 
+def test_rows_say_where_the_cpu_went(result):
+    """bench/cpu.py: the machine's and each process's CPU over each measured row."""
+    by_id = rows(result)
+    cold, boto3 = by_id["seq.cold"]["cpu"], by_id["seq.boto3"]["cpu"]
+    assert cold["daemon_s"] > 0 and cold["server_s"] > 0
+    assert cold["busy_s"] >= cold["daemon_s"] + cold["server_s"] - 0.05  # ticks are 10 ms
+    assert boto3["bench_s"] > 0 and boto3["server_s"] > 0 and "daemon_s" not in boto3
+    target = {t["what"]: t for t in result["targets"]}["cold sequential read from S3"]
+    assert "at this run's CPU per byte" in target["measured"]
+
+
 def test_targets_are_reported(result):
     targets = {t["what"]: t for t in result["targets"]}
     assert len(targets) == 9
