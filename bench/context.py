@@ -2,7 +2,7 @@
 
 Every tieredfs row also carries what the daemon did for it: S3 requests by type and bytes
 (the daemon's own counters, and the server's when it can count), peak RSS of the daemon,
-hits per tier, and where the CPU went meanwhile (bench/cpu.py).
+hits per tier, and (fio rows) where the CPU went while fio read (bench/cpu.py).
 """
 
 import os
@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cpu import CpuSampler
+from .cpu import watching
 from .dataset import BUCKET, Dataset
 from .mounts import TieredMount, drop_tree_cache
 from .servers import Endpoint
@@ -109,14 +109,11 @@ class Run:
     def _measured(self, m: TieredMount, workload: str, key: str, label: str, metric: str, fn,
                   **extra) -> dict:
         before, server_before = m.stats(), self.endpoint.counts()
-        with CpuSampler(daemon=m.pid, server=self.endpoint.pid, bench=os.getpid()) as cpu:
-            value, details = fn()
+        with watching(daemon=m.pid, server=self.endpoint.pid, bench=os.getpid()):
+            value, details = fn()  # a fio run's details hold its CPU, these processes' too
         after, server_after = m.stats(), self.endpoint.counts()
-        # fio's reads only: not its start-up, nor other runs of the same row (_best)
-        window = details.get("io_window")
         row = {"workload": workload, "id": f"{workload}.{key}", "label": label, "kind": "tieredfs",
                "metric": metric, "value": value, **details, **extra,
-               "cpu": cpu.between(*window) if window else cpu.result,
                "daemon": _daemon_share(before, after), "peak_rss_bytes": m.peak_rss_bytes()}
         if server_after is not None:
             row["server"] = {k: server_after.get(k, 0) - server_before.get(k, 0)

@@ -8,13 +8,14 @@ nothing waited: for a cold read below 0.8x boto3 that tells whether less waiting
 there at all, or only less CPU per byte could.
 
 Samples, not a before/after pair: starting fio costs ~0.17 s of CPU and ~0.28 s of mostly
-idle wall time here, a tenth of a cold GiB's CPU and a third of its idle time. So a row's
-CPU is taken between the moments fio says its reads began and ended (`between`).
+idle wall time here, a tenth of a cold GiB's CPU and a third of its idle time. So each fio
+run's CPU is taken between the moments fio says its reads began and ended (`between`).
 """
 
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -44,7 +45,7 @@ class CpuSampler:
 
     def __init__(self, interval: float = 0.01, **pids: int | None):
         self.interval = interval
-        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.pids = {**_watched, **{name: pid for name, pid in pids.items() if pid}}
         self._samples: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
@@ -91,6 +92,26 @@ class CpuSampler:
                 w = (t - ta) / (tb - ta) if tb > ta else 1.0
                 return {k: a[k] + (b[k] - a[k]) * w for k in b if k in a}
         return samples[-1][1]
+
+
+_watched: dict[str, int] = {}
+
+
+@contextmanager
+def watching(**pids: int | None):
+    """Within it, every CpuSampler() also follows these processes (the daemon of the row
+    being measured, say), so a fio run started deep in a workload needs no PIDs passed."""
+    added = {name: pid for name, pid in pids.items() if pid and name not in _watched}
+    _watched.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            del _watched[name]
+
+
+def watched() -> dict[str, int]:
+    return dict(_watched)
 
 
 def ceiling_mib_s(cpu: dict, nbytes: int) -> float | None:

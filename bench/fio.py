@@ -7,6 +7,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cpu import CpuSampler
+
 JOBS = Path(__file__).resolve().parent / "fio"
 
 
@@ -16,7 +18,7 @@ class FioResult:
     seconds: float
     iops: float
     loops: int
-    window: tuple[float, float]  # time.time() when the reads began and ended (per fio)
+    cpu: dict  # bench/cpu.py, from when fio's reads began to when they ended
 
     @property
     def mib_s(self) -> float:
@@ -30,10 +32,11 @@ def available() -> bool:
 def run(job: str, loops: int = 1, **env: str | int) -> FioResult:
     """Run bench/fio/<job>.fio with its ${VARS} from env; one (group-reported) job.
     loops > 1 reads the file that many times (fio's runtime has 1 ms resolution)."""
-    proc = subprocess.run(
-        ["fio", "--readonly", "--output-format=json", f"--loops={loops}", str(JOBS / f"{job}.fio")],
-        env={**os.environ, **{k: str(v) for k, v in env.items()}},
-        capture_output=True, text=True, timeout=900)
+    with CpuSampler() as cpu:
+        proc = subprocess.run(
+            ["fio", "--readonly", "--output-format=json", f"--loops={loops}", str(JOBS / f"{job}.fio")],
+            env={**os.environ, **{k: str(v) for k, v in env.items()}},
+            capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"fio {job} failed: {proc.stderr.strip() or proc.stdout[-500:]}")
     # fio may print notes ("opendir added N files") before the JSON document.
@@ -44,4 +47,4 @@ def run(job: str, loops: int = 1, **env: str | int) -> FioResult:
         raise RuntimeError(f"fio {job}: error {job_report['error']}")
     end = report["timestamp_ms"] / 1000  # the report's time: a few ms after the last read
     return FioResult(bytes=read["io_bytes"], seconds=read["runtime"] / 1000, iops=read["iops"],
-                     loops=loops, window=(end - read["runtime"] / 1000, end))
+                     loops=loops, cpu=cpu.between(end - read["runtime"] / 1000, end))

@@ -109,6 +109,9 @@ _ALSO = {"seq.page_cache": [(None, "seq.nullfs_pc", "the no-op FUSE fs in page c
                            "with tier 1's files in the page cache")]}
 
 
+_CEILING_VS = {"seq.cold": "seq.boto3", "seq.tier1": "seq.native"}
+
+
 def _also(by_id: dict, row: dict) -> str:
     notes = []
     for num_id, ref_id, label in _ALSO.get(row["id"], []):
@@ -119,11 +122,11 @@ def _also(by_id: dict, row: dict) -> str:
         native, ours = by_id.get("folio.native"), by_id.get("folio.tieredfs")
         if native and ours and native["value"] and ours["value"]:
             notes.append(f"page-cache folios of {ours['value']:.0f} KiB, native {native['value']:.0f} KiB")
-    if row["id"] == "seq.cold":
+    if row["id"] in _CEILING_VS:
         # Had nothing waited: what the cores give at the CPU per byte this run measured.
-        boto3, ceiling = by_id.get("seq.boto3"), _ceiling(row)
-        if boto3 and boto3["value"] and ceiling:
-            notes.append(f"at most {ceiling / boto3['value']:.2f}× at this run's CPU per byte "
+        ref, ceiling = by_id.get(_CEILING_VS[row["id"]]), _ceiling(row)
+        if ref and ref["value"] and ceiling:
+            notes.append(f"at most {ceiling / ref['value']:.2f}× at this run's CPU per byte "
                          f"on {os.cpu_count()} cores, had nothing waited")
     if row["id"] == "rand4k.tier1":
         # At iodepth 1 a read whose bytes are not in memory waits for the disk, then for the

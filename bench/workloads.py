@@ -28,11 +28,11 @@ def _best(fn, n: int, key=lambda r: r.mib_s):
 
 
 def _mib(r: fio.FioResult) -> tuple[float, dict]:
-    return r.mib_s, {"bytes": r.bytes, "seconds": r.seconds, "loops": r.loops, "io_window": r.window}
+    return r.mib_s, {"bytes": r.bytes, "seconds": r.seconds, "loops": r.loops, "cpu": r.cpu}
 
 
 def _iops(r: fio.FioResult) -> tuple[float, dict]:
-    return r.iops, {"bytes": r.bytes, "seconds": r.seconds, "io_window": r.window}
+    return r.iops, {"bytes": r.bytes, "seconds": r.seconds, "cpu": r.cpu}
 
 
 def nullfs(run: Run, keep_cache: bool = False) -> NullMount:
