@@ -22,8 +22,9 @@ STATS_XATTR = "user.tieredfs.stats"
 class _Process:
     """A FUSE daemon in the foreground; stop() unmounts (-u, then -z) and reaps it."""
 
-    def __init__(self, path: Path, log: Path):
+    def __init__(self, path: Path, log: Path, cwd: Path = REPO):
         self.path, self.log = path, log
+        self.cwd = cwd  # `python -m tieredfs` runs the tree it starts in (bench/ab.py: another build's)
         self.proc: subprocess.Popen | None = None
         self.ready_seconds = 0.0
         self.stop_seconds = 0.0  # unmount until the daemon has exited
@@ -32,7 +33,7 @@ class _Process:
         self.path.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd)
         ok = wait_until(lambda: self.proc.poll() is not None or ready(), 60, interval=0.002)
         self.ready_seconds = time.perf_counter() - start
         if not ok or self.proc.poll() is not None:
@@ -72,8 +73,8 @@ class _Process:
 
 class TieredMount(_Process):
     def __init__(self, url: str, path: Path, endpoint: str, cache_dir: Path, log: Path,
-                 extra: list[str] = ()):
-        super().__init__(path, log)
+                 extra: list[str] = (), cwd: Path = REPO):
+        super().__init__(path, log, cwd)
         self.cmd = [sys.executable, "-m", "tieredfs", "mount", url, str(path),
                     "--endpoint-url", endpoint, "--cache-dir", str(cache_dir), "--foreground",
                     *extra]

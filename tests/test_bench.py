@@ -133,3 +133,22 @@ def test_the_read_path_bench_times_reads_served_on_the_trio_thread(tmp_path):
     assert float(us) > 0 and total == "2500"
     assert inline == "2500"  # pages in memory: every read served without a worker thread
     assert list(tmp_path.iterdir()) == []  # its cache dir is removed
+
+
+def test_the_ab_bench_runs_two_builds_in_turn_and_removes_its_worktree(tmp_path):
+    """bench/ab.py with a revision (its own git worktree) against this tree, one round."""
+    if subprocess.run(["which", "fio"], capture_output=True).returncode != 0:
+        pytest.skip("fio is not installed")
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", "HEAD", ".", "--rounds", "2", "--mib", "32",
+                           "--server", "moto", "--opts-b", "--readahead-max 2M", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [(r["build"], r["round"]) for r in result["runs"]] == [("A", 1), ("B", 1), ("B", 2), ("A", 2)]
+    for run in result["runs"]:
+        assert run["mib_s"] > 0 and run["bytes"] == 32 << 20 and run["s3_gets"] > 0
+        assert run["cpu_per_gib"]["daemon"] > 0
+    assert result["builds"][1].endswith("--readahead-max 2M")
+    worktrees = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, cwd=REPO).stdout
+    assert "tieredfs-ab-" not in worktrees
