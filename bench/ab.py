@@ -1,11 +1,13 @@
 """Interleaved A/B of two builds on one case: how to tell a change from this machine's noise.
 
     python -m bench.ab REV_A REV_B [--case cold|tier1|multi4] [--rounds 4] [--mib 1024]
-                       [--s3-latency-ms 20] [--opts-a "..."] [--opts-b "..."] [--json OUT]
+                       [--s3-latency-ms 20] [--opts-a "..."] [--opts-b "..."] [--warmup 1]
+                       [--json OUT]
 
 A REV is a git revision, checked out into a temporary worktree, or "." for this working tree
 (the same REV twice with different --opts-a/--opts-b compares daemon options). Each round
-runs both builds, A first in odd rounds and B first in even ones, each on a new daemon:
+runs both builds, A first in odd rounds and B first in even ones, each on a new daemon (after
+one uncounted run of A: the first run after the data is written is often the slowest):
 "cold" reads the file through an empty cache, "tier1" fills the cache through one daemon of
 that build, then reads through a new one with the cache files' pages dropped, "multi4" is
 four readers of four files, cold. Every run prints MiB/s, the daemon's and the machine's CPU
@@ -43,6 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("rev_b")
     p.add_argument("--case", choices=CASES, default="cold")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="runs of A before round 1, not counted (the first run here is often slow)")
     p.add_argument("--mib", type=int, default=1024, help="the file's size (multi4: 4 files of a quarter)")
     p.add_argument("--s3-latency-ms", type=float, default=0.0)
     p.add_argument("--server", choices=["rclone", "moto"], default=default_server())
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{args.case}, {args.mib} MiB, {endpoint.describe()}"
               + (f", +{args.s3_latency_ms:g} ms" if args.s3_latency_ms else ""), flush=True)
         bench = Bench(args, workdir, s3_url, endpoint.pid)
+        for _ in range(args.warmup):
+            print("warm-up, not counted: " + line(bench.run(builds[0], 0)), flush=True)
         for round_ in range(1, args.rounds + 1):
             for build in builds if round_ % 2 else builds[::-1]:
                 runs.append(bench.run(build, round_))

@@ -136,7 +136,8 @@ def test_the_read_path_bench_times_reads_served_on_the_trio_thread(tmp_path):
 
 
 def test_the_ab_bench_runs_two_builds_in_turn_and_removes_its_worktree(tmp_path):
-    """bench/ab.py with a revision (its own git worktree) against this tree, one round."""
+    """bench/ab.py with a revision (its own git worktree) against this tree: a warm-up run, then
+    two rounds in alternating order."""
     if subprocess.run(["which", "fio"], capture_output=True).returncode != 0:
         pytest.skip("fio is not installed")
     out = tmp_path / "ab.json"
