@@ -7,7 +7,6 @@ reference rows, and writes bench/results/<stamp>.json, .md and .png.
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from . import dataset, fio, report, workloads, workloads_files
 from .context import MODES, Run
+from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
 from .servers import apply_credentials, default_server, make_endpoint
 
@@ -70,16 +70,9 @@ def selected(args) -> list[str]:
     return [n for n in WORKLOADS if args.mode == "full" or n not in _FULL_ONLY]
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # Ctrl-C and SIGTERM both unwind through the finally blocks: every mount is unmounted
-    # and every server stopped (SIGINT may arrive ignored when started in the background).
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    unwind_on_signals()
     if not fio.available():
         sys.exit("fio not found: apt-get install fio")
     apply_credentials()

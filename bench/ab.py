@@ -23,7 +23,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from . import cpu, dataset, fio
 from .dataset import BUCKET
-from .mounts import REPO, TieredMount, drop_tree_cache
+from .mounts import REPO, TieredMount, drop_tree_cache, unwind_on_signals
 from .proxy import LatencyProxy
 from .servers import apply_credentials, default_server, make_endpoint
 
@@ -87,10 +86,6 @@ def _git(*args: str, cwd: Path = REPO) -> str:
     return proc.stdout
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 class Bench:
     def __init__(self, args, workdir: Path, s3_url: str, server_pid: int | None):
         self.args, self.workdir, self.s3_url, self.server_pid = args, workdir, s3_url, server_pid
@@ -139,7 +134,7 @@ def summary(runs: list[dict], build: Build) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # unwinds through the finally: mounts, worktrees
+    unwind_on_signals()  # through the finally below: mounts, servers, worktrees
     if not fio.available():
         sys.exit("fio not found: apt-get install fio")
     apply_credentials()

@@ -8,6 +8,7 @@ pages dropped with posix_fadvise(DONTNEED) (only the files under test lose their
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -147,3 +148,15 @@ def drop_tree_cache(root: Path) -> int:
             drop_file_cache(Path(dirpath) / name)
             n += 1
     return n
+
+
+def unwind_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, so they unwind through the callers' finally
+    blocks: every mount is unmounted and every server stopped (SIGINT may arrive ignored when
+    started in the background)."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
