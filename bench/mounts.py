@@ -159,4 +159,8 @@ def unwind_on_signals() -> None:
 
 
 def _interrupt(signum, frame):
+    # Once: a second signal must not cut the clean-up short (a scratch dir half removed was
+    # left behind when SIGTERM came twice); SIGKILL still stops it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
