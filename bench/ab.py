@@ -11,7 +11,9 @@ one uncounted run of A: the first run after the data is written is often the slo
 "cold" reads the file through an empty cache, "tier1" fills the cache through one daemon of
 that build, then reads through a new one with the cache files' pages dropped, "multi4" is
 four readers of four files, cold. Every run prints MiB/s, the daemon's and the machine's CPU
-per GiB and the cores' idle share (bench/cpu.py), and the daemon's peak RSS.
+per GiB and the cores' idle share (bench/cpu.py), the daemon's peak RSS, and the pages the
+kernel allocated meanwhile, as a multiple of the bytes read (bench/vmstat.py: unlike the CPU
+time, it hardly drifts).
 
 Why: whole bench runs of the same build drift by ±30% here, even 2x for a row that touches
 no S3 (docs/benchmarks.md), so comparing two tables says little; A, B, B, A on the same data
@@ -29,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import cpu, dataset, fio
+from . import cpu, dataset, fio, vmstat
 from .dataset import BUCKET
 from .mounts import REPO, TieredMount, drop_tree_cache, unwind_on_signals
 from .proxy import LatencyProxy
@@ -105,23 +107,26 @@ class Bench:
                 m.settle()
             drop_tree_cache(cache / "blocks")
         with self.mount(build, cache) as m, cpu.watching(daemon=m.pid, server=self.server_pid):
+            pages = vmstat.allocated_pages()
             if self.args.case == "multi4":
                 r = fio.run("multi-seq-4jobs", DIR=m.path / "multi", INVALIDATE=1)
             else:
                 r = fio.run("seq-read-1m", FILE=m.path / "big", INVALIDATE=1)
+            allocated = vmstat.per_byte_read(pages, vmstat.allocated_pages(), r.bytes)
             stats, rss = m.stats(), m.peak_rss_bytes()
         shutil.rmtree(cache, ignore_errors=True)
         g = cpu.per_gib(r.cpu, r.bytes)
         return {"build": build.label, "round": round_, "mib_s": r.mib_s, "bytes": r.bytes,
                 "cpu_per_gib": g, "peak_rss_mib": rss / (1 << 20),
-                "s3_gets": stats.get("s3.requests.get", 0)}
+                "s3_gets": stats.get("s3.requests.get", 0), "allocated_per_byte_read": allocated}
 
 
 def line(run: dict) -> str:
     g = run["cpu_per_gib"]
     return (f"round {run['round']} {run['build']}: {run['mib_s']:7,.0f} MiB/s  CPU per GiB: "
             f"daemon {g.get('daemon', 0):.2f} s, machine {g['busy']:.2f} s, {g['idle_share']:.0%} idle  "
-            f"RSS {run['peak_rss_mib']:.0f} MiB  GETs {run['s3_gets']}")
+            f"RSS {run['peak_rss_mib']:.0f} MiB  GETs {run['s3_gets']}"
+            + (f"  new pages {a:.1f}x the bytes read" if (a := run["allocated_per_byte_read"]) else ""))
 
 
 def summary(runs: list[dict], build: Build) -> str:

@@ -114,7 +114,7 @@ _MOUNT_SETTINGS = {
     "small_file_threshold": click.option("--small-file-threshold",
                                          help="objects up to this size are fetched whole (default 1M)"),
     "kernel_readahead": click.option("--kernel-readahead",
-                                     help="the kernel's readahead on the mount, 0 = leave (default 4M)"),
+                                     help="the kernel's readahead on the mount, 0 = leave (default 1M)"),
     "dir_prefetch": click.option("--dir-prefetch", type=int,
                                  help="small files fetched ahead of an in-order directory walk (0: off)"),
     "cache_open_files": click.option("--cache-open-files", type=int,

@@ -78,7 +78,9 @@ class Config:
     readahead_budget: int = 64 * MiB  # prefetch bytes in flight or buffered, all files together
     request_size: int = 16 * MiB  # bytes per prefetch GET (several blocks in one request)
     small_file_threshold: int = 1 * MiB  # objects up to this size are fetched whole on first read
-    kernel_readahead: int = 4 * MiB  # the kernel's own readahead on the mount (needs root)
+    # The kernel's own readahead on the mount (needs root). 1 MiB, not more: FUSE drops the
+    # async part of a readahead while 9 requests wait (docs/readahead.md, "The kernel's side").
+    kernel_readahead: int = 1 * MiB
     dir_prefetch: int = 8  # small files fetched ahead when a directory is read in order; 0 = off
     cache_write_queue: int = 32 * MiB  # fetched blocks waiting to be written to the cache
     cache_fill_wait: float = 2.0  # seconds without any cache write finishing = a stalled disk
