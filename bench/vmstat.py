@@ -4,8 +4,8 @@ Why count them: new memory costs ~0.5 ms of CPU per MiB on this VM (memory.py), 
 that makes the kernel allocate more pages per byte read pays for it in CPU, and the count,
 unlike the CPU time, hardly changes from run to run. It showed that with the mount's
 kernel readahead at 4 MiB, four readers made the kernel add pages to the page cache for more
-than twice the bytes read: FUSE skips the async part of a readahead while its background queue is
-congested, and the pages it had allocated for that part are freed unread
+than twice the bytes read: FUSE skips the async part of a readahead while its background
+queue is congested, and the pages it had allocated for that part are freed unread
 (docs/readahead.md, "The kernel's side").
 """
 
