@@ -9,9 +9,10 @@ queue is congested, and the pages it had allocated for that part are freed unrea
 (docs/readahead.md, "The kernel's side").
 """
 
+import mmap
 from pathlib import Path
 
-PAGE = 4096
+_PAGE = mmap.PAGESIZE  # what pgalloc_* counts in
 _VMSTAT = Path("/proc/vmstat")
 
 
@@ -29,4 +30,4 @@ def per_byte_read(before: int | None, after: int | None, nbytes: int) -> float |
     """Bytes of pages allocated per byte read between two `allocated_pages()` readings."""
     if before is None or after is None or nbytes <= 0:
         return None
-    return (after - before) * PAGE / nbytes
+    return (after - before) * _PAGE / nbytes
