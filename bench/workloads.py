@@ -16,6 +16,7 @@ from tieredfs.memory import receive_buffer
 from tieredfs.tiers.blockfiles import BlockFiles
 
 from . import fio, raw_s3
+from .cpu import CpuSampler
 from .folios import mean_folio_kib
 from .context import MiB, Run
 from .mounts import NullMount, drop_tree_cache
@@ -111,12 +112,14 @@ def write_block_files(root: Path, size: int) -> tuple[float, dict]:
     files = BlockFiles(lambda name: root / name[:2] / name, 1)
     data = receive_buffer(MiB)
     data[:] = os.urandom(MiB)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(BLOCK_READERS) as pool:
-        list(pool.map(lambda i: files.write_at("ab" * 16, i * MiB, data), range(size // MiB)))
-    seconds = time.perf_counter() - t0
+    with CpuSampler() as sampler:
+        t0 = time.time()
+        with ThreadPoolExecutor(BLOCK_READERS) as pool:
+            list(pool.map(lambda i: files.write_at("ab" * 16, i * MiB, data), range(size // MiB)))
+        t1 = time.time()
     shutil.rmtree(root)
-    return size / MiB / seconds, {"bytes": size, "seconds": seconds}
+    seconds = t1 - t0
+    return size / MiB / seconds, {"bytes": size, "seconds": seconds, "cpu": sampler.between(t0, t1)}
 
 
 def read_block_files(blocks: Path) -> tuple[float, dict]:

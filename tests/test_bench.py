@@ -88,13 +88,25 @@ def test_rows_say_where_the_cpu_went(result):
     assert boto3["bench_s"] > 0 and boto3["server_s"] > 0 and "daemon_s" not in boto3
     assert {"busy_s", "idle_s"} <= set(by_id["seq.native"]["cpu"])  # reference rows: the machine's
     targets = {t["what"]: t for t in result["targets"]}
-    for what in ("cold sequential read from S3", "sequential read from tier 1"):
+    for what in ("cold sequential read from S3", "4 cold readers of 4 files (issue 6)",
+                 "sequential read from tier 1"):
         assert "at this run's CPU per byte" in targets[what]["measured"], what
+    # The bound from the parts a cold read cannot skip: their CPU per byte, added up.
+    sys.path.insert(0, str(REPO))  # bench/ is not a package of the install
+    from bench import cpu
+
+    parts = [cpu.per_gib(by_id[i]["cpu"], by_id[i]["bytes"])["busy"]
+             for i in ("seq.boto3", "seq.nullfs", "seq.diskwrite")]
+    assert sum(parts) > 0  # a tiny run's disk write may fall between two 10 ms ticks
+    bound = (os.cpu_count() or 1) * 1024 / sum(parts) / by_id["seq.boto3"]["value"]
+    cold = targets["cold sequential read from S3"]
+    assert cold["parts_ceiling_ratio"] == pytest.approx(bound)
+    assert f"at most {bound:.2f}× for any daemon on boto3 and pyfuse3" in cold["measured"]
 
 
 def test_targets_are_reported(result):
     targets = {t["what"]: t for t in result["targets"]}
-    assert len(targets) == 9
+    assert len(targets) == 10
     assert targets["sequential read from tier 1"]["ratio"] > 0
     assert targets["cold small files, packed vs unpacked"]["met"] is None
     disk, null = rows(result)["rand4k.native"]["value"], rows(result)["rand4k.nullfs"]["value"]
