@@ -95,8 +95,10 @@ def test_rows_say_where_the_cpu_went(result):
     sys.path.insert(0, str(REPO))  # bench/ is not a package of the install
     from bench import cpu
 
-    parts = [cpu.per_gib(by_id[i]["cpu"], by_id[i]["bytes"])["busy"]
-             for i in ("seq.boto3", "seq.nullfs", "seq.diskwrite")]
+    boto3_runs = by_id["seq.boto3"]["trials"]  # the cheapest way to GET the bytes
+    parts = [min(cpu.per_gib(t["cpu"], t["bytes"])["busy"] for t in boto3_runs),
+             *(cpu.per_gib(by_id[i]["cpu"], by_id[i]["bytes"])["busy"]
+               for i in ("seq.nullfs", "seq.diskwrite"))]
     assert sum(parts) > 0  # a tiny run's disk write may fall between two 10 ms ticks
     bound = (os.cpu_count() or 1) * 1024 / sum(parts) / by_id["seq.boto3"]["value"]
     cold = targets["cold sequential read from S3"]
