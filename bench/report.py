@@ -117,10 +117,11 @@ _ALSO = {"seq.page_cache": [(None, "seq.nullfs_pc", "the no-op FUSE fs in page c
 _CEILING_VS = {"seq.cold": "seq.boto3", "multi4.cold": "seq.boto3", "seq.tier1": "seq.native"}
 
 # The parts of a cold read that no daemon built on boto3 and pyfuse3 can skip, each measured
-# alone in this run: the GETs (the boto3 row, its S3 server included), handing the bytes to
-# the reader through FUSE (the no-op fs, fio and the kernel included) and writing them to the
-# cache disk. Where the S3 server shares the cores, their CPU per byte added up bounds what
-# any such daemon could read at, however little waits and however little glue it adds.
+# alone in this run: the GETs (the cheapest boto3 trial, its S3 server included), handing the
+# bytes to the reader through FUSE (the no-op fs, fio and the kernel included) and writing
+# them to the cache disk. Where the S3 server shares the cores, their CPU per byte added up
+# bounds what any such daemon could read at, however little waits and however little glue
+# it adds.
 _PARTS = {"seq.cold": ("seq.boto3", "seq.nullfs", "seq.diskwrite"),
           "multi4.cold": ("seq.boto3", "multi4.nullfs", "seq.diskwrite")}
 
@@ -145,8 +146,9 @@ def _also(by_id: dict, row: dict) -> str:
     if parts:
         ratio, busy = parts
         notes.append(f"at most {ratio:.2f}× for any daemon on boto3 and pyfuse3 that caches "
-                     f"what it reads, on {os.cpu_count()} cores: the cheapest boto3 trial, the no-op "
-                     f"fs and the cache disk's writes cost {busy:.2f} s of CPU per GiB together")
+                     f"what it reads, on {os.cpu_count()} cores: the cheapest boto3 trial, the "
+                     f"no-op fs and the cache disk's writes cost {busy:.2f} s of CPU per GiB "
+                     "together")
     if row["id"] == "rand4k.tier1":
         # At iodepth 1 a read whose bytes are not in memory waits for the disk, then for the
         # FUSE round trip the no-op fs is all of: their latencies add up.
@@ -161,8 +163,8 @@ def _parts_ceiling(by_id: dict, row: dict) -> tuple[float, float] | None:
     """(the ratio to the reference, the parts' CPU seconds per GiB) of _PARTS, if measured."""
     ref = by_id.get(_CEILING_VS.get(row["id"], ""))
     parts = [by_id.get(i) for i in _PARTS.get(row["id"], ())]
-    if not parts or not ref or not ref["value"] or not all(p and p.get("cpu") and p.get("bytes")
-                                                             for p in parts):
+    measured = all(p and p.get("cpu") and p.get("bytes") for p in parts)
+    if not parts or not measured or not ref or not ref["value"]:
         return None
     busy = sum(_least_cpu_per_gib(p) for p in parts)
     return (os.cpu_count() or 1) * 1024 / busy / ref["value"], busy
@@ -172,7 +174,8 @@ def _least_cpu_per_gib(row: dict) -> float:
     """The machine's CPU per GiB of a row, or of the cheapest of its trials (the boto3 row's
     grid of thread counts and range sizes): the part costs at least that, however it is done."""
     runs = [row, *(t for t in row.get("trials", []) if isinstance(t, dict))]
-    return min(cpu.per_gib(t["cpu"], t["bytes"])["busy"] for t in runs if t.get("cpu") and t.get("bytes"))
+    return min(cpu.per_gib(t["cpu"], t["bytes"])["busy"]
+               for t in runs if t.get("cpu") and t.get("bytes"))
 
 
 def _ceiling(row: dict) -> float | None:
