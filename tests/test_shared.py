@@ -168,7 +168,9 @@ def test_quota_holds_with_three_publishers_and_two_collectors(bucket, put, mount
     finally:
         stop.set()
         sampler.join()
-    assert 0 < peak[0] <= quota, (peak[0], quota)
+    # Between collector passes a node publishes at most 1/16 of the quota on its own
+    # (docs/shared-tier.md): three nodes at once overshoot by at most 3/16.
+    assert 0 < peak[0] <= quota + 3 * (quota // 16), (peak[0], quota)
     assert sum(m.stats().get("shared.publishes", 0) for m in nodes) >= 16
     for m in nodes:
         m.stop()
@@ -268,15 +270,21 @@ def test_hung_share_is_bypassed_within_the_read_deadline(bucket, put, mount_fact
 
 def test_sigkill_mid_publish_leaves_nothing_served(bucket, put, mount_factory, s3server, tmp_path):
     shared = tmp_path / "shared"
-    data = put("f.bin", os.urandom(64 * BS))
+    data = put("f.bin", os.urandom(32 * BS))
     a = node(mount_factory, bucket, shared, "--request-size", "64K")
-    reader = threading.Thread(target=lambda: read_uncached(a.path / "f.bin"))
+
+    def read_until_killed():
+        try:
+            read_uncached(a.path / "f.bin")
+        except OSError:
+            pass  # ENOTCONN: the daemon is gone
+
+    reader = threading.Thread(target=read_until_killed)
     reader.start()
     assert wait_until(lambda: a.stats().get("shared.publishes", 0) >= 4, 60)
     a.kill()
     reader.join(30)
-    left = len(block_files(shared, bucket))
-    assert left < 64, "killed after its publishes finished: nothing was tested"
+    assert len(block_files(shared, bucket)) < 32, "killed after its publishes finished: nothing was tested"
     s3server.reset_counts()
     b = node(mount_factory, bucket, shared, "--shared-lease-wait", "1")
     assert read_uncached(b.path / "f.bin") == data

@@ -292,7 +292,7 @@ class SharedTier:
             return self.store.publish(todo)
         report = self.collector.run_pass(reserve=sizes, journal=self.store.journal,
                                          wait=self.timeout / 2)
-        if report is None:
+        if report is None or report.get("refused"):
             return None
         with self._accounting:
             self._estimate, self._unsynced = report["bytes"], 0

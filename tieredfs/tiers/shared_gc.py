@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 LOW_WATER = 0.9
 _JOURNAL_KEEP_S = 2 * 3600  # journals are per hour; older, consumed ones are deleted
 _TEMP_AGE_S = 3600  # a temp file this old is a crashed publish
-_READ_LIMIT = 64 << 20  # journal bytes read per pass; the rest next pass
+_READ_LIMIT = 64 << 20
+# A block journaled this recently and not on disk yet is a publish in progress (journal
+# line first, then the rename), not a lost one: it keeps counting against the quota.
+_LANDING_S = 60  # journal bytes read per pass; the rest next pass
 
 
 class Collector:
@@ -58,9 +61,12 @@ class Collector:
             state = self.load_state()
             self._read_journals(state)
             report = {"evicted": 0, "evicted_bytes": 0, "already_gone": 0}
+            room = sum(n for _, n in reserve)
             if evict:
-                self._evict(state, report, room=sum(n for _, n in reserve))
-            if reserve:
+                self._evict(state, report, room)
+            if reserve and used(state) + room > self.quota:
+                report["refused"] = True  # no room now: the node does not publish these
+            elif reserve:
                 journal.append(list(reserve))
                 now = int(time.time())
                 state["blocks"].update({block_id: [n, now] for block_id, n in reserve})
@@ -114,18 +120,22 @@ class Collector:
         if total + room <= self.quota:
             return
         target = min(int(self.quota * LOW_WATER), self.quota - room)
-        stop_at = time.time() + self.lease_ttl / 2  # well within the lease
+        now = time.time()
+        stop_at = now + self.lease_ttl / 2  # well within the lease
         for block_id in sorted(blocks, key=lambda b: blocks[b][1]):
             if total <= target or time.time() > stop_at:
                 break
-            size = blocks.pop(block_id)[0]
-            total -= size
+            size, when = blocks[block_id]
             try:
                 os.unlink(self.layout.block(block_id))
                 report["evicted"] += 1
                 report["evicted_bytes"] += size
             except FileNotFoundError:
+                if now - when < _LANDING_S:
+                    continue  # reserved, its rename still to come: it stays counted
                 report["already_gone"] += 1
+            del blocks[block_id]
+            total -= size
 
     def _sweep(self, state: dict, report: dict) -> None:
         """One fan-out dir per pass: crashed publishes' temp files, old leases, and block
