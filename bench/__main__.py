@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import dataset, fio, report, workloads, workloads_files
+from . import dataset, fio, report, workloads, workloads_cluster, workloads_files
 from .context import MODES, Run
 from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
@@ -30,6 +30,7 @@ WORKLOADS = {
     "mount": workloads_files.mount_ready,
     "restart": workloads_files.restart,
     "bigbucket": workloads_files.big_bucket,
+    "cluster": workloads_cluster.cluster,
 }
 _FULL_ONLY = {"restart", "bigbucket"}
 RESULTS = Path(__file__).resolve().parent / "results"
