@@ -25,10 +25,10 @@ def cluster(run: Run) -> None:
     shared = run.workdir / "shared"
     for tag, extra in (("alone", ()), ("shared", ("--shared-dir", str(shared)))):
         shutil.rmtree(shared, ignore_errors=True)
-        seconds, gets, nbytes = _cold_at_once(run, n, tag, extra)
+        seconds, gets, nbytes, shared_stats = _cold_at_once(run, n, tag, extra)
         what = "own caches only" if tag == "alone" else "one shared dir"
         run.record(w, f"{tag}_seconds", f"{n} nodes cold on one {size >> 20} MiB file at once, "
-                   f"{what}: time until all done", "s", seconds, s3_gets=gets, s3_bytes=nbytes)
+                   f"{what}: time until all done", "s", seconds, s3_gets=gets, s3_bytes=nbytes, shared=shared_stats)
         run.record(w, f"{tag}_s3_bytes", f"{n} nodes, {what}: bytes from S3 ({gets} GETs), x the file", "x",
                    nbytes / size, s3_gets=gets, s3_bytes=nbytes)
     # The shared dir is warm now: a new node's cold read comes from it, against a native
@@ -45,7 +45,7 @@ def cluster(run: Run) -> None:
                     lambda: _fio_mib(m), vs=f"{w}.shared_native")
 
 
-def _cold_at_once(run: Run, n: int, tag: str, extra: tuple) -> tuple[float, int, int]:
+def _cold_at_once(run: Run, n: int, tag: str, extra: tuple) -> tuple[float, int, int, dict]:
     mounts: list[TieredMount] = []
     try:
         for i in range(n):
@@ -64,9 +64,10 @@ def _cold_at_once(run: Run, n: int, tag: str, extra: tuple) -> tuple[float, int,
     finally:
         for m in mounts:
             m.stop()
-    gets = sum(a.get("s3.requests.get", 0) - b.get("s3.requests.get", 0) for a, b in zip(after, before))
-    nbytes = sum(a.get("s3.bytes", 0) - b.get("s3.bytes", 0) for a, b in zip(after, before))
-    return seconds, gets, nbytes
+    delta = {k: sum(a.get(k, 0) - b.get(k, 0) for a, b in zip(after, before))
+             for k in set().union(*after) if k.startswith(("s3.", "shared.", "chain.hits"))}
+    return seconds, delta.get("s3.requests.get", 0), delta.get("s3.bytes", 0), \
+        {k: v for k, v in sorted(delta.items()) if k.startswith(("shared.", "chain.hits"))}
 
 
 def _read_at(path: Path, go: threading.Barrier) -> None:

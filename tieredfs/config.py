@@ -94,7 +94,9 @@ class Config:
     shared_timeout: float = 5.0  # seconds any call on the shared dir may take, then bypassed
     shared_lease_wait: float = 5.0  # seconds to wait for another node's fetch; 0 = no leases
     shared_threads: int = 8  # worker threads for the shared dir (its own pool)
-    shared_publish_queue: int = 64 * MiB  # fetched blocks waiting to be published
+    # Fetched blocks waiting to be published, in memory; beyond it up to one per 4 KiB of it
+    # more wait by address and are read back from tier 1 when their turn comes.
+    shared_publish_queue: int = 64 * MiB
 
     # Mount.
     uid: int = field(default_factory=os.getuid)

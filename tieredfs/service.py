@@ -185,9 +185,14 @@ class Daemon:
         store = SharedStore(layout, perms, counters, lease_ttl=max(2 * c.shared_lease_wait, 1.0))
         tier = SharedTier(store, Collector(layout, perms, c.shared_quota), threads=c.shared_threads,
                           timeout=c.shared_timeout, lease_wait=c.shared_lease_wait,
-                          publish_queue=c.shared_publish_queue, counters=counters)
+                          publish_queue=c.shared_publish_queue, counters=counters,
+                          readback=self._readback if self.local else None)
         self.registry.add_source(tier.gauges)
         return tier
+
+    def _readback(self, ref):
+        """A block this node fetched, for the shared tier's publisher (worker thread)."""
+        return self.filler.pending(ref) or self.local.get(ref)
 
     def fuse_options(self) -> set[str]:
         return {"fsname=tieredfs", "subtype=tieredfs", "ro", "default_permissions",

@@ -196,18 +196,17 @@ class TierChain:
         hits, held, mine = [], [], []
         for (ref, flight), got in zip(misses, found):
             (held if got is HELD else mine if got is MINE else hits).append((ref, flight, got))
+        self._deliver_shared(hits)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fetch_spans, [(ref, flight) for ref, flight, _ in mine])
             if held:
-                late = []
                 datas = await self.shared.wait_for([ref for ref, _, _ in held])
-                for (ref, flight, _), data in zip(held, datas):
-                    (late.append((ref, flight)) if data is None else hits.append((ref, flight, data)))
+                got = [(ref, flight, data) for (ref, flight, _), data in zip(held, datas)]
+                late = [(ref, flight) for ref, flight, data in got if data is None]
+                waited = [item for item in got if item[2] is not None]
+                self._deliver_shared(waited)
+                hits += waited
                 nursery.start_soon(self._fetch_spans, late)
-            for ref, flight, data in hits:
-                self._served("shared", len(data))
-                flight.data = data
-                flight.done.set()
         with trio.CancelScope(shield=True):  # as in _fetch_span
             for ref, _, data in hits:
                 await self.filler.offer(ref, data)
@@ -224,6 +223,12 @@ class TierChain:
                     break
             found.append(data)
         return found
+
+    def _deliver_shared(self, hits: list) -> None:
+        for ref, flight, data in hits:
+            self._served("shared", len(data))
+            flight.data = data
+            flight.done.set()
 
     async def _fetch_span(self, span: list[tuple[BlockRef, "_Flight"]]) -> None:
         refs = [ref for ref, _ in span]

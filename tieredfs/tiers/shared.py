@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from typing import Callable
 
 import trio
 
@@ -35,7 +36,10 @@ MINE = "mine"  # fetch it from S3 (this node holds its lease, or leases are not 
 _FAILURES_TO_OPEN = 3
 _BACKOFF = 30.0
 _MAX_BACKOFF = 300.0
-_PUBLISH_BATCH = 8
+# Blocks others may be waiting for are written by several tasks, a few blocks at a time:
+# each block costs a write, an fsync and a rename on the share.
+_PUBLISHERS = 4
+_PUBLISH_BATCH = 4
 _POLL_FIRST, _POLL_MAX = 0.02, 0.25
 _GC_PERIOD = 60.0
 
@@ -92,12 +96,14 @@ class SharedTier:
     name = "shared"
 
     def __init__(self, store: SharedStore, collector: Collector | None, *, threads: int,
-                 timeout: float, lease_wait: float, publish_queue: int, counters: Counters):
+                 timeout: float, lease_wait: float, publish_queue: int, counters: Counters,
+                 readback: Callable[[BlockRef], bytes | None] | None = None):
         self.store = store
         self.collector = collector
         self.timeout = timeout
         self.lease_wait = lease_wait
         self.max_queue = publish_queue
+        self.readback = readback  # a block this node fetched, from tier 1 (worker thread)
         self.counters = counters
         self._limiter = trio.CapacityLimiter(threads)
         self._reads = Breaker("read", counters)
@@ -140,12 +146,10 @@ class SharedTier:
                 out[i] = await self._call(self._reads, self._lookup_one, ref)
             except _Skipped:
                 return
-            if out[i] == MINE:
+            if out[i] is MINE and self.lease_wait > 0:
                 self._leased.add(ref.id)
 
-        async with trio.open_nursery() as nursery:
-            for i, ref in enumerate(refs):
-                nursery.start_soon(one, i, ref)
+        await _each(refs, one)
         for got in out:
             if got is HELD:
                 self.counters.add("lease_waits")
@@ -185,9 +189,7 @@ class SharedTier:
                         out[i] = got
                         return
 
-        async with trio.open_nursery() as nursery:
-            for i, ref in enumerate(refs):
-                nursery.start_soon(one, i, ref)
+        await _each(refs, one)
         for got in out:
             if got is None:
                 self.counters.add("lease_gave_up")
@@ -199,15 +201,20 @@ class SharedTier:
     # --- publishing (write-behind) ----------------------------------------------------
 
     def publish(self, ref: BlockRef, data) -> None:
-        """Queue a block fetched from S3 for the shared dir; never waits."""
+        """Queue a block fetched from S3 for the shared dir; never waits. Beyond the byte
+        budget only its address is queued, and the publisher reads it back from tier 1:
+        a share slower than S3 then still gets every block, without the memory."""
         if ref.id in self._queue:
             return
-        if self._queued_bytes + len(data) > self.max_queue or not self._writes.closed():
+        if not self._writes.closed() or len(self._queue) >= self.max_queue // 4096:
             self.counters.add("publish_dropped")
             self.abandon([ref])
             return
+        if self._queued_bytes + len(data) > self.max_queue or self.readback is None:
+            data = None
+            self.counters.add("publish_deferred")
         self._queue[ref.id] = (ref, data)
-        self._queued_bytes += len(data)
+        self._queued_bytes += len(data) if data is not None else 0
         self._wakeup.set()
 
     def abandon(self, refs: list[BlockRef]) -> None:
@@ -231,7 +238,7 @@ class SharedTier:
             self._writes.disable()
             return
         async with trio.open_nursery() as nursery:
-            for _ in range(2):
+            for _ in range(_PUBLISHERS):
                 nursery.start_soon(self._publisher)
             if self.collector is not None:
                 nursery.start_soon(self._collect)
@@ -255,7 +262,7 @@ class SharedTier:
             if ref.id in self._leased:
                 self._leased.discard(ref.id)
                 unlease.append(ref)
-        nbytes = sum(len(d) for _, d in batch)
+        nbytes = sum(len(d) for _, d in batch if d is not None)
         try:
             if batch:
                 done = await self._call(self._writes, self._publish_within_quota, batch)
@@ -276,7 +283,7 @@ class SharedTier:
         for the batch under its lease) whenever this node's view of the usage is stale or
         near the quota. Between passes a node publishes at most 1/16 of the quota, so N
         nodes overshoot it by at most N/16 (docs/shared-tier.md). None: no room was made."""
-        todo = self.store.new_blocks(batch)
+        todo = self.store.new_blocks(self._with_data(batch))
         sizes = [(ref.id, self.store.stored_size(ref, data)) for ref, data in todo]
         n = sum(size for _, size in sizes)
         if not todo:
@@ -300,6 +307,18 @@ class SharedTier:
             self.counters.add("gc_evictions", report["evicted"])
             self.counters.add("gc_evicted_bytes", report["evicted_bytes"])
         return self.store.publish(todo, journaled=True)
+
+    def _with_data(self, batch: list) -> list[tuple[BlockRef, bytes]]:
+        """Worker thread: the batch's blocks, those queued without bytes read back."""
+        out = []
+        for ref, data in batch:
+            if data is None:
+                data = self.readback(ref)
+                if data is None:  # not cached (declined, evicted): this node cannot publish it
+                    self.counters.add("publish_dropped")
+                    continue
+            out.append((ref, data))
+        return out
 
     async def _quietly(self, fn, *args) -> None:
         try:
@@ -331,6 +350,13 @@ class SharedTier:
         return {"shared.publish_queue_bytes": self._queued_bytes,
                 "shared.bypassed_reads": int(not self._reads.closed()),
                 "shared.bypassed_writes": int(not self._writes.closed())}
+
+
+async def _each(refs: list[BlockRef], fn) -> None:
+    """fn(i, ref) for every block at once (the tier's limiter bounds the threads)."""
+    async with trio.open_nursery() as nursery:
+        for i, ref in enumerate(refs):
+            nursery.start_soon(fn, i, ref)
 
 
 class _Skipped(Exception):

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,41 @@ class Layout:
                               f"{VERSION} (use another --shared-dir or --shared-namespace)")
         for d in (self.blocks, self.leases, self.journal, self.gc):
             perms.makedirs(d, self.root)
+
+
+def create_lease(path: Path, holder: str, ttl: float, perms: Perms) -> bool:
+    """Create a lease file `<holder> <expiry>` with O_EXCL: False if one exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        perms.apply(fd)
+        os.write(fd, f"{holder} {time.time() + ttl:.3f}\n".encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def lease_expiry(text: str | None, path: Path, ttl: float) -> float | None:
+    """When a lease read as `text` ends; one its holder died writing is judged by its age.
+    None: there is no lease."""
+    if text is None:
+        return None
+    try:
+        return float(text.split()[1])
+    except (ValueError, IndexError):
+        try:
+            return path.stat().st_mtime + ttl
+        except FileNotFoundError:
+            return None
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
 
 
 def namespaces(root: Path) -> list[str]:

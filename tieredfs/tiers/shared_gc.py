@@ -20,7 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from .shared_format import TEMP_PREFIX, Layout, Perms, decode, node_name, temp_name, write_atomic
+from .shared_format import (TEMP_PREFIX, Layout, Perms, create_lease, decode, lease_expiry, node_name,
+                            read_text, temp_name, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -161,30 +162,19 @@ class Collector:
 
     def _take_lease(self) -> bool:
         for _ in range(2):
-            try:
-                fd = os.open(self.lease_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                if not self._break_dead_lease():
-                    return False
-                continue
-            try:
-                self.perms.apply(fd)
-                os.write(fd, f"{self.token} {time.time() + self.lease_ttl:.3f}\n".encode())
-            finally:
-                os.close(fd)
-            return True
+            if create_lease(self.lease_path, self.token, self.lease_ttl, self.perms):
+                return True
+            if not self._break_dead_lease():
+                return False
         return False
 
     def _break_dead_lease(self) -> bool:
         """Rename an expired lease aside and check it was the one judged expired: a fresh
         lease renamed by mistake (taken between the read and the rename) is put back."""
-        seen = _read(self.lease_path)
-        if seen is None:
+        seen = read_text(self.lease_path)
+        expiry = lease_expiry(seen, self.lease_path, self.lease_ttl)
+        if expiry is None:
             return True
-        try:
-            expiry = float(seen.split()[1])
-        except (ValueError, IndexError):
-            expiry = self.lease_path.stat().st_mtime + self.lease_ttl
         if time.time() < expiry:
             return False
         aside = self.layout.gc / temp_name()
@@ -192,7 +182,7 @@ class Collector:
             os.rename(self.lease_path, aside)
         except FileNotFoundError:
             return True
-        if _read(aside) != seen:
+        if read_text(aside) != seen:
             try:
                 os.link(aside, self.lease_path)  # fails if yet another lease exists: fine
             except OSError:
@@ -200,11 +190,11 @@ class Collector:
             _unlink(aside)
             return False
         _unlink(aside)
-        log.info("event=shared_gc_lease_broken holder=%r", seen.split()[0] if seen else None)
+        log.info("event=shared_gc_lease_broken holder=%r", seen.split()[0] if seen.split() else None)
         return True
 
     def _drop_lease(self) -> None:
-        seen = _read(self.lease_path)
+        seen = read_text(self.lease_path)
         if seen is not None and seen.split()[0] == self.token:
             _unlink(self.lease_path)
 
@@ -232,13 +222,6 @@ def _scan(path: Path):
             return list(it)
     except FileNotFoundError:
         return []
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
 
 
 def _unlink(path) -> None:

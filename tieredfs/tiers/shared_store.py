@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..blocks import BlockRef
 from ..stats import Counters
-from .shared_format import BadBlock, Layout, Perms, decode, encode_header, node_name, write_atomic
+from .shared_format import (BadBlock, Layout, Perms, create_lease, decode, encode_header, lease_expiry,
+                            node_name, read_text, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -136,39 +137,22 @@ class SharedStore:
         path = self.layout.lease(ref.id)
         for _ in range(2):
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                if create_lease(path, self.node, self.lease_ttl, self.perms):
+                    return True
             except FileNotFoundError:
                 self.perms.makedirs(path.parent, self.layout.root)
                 continue
-            except FileExistsError:
-                if self.lease_alive(ref):
-                    return False
-                self.counters.add("lease_takeovers")
-                self.drop_lease(ref)
-                continue
-            try:
-                self.perms.apply(fd)
-                os.write(fd, f"{self.node} {time.time() + self.lease_ttl:.3f}\n".encode())
-            finally:
-                os.close(fd)
-            return True
+            if self.lease_alive(ref):
+                return False
+            self.counters.add("lease_takeovers")
+            self.drop_lease(ref)
         return True  # lost a race twice: fetch anyway (best effort, never a wait)
 
     def lease_alive(self, ref: BlockRef) -> bool:
-        """A lease file exists and has not expired. Its expiry is written by its holder;
-        an unreadable one is judged by its age (a holder that died mid-write)."""
+        """A lease file exists and has not expired."""
         path = self.layout.lease(ref.id)
-        try:
-            text = path.read_text()
-            expiry = float(text.split()[1])
-        except FileNotFoundError:
-            return False
-        except (OSError, ValueError, IndexError):
-            try:
-                expiry = path.stat().st_mtime + self.lease_ttl
-            except FileNotFoundError:
-                return False
-        return time.time() < expiry
+        expiry = lease_expiry(read_text(path), path, self.lease_ttl)
+        return expiry is not None and time.time() < expiry
 
     def drop_lease(self, ref: BlockRef) -> None:
         try:
