@@ -113,7 +113,7 @@ class SharedTier:
         self._leased: set[str] = set()
         self._unlease: list[BlockRef] = []
         self._wakeup = trio.Event()
-        self._accounting = threading.Lock()  # the two publishers' view of the usage
+        self._accounting = threading.Lock()  # the publishers' view of the usage
         self._estimate: int | None = None  # namespace bytes: the last pass's count + since
         self._unsynced = 0
 
@@ -127,6 +127,12 @@ class SharedTier:
                                                        abandon_on_cancel=True)
             except OSError as e:
                 breaker.fail(f"{type(e).__name__}: {e.strerror or e}")
+                raise _Skipped() from None
+            except ConfigError:
+                raise
+            except Exception as e:  # a bug here must cost the tier, never a read
+                log.exception("event=shared_tier_bug")
+                breaker.fail(repr(e))
                 raise _Skipped() from None
         if scope.cancelled_caught:
             self.counters.add("timeouts")
@@ -265,7 +271,9 @@ class SharedTier:
         nbytes = sum(len(d) for _, d in batch if d is not None)
         try:
             if batch:
-                done = await self._call(self._writes, self._publish_within_quota, batch)
+                # A publish may run a collector pass: more time than a lookup.
+                done = await self._call(self._writes, self._publish_within_quota, batch,
+                                        timeout=4 * self.timeout)
                 if done is None:
                     self.counters.add("publish_skipped_quota", len(batch))
                     done = 0
