@@ -95,9 +95,12 @@ class Collector:
         for name in sorted(os.listdir(self.layout.journal)):
             path = self.layout.journal / name
             start = offsets.get(name, 0)
-            with open(path, "rb") as f:
-                f.seek(start)
-                chunk = f.read(budget)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    chunk = f.read(budget)
+            except FileNotFoundError:
+                continue  # deleted by a collector whose lease expired under it
             budget -= len(chunk)
             whole = chunk[:chunk.rfind(b"\n") + 1]  # a line being appended is read next pass
             _apply(whole, blocks, hits)
@@ -146,7 +149,10 @@ class Collector:
         now = time.time()
         report["adopted"] = report["temps_removed"] = 0
         for entry in _scan(self.layout.blocks / sub):
-            st = entry.stat()
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue  # renamed or evicted meanwhile
             if entry.name.startswith(TEMP_PREFIX):
                 if now - st.st_mtime > _TEMP_AGE_S:
                     _unlink(entry.path)
@@ -155,8 +161,11 @@ class Collector:
                 state["blocks"][entry.name] = [st.st_size, int(st.st_mtime)]
                 report["adopted"] += 1
         for entry in _scan(self.layout.leases / sub):
-            if now - entry.stat().st_mtime > self.lease_ttl:
-                _unlink(entry.path)
+            try:
+                if now - entry.stat().st_mtime > self.lease_ttl:
+                    _unlink(entry.path)
+            except FileNotFoundError:
+                pass
 
     # --- the collector's lease ---------------------------------------------------------
 
