@@ -106,16 +106,6 @@ def test_rows_say_where_the_cpu_went(result):
     assert f"at most {bound:.2f}× for any daemon on boto3 and pyfuse3" in cold["measured"]
 
 
-def test_cluster_rows_share_the_fetches(result):
-    """The shared tier's workload: two nodes cold at once fetch the file about once; a late
-    node reads all of it from the warm shared dir without a data GET."""
-    by_id = rows(result)
-    assert by_id["cluster.alone_s3_bytes"]["value"] == 2
-    assert 0 < by_id["cluster.shared_s3_bytes"]["value"] <= 1.5
-    late = by_id["cluster.late_node"]
-    assert late["server"]["GET"] == 0 and late["bytes"] == result["meta"]["dataset"]["big"]
-
-
 def test_targets_are_reported(result):
     targets = {t["what"]: t for t in result["targets"]}
     assert len(targets) == 10
