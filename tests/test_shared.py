@@ -160,7 +160,8 @@ def test_quota_holds_with_three_publishers_and_two_collectors(bucket, put, mount
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        readers = [threading.Thread(target=read_all, args=(m, {k: v})) for m, (k, v) in zip(nodes, files.items())]
+        readers = [threading.Thread(target=read_all, args=(m, {k: v}))
+                   for m, (k, v) in zip(nodes, files.items())]
         for t in readers:
             t.start()
         for t in readers:
@@ -236,18 +237,15 @@ def hung_share(tmp_path):
     source, mnt = tmp_path / "nfs-server", tmp_path / "nfs"
     source.mkdir()
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "passthrough.py"), str(source), str(mnt)],
-                            stdout=subprocess.PIPE, text=True)
+    server = Path(__file__).parent / "passthrough.py"
+    proc = subprocess.Popen([sys.executable, str(server), str(source), str(mnt)], stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "READY" and wait_until(lambda: os.path.ismount(mnt), 10)
     yield mnt, lambda: os.kill(proc.pid, signal.SIGSTOP)
     os.kill(proc.pid, signal.SIGCONT)  # first, so that everything blocked on it can unwind
-    unmount(mnt)
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    unmount(mnt)  # its server then exits by itself; SIGKILL in case it hangs
+    proc.kill()
+    proc.wait(10)
     unmount(mnt, lazy=True)
 
 
