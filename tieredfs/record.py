@@ -1,0 +1,161 @@
+"""Record which blocks reads ask for, in order, so other nodes can replay them (docs/warmup.md).
+
+The file is JSON lines: a header, then an object line the first time an object version is
+read, then runs of consecutive blocks of it:
+
+    {"tieredfs_record": 1, "bucket": "b", "prefix": "data/", "block_size": 1048576}
+    {"object": 0, "key": "data/a.bin", "etag": "9e1...", "size": 5242880}
+    [0, 0, 4]            object 0, blocks 0 to 4, read in that order
+
+A block read again right after itself (the kernel asks for a block in several pieces) is
+written once. The daemon notes blocks on the trio thread without I/O; a background task
+writes them out once a second.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .blocks import BlockRef
+from .errors import ConfigError, ReplayRefused
+from .stats import Counters
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Lines noted and not yet written. A disk that falls this far behind ends the recording
+# (logged, counted): a file with lines missing in the middle would name objects it never declared.
+_MAX_PENDING_LINES = 100_000
+_FLUSH_SECONDS = 1.0
+
+
+class Recorder:
+    def __init__(self, path: Path, bucket: str, prefix: str, block_size: int, counters: Counters):
+        try:
+            self._file = open(path, "w", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot write the record file {path}: {e.strerror}") from None
+        self.path = path
+        self.counters = counters
+        self._objects: dict[tuple[str, str], int] = {}
+        self._pending: list[str] = []
+        self._run: list[int] | None = None  # [object, first, last] not yet written
+        self._written_to: tuple[int, int] | None = None  # (object, block) the last line ended at
+        self._overflowed = False
+        header = {"tieredfs_record": FORMAT_VERSION, "bucket": bucket, "prefix": prefix,
+                  "block_size": block_size}
+        self._file.write(json.dumps(header) + "\n")
+
+    def note(self, refs: list[BlockRef]) -> None:
+        """The blocks of one read, in order. Trio thread: no I/O here."""
+        if self._overflowed:
+            return
+        for ref in refs:
+            obj = self._object_id(ref)
+            run = self._run
+            if run is not None and run[0] == obj and ref.index in (run[2], run[2] + 1):
+                run[2] = ref.index
+            elif run is None and self._written_to == (obj, ref.index):
+                continue  # a repeat of the block the last flushed run ended with
+            else:
+                self._close_run()
+                self._run = [obj, ref.index, ref.index]
+
+    def _object_id(self, ref: BlockRef) -> int:
+        o = ref.obj
+        n = self._objects.get((o.key, o.etag))
+        if n is None:
+            n = self._objects[(o.key, o.etag)] = len(self._objects)
+            self._queue(json.dumps({"object": n, "key": o.key, "etag": o.etag, "size": o.size}))
+        return n
+
+    def _close_run(self) -> None:
+        if self._run is not None:
+            self._queue(json.dumps(self._run))
+            self.counters.add("blocks", self._run[2] - self._run[1] + 1)
+            self._written_to = (self._run[0], self._run[2])
+            self._run = None
+
+    def _queue(self, line: str) -> None:
+        if len(self._pending) >= _MAX_PENDING_LINES and not self._overflowed:
+            self._overflowed = True
+            self.counters.add("overflowed")
+            log.warning("event=record_stopped file=%s reason=write_backlog lines=%d",
+                        self.path, len(self._pending))
+        if not self._overflowed:
+            self._pending.append(line)
+
+    def _take(self) -> list[str]:
+        self._close_run()
+        lines, self._pending = self._pending, []
+        return lines
+
+    def _write(self, lines: list[str]) -> None:
+        if lines:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(_FLUSH_SECONDS)
+            lines = self._take()
+            if lines:
+                await trio.to_thread.run_sync(self._write, lines)
+
+    def close(self) -> None:
+        """Write what is left (after the trio run ends) and close the file."""
+        try:
+            self._write(self._take())
+        except OSError as e:
+            log.warning("event=record_write_failed file=%s error=%r", self.path, e.strerror)
+        self._file.close()
+        log.info("event=record_closed file=%s objects=%d", self.path, len(self._objects))
+
+
+# --- reading a record file (warmup --replay) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordedObject:
+    key: str
+    etag: str
+    size: int
+
+
+@dataclass
+class Recording:
+    bucket: str
+    prefix: str
+    block_size: int
+    objects: list[RecordedObject]
+    runs: list[tuple[int, int, int]]  # (object, first block, last block), in the order read
+
+
+def load(path: Path) -> Recording:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        raise ReplayRefused(f"cannot read the replay file {path}: {e.strerror}") from None
+    try:
+        header = json.loads(lines[0]) if lines else {}
+        if header.get("tieredfs_record") != FORMAT_VERSION:
+            raise ValueError("not a tieredfs record file (version 1)")
+        rec = Recording(header["bucket"], header["prefix"], int(header["block_size"]), [], [])
+        for n, line in enumerate(lines[1:], start=2):
+            item = json.loads(line)
+            if isinstance(item, dict):
+                if item["object"] != len(rec.objects):
+                    raise ValueError(f"line {n}: objects out of order")
+                rec.objects.append(RecordedObject(item["key"], item["etag"], int(item["size"])))
+            else:
+                obj, first, last = map(int, item)
+                if not (0 <= obj < len(rec.objects) and 0 <= first <= last):
+                    raise ValueError(f"line {n}: bad run {item}")
+                rec.runs.append((obj, first, last))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ReplayRefused(f"{path} is not a usable replay file: {e}") from None
+    return rec
