@@ -39,7 +39,7 @@ def test_warmup_then_reads_cost_no_get(bucket, put, mount_factory, s3server):
     second = warmup(str(m.path / "d"), "-r")
     assert second.returncode == 0, second.stderr
     assert gets(s3server) == 0 and "S3 GETs: 0" in second.stdout  # idempotent: all from tier 1
-    assert "local 9 blocks" in second.stdout  # 4 + 2 + 5 + 0 blocks of 64 KiB
+    assert "local 11 blocks (570.0 KiB)" in second.stdout  # 4 + 2 + 5 + 0 blocks of 64 KiB
 
     for key, data in files.items():
         assert read_uncached(m.path / key) == data
