@@ -136,6 +136,10 @@ def plan_replay(replay_file: Path, mountpoint: Path) -> Plan:
     return plan
 
 
+class _Stopped(Exception):
+    """A piece left unfinished by Ctrl-C."""
+
+
 class _Worker:
     """Reads pieces through the mount; stops between chunks once `stop` is set."""
 
@@ -144,8 +148,9 @@ class _Worker:
         self.bar = bar
         self.lock = threading.Lock()
         self.local = threading.local()
+        self.bytes_read = 0
 
-    def read(self, piece: Piece) -> int:
+    def read(self, piece: Piece) -> None:
         buf = getattr(self.local, "buf", None)
         if buf is None:
             buf = self.local.buf = bytearray(_CHUNK)
@@ -165,7 +170,9 @@ class _Worker:
                 pos += got
                 with self.lock:
                     self.bar.update(got)
-            return pos - piece.offset
+                    self.bytes_read += got
+            if pos < end:
+                raise _Stopped()
         finally:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
@@ -189,18 +196,20 @@ def run(plan: Plan, parallel: int) -> Outcome:
             bar.set_postfix_str(f"{out.done_pieces}/{len(plan.pieces)} {plan.unit}", refresh=False)
     except KeyboardInterrupt:
         out.interrupted = True
-        stop.set()
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    out.done_bytes = worker.bytes_read
     return out
 
 
 def _settle(fut: cf.Future, piece: Piece, out: Outcome) -> None:
     try:
-        out.done_bytes += fut.result()
+        fut.result()
         out.done_pieces += 1
+    except _Stopped:
+        pass
     except OSError as e:
         out.failures.append((str(piece.path), e.strerror or str(e)))
 
