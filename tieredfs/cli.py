@@ -3,7 +3,6 @@
 import functools
 import json
 import logging
-import os
 import subprocess
 import sys
 import time

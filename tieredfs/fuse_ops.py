@@ -11,15 +11,15 @@ import stat
 
 import pyfuse3
 
+from . import stats
 from .errors import ReadOnly, TieredError, errno_of
 from .filesystem import FileSystem
 from .namespace import Node
 
 log = logging.getLogger(__name__)
 
-STATS_XATTR = b"user.tieredfs.stats"
-MOUNT_XATTR = b"user.tieredfs.mount"  # root: bucket, prefix, block size (warmup --replay)
-ETAG_XATTR = b"user.tieredfs.etag"  # a file: the version its reads are served from
+STATS_XATTR, MOUNT_XATTR, ETAG_XATTR = (n.encode() for n in (stats.STATS_XATTR, stats.MOUNT_XATTR,
+                                                               stats.ETAG_XATTR))
 _FILE_MODE = stat.S_IFREG | 0o444
 _DIR_MODE = stat.S_IFDIR | 0o555
 

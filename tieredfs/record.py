@@ -1,6 +1,6 @@
 """Record which blocks reads ask for, in order, so other nodes can replay them (docs/warmup.md).
 
-The file is JSON lines: a header, then an object line the first time an object version is
+The file (recording.py reads it back) is JSON lines: a header, then an object line the first time an object version is
 read, then runs of consecutive blocks of it:
 
     {"tieredfs_record": 1, "bucket": "b", "prefix": "data/", "block_size": 1048576}
@@ -14,18 +14,17 @@ writes them out once a second.
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from .blocks import BlockRef
-from .errors import ConfigError, ReplayRefused
+from .errors import ConfigError
+from .recording import FORMAT_VERSION
 from .stats import Counters
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 # Lines noted and not yet written. A disk that falls this far behind ends the recording
 # (logged, counted): a file with lines missing in the middle would name objects it never declared.
 _MAX_PENDING_LINES = 100_000
@@ -113,49 +112,3 @@ class Recorder:
             log.warning("event=record_write_failed file=%s error=%r", self.path, e.strerror)
         self._file.close()
         log.info("event=record_closed file=%s objects=%d", self.path, len(self._objects))
-
-
-# --- reading a record file (warmup --replay) ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecordedObject:
-    key: str
-    etag: str
-    size: int
-
-
-@dataclass
-class Recording:
-    bucket: str
-    prefix: str
-    block_size: int
-    objects: list[RecordedObject]
-    runs: list[tuple[int, int, int]]  # (object, first block, last block), in the order read
-
-
-def load(path: Path) -> Recording:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-    except OSError as e:
-        raise ReplayRefused(f"cannot read the replay file {path}: {e.strerror}") from None
-    try:
-        header = json.loads(lines[0]) if lines else {}
-        if header.get("tieredfs_record") != FORMAT_VERSION:
-            raise ValueError("not a tieredfs record file (version 1)")
-        rec = Recording(header["bucket"], header["prefix"], int(header["block_size"]), [], [])
-        for n, line in enumerate(lines[1:], start=2):
-            item = json.loads(line)
-            if isinstance(item, dict):
-                if item["object"] != len(rec.objects):
-                    raise ValueError(f"line {n}: objects out of order")
-                rec.objects.append(RecordedObject(item["key"], item["etag"], int(item["size"])))
-            else:
-                obj, first, last = map(int, item)
-                if not (0 <= obj < len(rec.objects) and 0 <= first <= last):
-                    raise ValueError(f"line {n}: bad run {item}")
-                rec.runs.append((obj, first, last))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ReplayRefused(f"{path} is not a usable replay file: {e}") from None
-    return rec

@@ -8,6 +8,11 @@ import bisect
 import threading
 from collections import defaultdict
 
+# The extended attributes the daemon answers (fuse_ops.py) and the CLI reads.
+STATS_XATTR = "user.tieredfs.stats"  # the mount root: snapshot() as JSON
+MOUNT_XATTR = "user.tieredfs.mount"  # the mount root: bucket, prefix, block size (warmup --replay)
+ETAG_XATTR = "user.tieredfs.etag"  # a file: the version its reads are served from
+
 # Latency bucket bounds in seconds: from a page-cache hit of tier 1 (~20 us) to an S3 request
 # near its deadline. Fixed, so observing is a bisect and two adds, not an allocation.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,

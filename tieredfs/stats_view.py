@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from .errors import MountError
+from .stats import STATS_XATTR
 
-STATS_XATTR = "user.tieredfs.stats"
 MiB = 1 << 20
 _HEADER_EVERY = 20  # lines, as vmstat repeats its header
 

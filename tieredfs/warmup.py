@@ -18,12 +18,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import record
+from . import recording
 from .errors import MountError, ReplayRefused
+from .stats import ETAG_XATTR, MOUNT_XATTR
 from .stats_view import human_bytes, read_stats, tiers
 
-MOUNT_XATTR = "user.tieredfs.mount"
-ETAG_XATTR = "user.tieredfs.etag"
 _CHUNK = 1 << 20
 _MAX_PARALLEL = 64
 
@@ -103,7 +102,7 @@ def _add_file(p: Path, plan: Plan) -> None:
 def plan_replay(replay_file: Path, mountpoint: Path) -> Plan:
     """The recorded runs as byte ranges of this mount's files, after checking that the mount
     serves the same bucket and the same version of every object."""
-    rec = record.load(replay_file)
+    rec = recording.load(replay_file)
     mount = mount_root(mountpoint)
     info = json.loads(os.getxattr(mount, MOUNT_XATTR))
     if info["bucket"] != rec.bucket:
