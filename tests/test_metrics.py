@@ -6,6 +6,7 @@ are counted on the S3 server, so the metrics are checked against what S3 really 
 
 import json
 import os
+import socket
 import subprocess
 import urllib.request
 
@@ -73,6 +74,20 @@ def test_metrics_addr_is_checked(tmp_path):
     assert done.returncode == 2
     assert "metrics-addr '9464' must be HOST:PORT" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_metrics_port_taken_is_one_line(bucket, s3server, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(tieredfs_cmd("mount", f"s3://{bucket}", str(tmp_path), "--foreground",
+                                           "--endpoint-url", s3server.url, "--cache-dir", str(tmp_path / "c"),
+                                           "--metrics-addr", f"127.0.0.1:{port}"),
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"tieredfs: error: cannot serve metrics on 127.0.0.1:{port}: " in done.stderr
+    assert "Traceback" not in done.stderr and not os.path.ismount(tmp_path)
 
 
 def test_stats_table_json_and_watch(bucket, put, mount_factory):

@@ -135,7 +135,9 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def listxattr(self, inode, ctx):
-        return [STATS_XATTR, MOUNT_XATTR] if inode == pyfuse3.ROOT_INODE else [ETAG_XATTR]
+        if inode == pyfuse3.ROOT_INODE:
+            return [STATS_XATTR, MOUNT_XATTR]
+        return [] if (await self.fs.getattr(inode)).is_dir else [ETAG_XATTR]
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse_write
     write = create = setxattr = removexattr = _refuse_write

@@ -6,6 +6,7 @@ Prometheus asks. prometheus_client serves from its own daemon thread, never the 
 docs/metrics.md lists every metric.
 """
 
+import logging
 import re
 from typing import Callable
 
@@ -16,6 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 from .errors import MountError
 from .stats import Histogram
 
+log = logging.getLogger(__name__)
 _NS = "tieredfs"
 
 # Counters and gauges with no label: snapshot key -> (metric name, kind, help).
@@ -131,6 +133,7 @@ class MetricsServer:
             self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         except OSError as e:
             raise MountError(f"cannot serve metrics on {addr}: {e.strerror}") from None
+        log.info("event=metrics_serving addr=%s", addr)
 
     def close(self) -> None:
         self._server.shutdown()

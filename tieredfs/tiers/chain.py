@@ -227,9 +227,10 @@ class TierChain:
     def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
         """Worker thread: consecutive blocks in one ranged GET."""
         start = time.perf_counter()
-        datas = self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
-        self._latency("s3").observe(time.perf_counter() - start)
-        return datas
+        try:
+            return self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
+        finally:  # a failure's time too: retries until the deadline are what an outage looks like
+            self._latency("s3").observe(time.perf_counter() - start)
 
     def _served(self, source: str, nbytes: int) -> None:
         """hits.* count block lookups; bytes.* what each source delivered (a part or a block)."""
