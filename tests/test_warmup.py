@@ -129,3 +129,26 @@ def test_replay_file_that_is_not_one(bucket, mount_factory, tmp_path):
     done = warmup("--replay", str(junk), str(m.path))
     assert done.returncode == 1
     assert done.stderr.startswith(f"tieredfs: error: {junk} is not a usable replay file")
+
+
+def test_record_file_runs_and_repeats(tmp_path):
+    """The format's arithmetic, without a mount: runs, repeats, a flush inside a run."""
+    from tieredfs.blocks import BlockRef, ObjectVersion
+    from tieredfs.record import Recorder
+    from tieredfs.recording import load
+    from tieredfs.stats import Registry
+
+    x, y = ObjectVersion("bkt", "p/x", "ex", 10 * K), ObjectVersion("bkt", "p/y", "ey", 10 * K)
+    rec = Recorder(tmp_path / "r", "bkt", "p/", K, Registry().counters("record"))
+    for obj, index in [(x, 0), (x, 0), (x, 1), (x, 2), (y, 5), (x, 2), (x, 3)]:
+        rec.note([BlockRef(obj, index, K)])
+    rec._write(rec._take())  # what the once-a-second flush does
+    for obj, index in [(x, 3), (x, 4), (x, 9)]:
+        rec.note([BlockRef(obj, index, K)])
+    rec.close()
+
+    loaded = load(tmp_path / "r")
+    assert (loaded.bucket, loaded.prefix, loaded.block_size) == ("bkt", "p/", K)
+    assert [(o.key, o.etag) for o in loaded.objects] == [("p/x", "ex"), ("p/y", "ey")]
+    # (x, 3) right after the flush repeats the block the flushed run ended with: written once.
+    assert loaded.runs == [(0, 0, 2), (1, 5, 5), (0, 2, 3), (0, 4, 4), (0, 9, 9)]

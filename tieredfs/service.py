@@ -102,16 +102,16 @@ class Daemon:
                                    refresh_dir=functools.partial(self.backend.list_dir, attempts=1))
         self.registry.add_source(self.namespace.gauges)
         self.registry.add_source(self.backend.gauges)
-        # Issue 23: --record and --metrics-addr (record.py, metrics.py).
-        self.recorder = Recorder(c.record, c.bucket, c.prefix, c.block_size,
-                                 self.registry.counters("record")) if c.record else None
-        self.metrics = None
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))
         self.capacity = 0
         self.local = self._build_local_tier()
         self.upper_tiers = [self.local] if self.local else []
+        # Issue 23: --record and --metrics-addr (record.py, metrics.py).
+        self.recorder = Recorder(c.record, c.bucket, c.prefix, c.block_size,
+                                 self.registry.counters("record")) if c.record else None
+        self.metrics = None
 
     def _build_local_tier(self) -> LocalTier | None:
         c = self.config
