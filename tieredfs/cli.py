@@ -190,9 +190,9 @@ def umount(mountpoint, lazy):
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("mountpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="every counter as JSON")
-@click.option("--watch", type=float, is_flag=False, flag_value=1.0, default=None, metavar="[SECONDS]",
+@click.option("--watch", is_flag=False, flag_value="1", default=None, metavar="[SECONDS]",
               help="live per-second rates every SECONDS (default 1) until Ctrl-C")
 @click.option("--count", type=click.IntRange(min=1), help="with --watch: stop after COUNT lines")
 @clear_errors
@@ -201,10 +201,11 @@ def stats(mountpoint, as_json, watch, count):
     from . import stats_view
 
     if watch is not None:
-        if watch <= 0:
-            raise ConfigError("--watch SECONDS must be positive")
-        stats_view.watch(mountpoint, watch, count, sys.stdout)
+        seconds, mountpoint = stats_view.watch_args(watch, mountpoint)
+        stats_view.watch(mountpoint, seconds, count, sys.stdout)
         return
+    if mountpoint is None:
+        raise ConfigError("give the MOUNTPOINT of a tieredfs mount")
     snap = stats_view.read_stats(mountpoint)
     click.echo(stats_view.to_json(snap) if as_json else stats_view.table(snap))
 

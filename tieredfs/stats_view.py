@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .errors import MountError
+from .errors import ConfigError, MountError
 from .stats import STATS_XATTR
 
 MiB = 1 << 20
@@ -96,6 +96,22 @@ class _Rates:
 
 def _rate(key: str, unit: int, fmt: str = ".0f"):
     return lambda old, new, dt: format((new.get(key, 0) - old.get(key, 0)) / unit / dt, fmt)
+
+
+def watch_args(value: str, mountpoint: Path | None) -> tuple[float, Path]:
+    """(seconds, mount point) from `--watch [SECONDS]`: in `stats --watch MNT`, click hands
+    the mount point to --watch as its value."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        if mountpoint is not None:
+            raise ConfigError(f"--watch {value!r}: SECONDS must be a number") from None
+        return 1.0, Path(value)
+    if not seconds > 0:
+        raise ConfigError(f"--watch {value!r}: SECONDS must be positive")
+    if mountpoint is None:
+        raise ConfigError("give the MOUNTPOINT of a tieredfs mount")
+    return seconds, mountpoint
 
 
 def watch(mountpoint: Path, interval: float, count: int | None, out: TextIO) -> None:
