@@ -97,6 +97,9 @@ class Config:
     # Fetched blocks waiting to be published, in memory; beyond it up to one per 4 KiB of it
     # more wait by address and are read back from tier 1 when their turn comes.
     shared_publish_queue: int = 64 * MiB
+    # Seeing and steering the cache (issue 23: docs/metrics.md, docs/warmup.md).
+    metrics_addr: str | None = None  # HOST:PORT serving Prometheus metrics; off when unset
+    record: Path | None = None  # write the blocks that reads ask for to this file, in order
 
     # Mount.
     uid: int = field(default_factory=os.getuid)
@@ -152,6 +155,8 @@ class Config:
             raise ConfigError("request-size must be at least one block")
         if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
             raise ConfigError(f"endpoint-url {self.endpoint_url!r} must look like http(s)://HOST[:PORT]")
+        if self.metrics_addr is not None and not _ADDR_RE.match(self.metrics_addr):
+            raise ConfigError(f"metrics-addr {self.metrics_addr!r} must be HOST:PORT, e.g. 127.0.0.1:9464")
         for opt in self.fuse_options:
             if opt not in _ALLOWED_FUSE_OPTIONS and not opt.startswith("fsname="):
                 allowed = ", ".join(sorted(_ALLOWED_FUSE_OPTIONS))
@@ -205,6 +210,7 @@ class Config:
             raise ConfigError(f"shared-group {self.shared_group!r}: no such group") from None
 
 
+_ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[\w.\-]+):([1-9]\d{0,4})$")
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
 _SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
                 "small_file_threshold", "kernel_readahead", "cache_write_queue",
