@@ -203,7 +203,8 @@ class Daemon:
         tier = SharedTier(store, Collector(layout, perms, c.shared_quota), threads=c.shared_threads,
                           timeout=c.shared_timeout, lease_wait=c.shared_lease_wait,
                           publish_queue=c.shared_publish_queue, counters=counters,
-                          readback=self._readback if self.local else None)
+                          readback=self._readback if self.local else None,
+                          latency=self.registry.histogram("shared"))
         self.registry.add_source(tier.gauges)
         return tier
 

@@ -25,7 +25,7 @@ import trio
 
 from ..blocks import BlockRef
 from ..errors import ConfigError
-from ..stats import Counters
+from ..stats import Counters, Histogram
 from .shared_gc import LOW_WATER, Collector
 from .shared_store import SharedStore
 
@@ -97,7 +97,8 @@ class SharedTier:
 
     def __init__(self, store: SharedStore, collector: Collector | None, *, threads: int,
                  timeout: float, lease_wait: float, publish_queue: int, counters: Counters,
-                 readback: Callable[[BlockRef], bytes | None] | None = None):
+                 readback: Callable[[BlockRef], bytes | None] | None = None,
+                 latency: Histogram | None = None):
         self.store = store
         self.collector = collector
         self.timeout = timeout
@@ -105,6 +106,7 @@ class SharedTier:
         self.max_queue = publish_queue
         self.readback = readback  # a block this node fetched, from tier 1 (worker thread)
         self.counters = counters
+        self._latency = latency or Histogram()  # lookups, as metrics.py exports the tiers' calls
         self._limiter = trio.CapacityLimiter(threads)
         self._reads = Breaker("read", counters)
         self._writes = Breaker("write", counters)
@@ -148,10 +150,13 @@ class SharedTier:
         out: list = [MINE] * len(refs)
 
         async def one(i: int, ref: BlockRef) -> None:
+            start = time.perf_counter()
             try:
                 out[i] = await self._call(self._reads, self._lookup_one, ref)
             except _Skipped:
                 return
+            finally:
+                self._latency.observe(time.perf_counter() - start)
             if out[i] is MINE and self.lease_wait > 0:
                 self._leased.add(ref.id)
 
