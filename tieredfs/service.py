@@ -10,7 +10,6 @@ import logging
 import os
 import resource
 import shutil
-import signal
 import stat
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Callable
 
 import trio
 
-from . import fuse_ops
+from . import fuse_ops, signals, stale
 from .config import Config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem
@@ -46,6 +45,8 @@ _DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def check_mountpoint(path: Path) -> None:
+    if stale.is_dead_mount(path):
+        stale.detach(path)  # a killed daemon's mount: nothing to save on it
     try:
         st = os.stat(path)
         if os.path.ismount(path):
@@ -173,20 +174,22 @@ class Daemon:
                 *self.config.fuse_options}
 
 
-def run(config: Config, on_ready: Callable[[], None]) -> None:
+def run(config: Config, on_ready: Callable[[], None], control: signals.Control | None = None) -> None:
     """Check, mount, serve until unmounted or signalled, clean up."""
+    control = control or signals.Control()
     check_mountpoint(config.mountpoint)
     check_fuse()
     tune_malloc()
     daemon = Daemon(config)
     try:
+        control.notifier.status(f"checking s3://{config.bucket}")
         daemon.check_remote()
-        trio.run(_serve, daemon, on_ready)
+        trio.run(_serve, daemon, on_ready, control)
     finally:
         daemon.close()
 
 
-async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
+async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.Control) -> None:
     c = daemon.config
     fs, engine = daemon.build_fs()
     ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
@@ -202,7 +205,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
         writers.start_soon(daemon.filler.run)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                nursery.start_soon(signals.watch, nursery.cancel_scope, control, c,
+                                   functools.partial(_apply, daemon, ops))
                 nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
                 engine.start(nursery)
                 # Ready only once the mount answers a request.
@@ -218,6 +222,7 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
         finally:
             fuse_ops.close(unmount=not session.ended_by_kernel)
             log.info("event=unmounted mountpoint=%s", c.mountpoint)
+            control.notifier.stopping("unmounted; flushing cache writes")
             with trio.move_on_after(_FLUSH_SECONDS, shield=True):
                 await daemon.filler.flush()
             writers.cancel_scope.cancel()
@@ -256,12 +261,11 @@ class _Session:
         scope.cancel()
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for sig in signals:
-            log.info("event=signal signal=%s action=unmount", signal.Signals(sig).name)
-            scope.cancel()
-            return
+def _apply(daemon: Daemon, ops: fuse_ops.FuseOps, config: Config) -> None:
+    """A SIGHUP's new values of the settings in signals.RELOADABLE."""
+    signals.apply_log_level(config)
+    daemon.namespace.ttl = config.list_ttl
+    ops.attr_timeout = min(config.list_ttl, 60.0)
 
 
 async def _trim_buffers(buffers: BufferPool, period: float = 30.0) -> None:
