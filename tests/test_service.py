@@ -75,11 +75,10 @@ class NotifySocket:
         self.messages.append(msg)
         return msg
 
-    def until(self, key: str, on_each=lambda msg: None, timeout: float = 60) -> dict:
+    def until(self, key: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             msg = self.next(max(0.1, deadline - time.monotonic()))
-            on_each(msg)
             if key in msg:
                 return msg
 
@@ -125,11 +124,7 @@ def test_ready_only_once_the_mount_answers_then_sighup_reloads_and_sigterm_unmou
     start, notify, mnt, conf, values, log = service
     put("a.txt", b"alpha")
     proc = start()
-    def mounted_yet(msg):
-        if "READY" not in msg:
-            assert not in_mount_table(mnt), f"{msg}: the mount exists before READY=1 is sent"
-
-    ready = notify.until("READY", on_each=mounted_yet)
+    ready = notify.until("READY")
     # READY=1 is sent only after a stat through the mount came back: the mount answers now.
     assert os.stat(mnt).st_dev != os.stat(mnt.parent).st_dev
     assert ready["READY"] == "1" and int(ready["MAINPID"]) == proc.pid
@@ -164,7 +159,7 @@ def test_ready_only_once_the_mount_answers_then_sighup_reloads_and_sigterm_unmou
 def test_sigterm_during_a_read_loop_unmounts_and_the_reader_never_hangs(bucket, put, mount_factory):
     data = put("big.bin", os.urandom(3 << 20))
     m = mount_factory(bucket)
-    outcome: dict = {"reads": 0}
+    outcome: dict = {"reads": 0, "partial": 0}
     started = threading.Event()
 
     def reader():
@@ -173,10 +168,11 @@ def test_sigterm_during_a_read_loop_unmounts_and_the_reader_never_hangs(bucket, 
             while True:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # every pass reaches the daemon
                 got = os.pread(fd, len(data), 0)
-                if got != data:
+                if got != data[:len(got)]:
                     outcome["wrong"] = len(got)
                     return
-                outcome["reads"] += 1
+                # A read cut by the unmount returns the bytes it had (the right ones) first.
+                outcome["reads" if len(got) == len(data) else "partial"] += 1
                 started.set()
         except OSError as e:
             outcome["errno"] = e.errno
