@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 _MIN_FREE_TO_OPEN_INDEX = 8 << 20
 _FLUSH_SECONDS = 10.0  # on unmount, how long queued cache writes may still take
+_DRAIN_SECONDS = 10.0  # on SIGTERM, how long reads in flight may still take (the unit's stop
+                       # timeout of 30 s covers this and the flush)
 _FDS_BESIDES_BLOCK_FILES = 512  # S3 connections, LMDB, /dev/fuse, logs, listings in flight
 
 
@@ -205,8 +207,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
         writers.start_soon(daemon.filler.run)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(signals.watch, nursery.cancel_scope, control, c,
-                                   functools.partial(_apply, daemon, ops))
+                nursery.start_soon(signals.watch, functools.partial(session.drain, nursery.cancel_scope),
+                                   control, c, functools.partial(_apply, daemon, ops))
                 nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
                 engine.start(nursery)
                 # Ready only once the mount answers a request.
@@ -254,11 +256,18 @@ def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:
 
 class _Session:
     ended_by_kernel = False
+    draining = False
 
     async def serve(self, scope: trio.CancelScope, max_tasks: int) -> None:
         await fuse_ops.serve(max_tasks)
-        self.ended_by_kernel = True  # fusermount3 -u: nothing left to unmount
+        self.ended_by_kernel = not self.draining  # fusermount3 -u: nothing left to unmount
         scope.cancel()
+
+    def drain(self, scope: trio.CancelScope) -> None:
+        """Take no new request; those in flight get _DRAIN_SECONDS to answer, then are cut."""
+        self.draining = True
+        fuse_ops.terminate()
+        scope.deadline = min(scope.deadline, trio.current_time() + _DRAIN_SECONDS)
 
 
 def _apply(daemon: Daemon, ops: fuse_ops.FuseOps, config: Config) -> None:

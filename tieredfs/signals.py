@@ -30,9 +30,9 @@ class Control:
     reread: Callable[[], Config] | None = None  # the config rebuilt from its file, for SIGHUP
 
 
-async def watch(scope: trio.CancelScope, control: Control, current: Config,
+async def watch(stop: Callable[[], None], control: Control, current: Config,
                 apply: Callable[[Config], None]) -> None:
-    """Serve signals until one asks to stop; then cancel `scope` (the mount's nursery)."""
+    """Serve signals until one asks to stop; then call `stop` (the mount drains and unmounts)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
             if sig == signal.SIGHUP:
@@ -40,7 +40,7 @@ async def watch(scope: trio.CancelScope, control: Control, current: Config,
                 continue
             log.info("event=signal signal=%s action=unmount", signal.Signals(sig).name)
             control.notifier.stopping(f"unmounting {current.mountpoint}")
-            scope.cancel()
+            stop()
             return
 
 
