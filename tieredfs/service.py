@@ -213,6 +213,7 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
                 engine.start(nursery)
                 # Ready only once the mount answers a request.
                 await trio.to_thread.run_sync(os.stat, c.mountpoint)
+                session.answered()
                 if c.kernel_readahead:
                     _tune_kernel_readahead(c.mountpoint, c.kernel_readahead)
                 log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
@@ -257,6 +258,8 @@ def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:
 class _Session:
     ended_by_kernel = False
     draining = False
+    _stop_scope: trio.CancelScope | None = None
+    _answered = False
 
     async def serve(self, scope: trio.CancelScope, max_tasks: int) -> None:
         await fuse_ops.serve(max_tasks)
@@ -265,9 +268,19 @@ class _Session:
 
     def drain(self, scope: trio.CancelScope) -> None:
         """Take no new request; those in flight get _DRAIN_SECONDS to answer, then are cut."""
+        self._stop_scope = scope
+        if self._answered:  # else the start-up stat, in a thread nothing can cancel, would hang
+            self._terminate()
+
+    def answered(self) -> None:
+        self._answered = True
+        if self._stop_scope:  # a stop asked for during start-up
+            self._terminate()
+
+    def _terminate(self) -> None:
         self.draining = True
         fuse_ops.terminate()
-        scope.deadline = min(scope.deadline, trio.current_time() + _DRAIN_SECONDS)
+        self._stop_scope.deadline = min(self._stop_scope.deadline, trio.current_time() + _DRAIN_SECONDS)
 
 
 def _apply(daemon: Daemon, ops: fuse_ops.FuseOps, config: Config) -> None:
