@@ -23,6 +23,7 @@ import trio
 from .nullfs import NullFS
 
 _OPTIONS = {"fsname=probe", "ro"}
+_FILES = {"f": 1 << 20, "big": 256 << 20}
 
 
 def _fuse_fd() -> int:
@@ -36,8 +37,8 @@ def _fuse_fd() -> int:
     raise RuntimeError("no /dev/fuse descriptor")
 
 
-def _old(mountpoint: str, handover: str) -> None:
-    pyfuse3.init(NullFS({"f": 1 << 20}, keep_cache=False), mountpoint, _OPTIONS)
+def _old(mountpoint: str, handover: str, relay: str) -> None:
+    pyfuse3.init(NullFS(_FILES, keep_cache=False), mountpoint, _OPTIONS)
 
     async def serve_until_handover():
         async with trio.open_nursery() as nursery:
@@ -46,7 +47,7 @@ def _old(mountpoint: str, handover: str) -> None:
                 await trio.sleep(0.05)
             fd = _fuse_fd()
             os.set_inheritable(fd, True)
-            subprocess.Popen([sys.executable, "-m", "bench.restart_probe", "new", str(fd)],
+            subprocess.Popen([sys.executable, "-m", "bench.restart_probe", "new", str(fd), relay],
                              pass_fds=(fd,))
             time.sleep(1.0)  # the successor holds the descriptor before we let go of ours
             os._exit(0)  # no unmount, no fuse_session_destroy: as a crash or an exec would
@@ -54,8 +55,51 @@ def _old(mountpoint: str, handover: str) -> None:
     trio.run(serve_until_handover)
 
 
-def _new(fd: int) -> None:
-    pyfuse3.init(NullFS({"f": 1 << 20}, keep_cache=False), f"/dev/fd/{fd}", _OPTIONS)
+# The relay (docs/restart.md, way 2): libfuse gets one end of a socketpair; a synthetic INIT
+# goes in first and its answer is dropped; then requests and replies are copied both ways.
+_FAKE_UNIQUE = (1 << 63) | 1  # the kernel's request ids are even
+_FUSE_INIT = 26
+_INIT_FLAGS = (1 << 0) | (1 << 5) | (1 << 13) | (1 << 14) | (1 << 15) | (1 << 18)  # ASYNC_READ,
+# BIG_WRITES, DO_READDIRPLUS, READDIRPLUS_AUTO, ASYNC_DIO, PARALLEL_DIROPS; no splice: a socket
+_BUF = 4 << 20
+
+
+def _relay(fuse_fd: int) -> int:
+    import socket
+    import struct
+    import threading
+
+    ours, libfuse_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    init_in = struct.pack("<IIIII44x", 7, 31, 1 << 20, _INIT_FLAGS, 0)
+    header = struct.pack("<IIQQIIIHH", 40 + len(init_in), _FUSE_INIT, _FAKE_UNIQUE, 0, 0, 0, 0, 0, 0)
+    ours.send(header + init_in)
+
+    def kernel_to_libfuse():
+        while True:
+            try:
+                request = os.read(fuse_fd, _BUF)
+            except OSError:  # ENODEV: unmounted
+                ours.close()
+                return
+            ours.send(request)
+
+    def libfuse_to_kernel():
+        while True:
+            reply = ours.recv(_BUF)
+            if not reply:
+                return
+            if struct.unpack_from("<Q", reply, 8)[0] != _FAKE_UNIQUE:
+                os.write(fuse_fd, reply)
+
+    for fn in (kernel_to_libfuse, libfuse_to_kernel):
+        threading.Thread(target=fn, daemon=True).start()
+    return libfuse_end.detach()
+
+
+def _new(fd: int, relay: bool) -> None:
+    if relay:
+        fd = _relay(fd)
+    pyfuse3.init(NullFS(_FILES, keep_cache=False), f"/dev/fd/{fd}", _OPTIONS)
     try:
         trio.run(pyfuse3.main)
     finally:
@@ -69,21 +113,36 @@ def _outcome(fn) -> str:
         return errno.errorcode.get(e.errno, str(e.errno))
 
 
-def probe() -> None:
+def _mib_per_s(path: str) -> str:
+    """256 MiB read in 1 MiB calls (the file is not kept in the page cache: keep_cache=False)."""
+    try:
+        start, total = time.perf_counter(), 0
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+        return f"{total / (1 << 20) / (time.perf_counter() - start):.0f} MiB/s"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+
+def probe(relay: str) -> None:
+    print(f"successor {'behind a relay with a synthetic INIT' if relay == 'relay' else 'on libfuse alone'}:")
     with tempfile.TemporaryDirectory() as tmp:
         mnt, handover = os.path.join(tmp, "mnt"), os.path.join(tmp, "handover")
         os.mkdir(mnt)
-        old = subprocess.Popen([sys.executable, "-m", "bench.restart_probe", "old", mnt, handover])
+        old = subprocess.Popen([sys.executable, "-m", "bench.restart_probe", "old", mnt, handover, relay])
         try:
             while not os.path.ismount(mnt):
                 time.sleep(0.05)
             fd = os.open(os.path.join(mnt, "f"), os.O_RDONLY)
             print("before handover, read of the open file:", _outcome(lambda: os.pread(fd, 4096, 0)))
+            print(f"before handover, sequential read: {_mib_per_s(os.path.join(mnt, 'big'))}")
             open(handover, "w").close()
             old.wait(30)
             time.sleep(1.0)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             print("after handover, read of the open file:", _outcome(lambda: os.pread(fd, 4096, 0)))
+            print(f"after handover, sequential read: {_mib_per_s(os.path.join(mnt, 'big'))}")
             print("after handover, stat of the mount point:", _outcome(lambda: str(os.statvfs(mnt))))
             print("after handover, a new open:",
                   _outcome(lambda: open(os.path.join(mnt, "f"), "rb").read(10)))
@@ -106,8 +165,9 @@ def probe() -> None:
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "probe"
     if mode == "old":
-        _old(sys.argv[2], sys.argv[3])
+        _old(sys.argv[2], sys.argv[3], sys.argv[4])
     elif mode == "new":
-        _new(int(sys.argv[2]))
+        _new(int(sys.argv[2]), sys.argv[3] == "relay")
     else:
-        probe()
+        probe("plain")
+        probe("relay")
