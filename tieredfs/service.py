@@ -196,6 +196,7 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
     fs, engine = daemon.build_fs()
     ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
                            block_size=c.block_size, capacity=daemon.capacity)
+    signals.hold()
     try:
         fuse_ops.mount(ops, str(c.mountpoint), daemon.fuse_options())
     except RuntimeError as e:

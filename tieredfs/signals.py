@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 RELOADABLE = ("log_level", "debug", "list_ttl")
 
 
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def hold() -> None:
+    """Keep these signals pending from the mount until watch() handles them: their default
+    action would kill the daemon and leave a dead mount."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+
+
 @dataclass
 class Control:
     """What the supervisor (systemd, the CLI) hands the daemon."""
@@ -33,7 +42,8 @@ class Control:
 async def watch(stop: Callable[[], None], control: Control, current: Config,
                 apply: Callable[[Config], None]) -> None:
     """Serve signals until one asks to stop; then call `stop` (the mount drains and unmounts)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*_HANDLED) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         async for sig in signals:
             if sig == signal.SIGHUP:
                 current = await _reload(control, current, apply)
