@@ -8,6 +8,7 @@ NOTIFY_SOCKET (not under systemd) every call does nothing.
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -43,4 +44,6 @@ class Notifier:
         self.send(stopping=1, status=status)
 
     def reloading(self) -> None:
-        self.send(reloading=1, status="reloading the config file")
+        # systemd 253+ pairs RELOADING=1 with the time it was sent, on CLOCK_MONOTONIC.
+        self.send(reloading=1, status="reloading the config file",
+                  monotonic_usec=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
