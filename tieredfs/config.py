@@ -94,8 +94,9 @@ class Config:
     log_file: Path | None = None
     debug: bool = False
 
-    # Running as a service (docs/systemd.md): the level a SIGHUP may change; the S3 URL
-    # may come from the config file (`url = "s3://..."`) so a unit needs only the file.
+    # Running as a service (docs/systemd.md). A SIGHUP may change the log level. A config
+    # file may also hold the S3 URL (`url = "s3://..."`, see build_config) and `mountpoint`,
+    # so that a unit needs only the file.
     log_level: str = "info"
 
     @property
@@ -227,7 +228,7 @@ def _typed(name: str, value, key: str, source: str):
 
 def build_config(url: str | None, file_values: dict, cli_values: dict) -> Config:
     merged = {**file_values, **cli_values}
-    url = url or merged.pop("url", None)
+    url = url or merged.pop("url", None)  # the command line's URL wins over the file's
     merged.pop("url", None)
     if not url:
         raise ConfigError("no S3 URL: give s3://BUCKET[/PREFIX], or url = \"s3://...\" in the config file")

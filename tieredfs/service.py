@@ -4,7 +4,6 @@ Nothing else constructs its own collaborators. Start-up checks run before the
 mount exists, so a failure leaves nothing mounted.
 """
 
-import errno
 import functools
 import logging
 import os
@@ -41,11 +40,6 @@ _DRAIN_SECONDS = 10.0  # on SIGTERM, how long reads in flight may still take (th
 _FDS_BESIDES_BLOCK_FILES = 512  # S3 connections, LMDB, /dev/fuse, logs, listings in flight
 
 
-# A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED once the kernel has
-# aborted the connection (which of the two depends on the kernel and the timing).
-_DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
-
-
 def check_mountpoint(path: Path) -> None:
     if stale.is_dead_mount(path):
         stale.detach(path)  # a killed daemon's mount: nothing to save on it
@@ -57,7 +51,7 @@ def check_mountpoint(path: Path) -> None:
     except FileNotFoundError:
         raise MountError(f"mount point {path} does not exist") from None
     except OSError as e:
-        if e.errno in _DEAD_MOUNT_ERRNOS:
+        if e.errno in stale.DEAD_MOUNT_ERRNOS:
             raise _dead_mount(path) from None
         raise MountError(f"mount point {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -66,7 +60,7 @@ def check_mountpoint(path: Path) -> None:
         try:
             os.statvfs(path)  # never answered from the kernel's attribute cache, unlike stat
         except OSError as e:
-            if e.errno in _DEAD_MOUNT_ERRNOS:
+            if e.errno in stale.DEAD_MOUNT_ERRNOS:
                 raise _dead_mount(path) from None
         raise MountError(f"mount point {path} is already a mount point (busy)")
 

@@ -17,6 +17,8 @@ from .errors import MountError
 
 log = logging.getLogger(__name__)
 
+# A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED once the kernel has
+# aborted the connection (which of the two depends on the kernel and the timing).
 DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
