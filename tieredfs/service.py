@@ -44,6 +44,8 @@ _FDS_BESIDES_BLOCK_FILES = 512  # S3 connections, LMDB, /dev/fuse, logs, listing
 def check_mountpoint(path: Path) -> None:
     if stale.is_dead_mount(path):
         stale.detach(path)  # a killed daemon's mount: nothing to save on it
+        log.warning("event=dead_mount_detached mountpoint=%s reason=%r action=lazy_unmount", path,
+                    "its daemon is gone (Transport endpoint is not connected)")
     try:
         st = os.stat(path)
         if os.path.ismount(path):

@@ -8,14 +8,11 @@ the same errors, and new ones see the directory underneath.
 """
 
 import errno
-import logging
 import os
 import subprocess
 from pathlib import Path
 
 from .errors import MountError
-
-log = logging.getLogger(__name__)
 
 # A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED once the kernel has
 # aborted the connection (which of the two depends on the kernel and the timing).
@@ -43,5 +40,3 @@ def detach(path: Path) -> None:
         why = done.stderr.strip() or "still not connected"
         raise MountError(f"mount point {path} is a dead mount (its daemon is gone) and "
                          f"cannot be detached: {why}")
-    log.warning("event=dead_mount_detached mountpoint=%s reason=%r action=lazy_unmount", path,
-                "its daemon is gone (Transport endpoint is not connected)")
