@@ -262,3 +262,16 @@ def test_mount_and_umount_from_an_fstab_line(route, tmp_path, s3server, bucket, 
     finally:
         for pid in pids_using(str(cache)):  # its mount namespace, and the mount, go with it
             os.kill(pid, signal.SIGKILL)
+
+
+def test_notify_reaches_an_abstract_socket_and_is_silent_without_one():
+    from tieredfs.sdnotify import Notifier
+
+    name = f"tieredfs-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(10)
+        Notifier("@" + name).status("hello")
+        assert sock.recv(4096) == b"STATUS=hello"
+    Notifier(None).status("nobody listens")  # not under systemd: nothing sent, nothing raised
+    Notifier("/nonexistent/notify.sock").status("gone")  # systemd gone: logged, not raised
