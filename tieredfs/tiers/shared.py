@@ -146,38 +146,55 @@ class SharedTier:
     # --- the read path -----------------------------------------------------------------
 
     async def lookup(self, refs: list[BlockRef]) -> list:
-        """Per block: its verified bytes, HELD (another node fetches it) or MINE (fetch it)."""
+        """Per block: its verified bytes, HELD (another node fetches it) or MINE (fetch it).
+        Blocks are read in parallel; the misses' leases are then taken in one call."""
         out: list = [MINE] * len(refs)
 
         async def one(i: int, ref: BlockRef) -> None:
             start = time.perf_counter()
             try:
-                out[i] = await self._call(self._reads, self._lookup_one, ref)
+                out[i] = await self._call(self._reads, self.store.get, ref) or MINE
             except _Skipped:
                 return
             finally:
                 self._latency.observe(time.perf_counter() - start)
-            if out[i] is MINE and self.lease_wait > 0:
-                self._leased.add(ref.id)
 
         await _each(refs, one)
-        for got in out:
+        missing = [i for i, got in enumerate(out) if got is MINE]
+        if missing and self.lease_wait > 0:
+            try:
+                leases = await self._call(self._reads, self._take_leases, [refs[i] for i in missing])
+            except _Skipped:
+                leases = [MINE] * len(missing)  # no leases: fetch them (best effort)
+            for i, got in zip(missing, leases):
+                out[i] = got
+        for ref, got in zip(refs, out):
             if got is HELD:
                 self.counters.add("lease_waits")
             elif got is MINE:
                 self.counters.add("misses")
+                if self.lease_wait > 0:
+                    self._leased.add(ref.id)
             else:
                 self.counters.add("hits")
                 self.counters.add("hit_bytes", len(got))
         return out
 
-    def _lookup_one(self, ref: BlockRef):
-        data = self.store.get(ref)
-        if data is not None:
-            return data
-        if self.lease_wait <= 0:
-            return MINE
-        return MINE if self.store.take_lease(ref) else HELD
+    def _take_leases(self, refs: list[BlockRef]) -> list:
+        """Worker thread: MINE or HELD per block, leases taken in block order. After the first
+        block of a run another node holds, the rest of the run is taken as its too (and
+        waited for): nodes reading the same stretch at once then fetch it in whole spans,
+        not in blocks interleaved between them. A block nobody took is fetched after one
+        short poll (its lease is found absent)."""
+        out: list = [None] * len(refs)
+        held_up_to = None  # (object, index) of the last block taken as another node's
+        for i in sorted(range(len(refs)), key=lambda i: (refs[i].obj.key, refs[i].index)):
+            ref = refs[i]
+            if held_up_to != (ref.obj, ref.index - 1) and self.store.take_lease(ref):
+                out[i] = MINE
+            else:
+                out[i], held_up_to = HELD, (ref.obj, ref.index)
+        return out
 
     async def wait_for(self, refs: list[BlockRef]) -> list:
         """Blocks other nodes hold leases on: each one's bytes once it appears, or None
