@@ -1,4 +1,4 @@
-"""python -m bench [--quick | --tiny] [--server rclone|moto | --endpoint-url URL] [--only W,...]
+"""python -m bench [--quick | --tiny] [--server rclone|moto | --endpoint-url URL] [--only W,...] [--peers]
 
 Starts its own S3 endpoint on 127.0.0.1, writes the dataset, runs the workloads with their
 reference rows, and writes bench/results/<stamp>.json, .md and .png.
@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import dataset, fio, report, workloads, workloads_files
+from . import dataset, fio, report, report_short, workloads, workloads_files, workloads_peers
 from .context import MODES, Run
 from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
@@ -30,6 +30,7 @@ WORKLOADS = {
     "mount": workloads_files.mount_ready,
     "restart": workloads_files.restart,
     "bigbucket": workloads_files.big_bucket,
+    "peers": workloads_peers.peer_rows,  # with --peers (rclone mount, s3fs, JuiceFS)
 }
 _FULL_ONLY = {"restart", "bigbucket"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +55,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="scratch dir (default: a new one in /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
     p.add_argument("--update-docs", action="store_true",
-                   help="write the table and chart into docs/benchmarks.md")
+                   help="write the tables and charts into docs/benchmarks.md")
+    p.add_argument("--peers", action="store_true",
+                   help="also mount rclone, s3fs and JuiceFS on the same endpoint and dataset "
+                        "and measure each beside tieredfs (bench/workloads_peers.py)")
     args = p.parse_args(argv)
     args.mode = args.mode or "full"
     return args
@@ -66,8 +70,12 @@ def selected(args) -> list[str]:
         unknown = set(names) - set(WORKLOADS)
         if unknown:
             sys.exit(f"unknown workload(s): {', '.join(sorted(unknown))}")
-        return names
-    return [n for n in WORKLOADS if args.mode == "full" or n not in _FULL_ONLY]
+    else:
+        names = [n for n in WORKLOADS
+                 if n != "peers" and (args.mode == "full" or n not in _FULL_ONLY)]
+    if args.peers and "peers" not in names:
+        names.append("peers")
+    return names
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     apply_credentials()
     mode = MODES[args.mode]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tieredfs-bench-", dir="/var/tmp"))
-    endpoint = make_endpoint(args.server, args.endpoint_url, workdir)
+    endpoint = make_endpoint(args.server, args.endpoint_url, workdir,
+                             writable="peers" in selected(args))
     proxy = None
     run = None
     started, machine = time.time(), report.machine()
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(f"wrote {p}" for p in paths.values()))
     if args.update_docs:
         report.update_docs(result, paths.get("png"), DOCS)
-        print(f"updated {DOCS}")
+        short = report_short.update_docs(result, report.key(result), paths.get("peers_png"), DOCS)
+        print(f"updated {DOCS} ({', '.join([report.key(result), *short])})")
     if any(r["kind"] == "error" for r in result["rows"]):
         sys.exit(1)
     return result
