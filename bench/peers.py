@@ -9,6 +9,7 @@ switched off. A peer that cannot be found or mounted raises PeerUnavailable with
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -105,7 +106,9 @@ def version(tool: str) -> str:
         proc = subprocess.run([binary(tool), flag], capture_output=True, text=True, timeout=30)
     except (PeerUnavailable, OSError, subprocess.TimeoutExpired):
         return ""
-    return (proc.stdout or proc.stderr).strip().split("\n", 1)[0]
+    first = (proc.stdout or proc.stderr).strip().split("\n", 1)[0]
+    number = re.search(r"[vV]?\d+\.\d+[\w.+-]*", first)
+    return f"{tool} {number.group(0)}" if number else first
 
 
 def rclone(target: Target, path: Path, cache_dir: Path, log: Path) -> PeerMount:

@@ -88,6 +88,10 @@ def peers_markdown(result: dict) -> str:
         ratio = ahead(key, cells)
         lines.append(f"| {what}, {unit} | " + " | ".join(shown)
                      + f" | {'–' if ratio is None else f'{ratio:.2f}×'} |")
+    versions = {c["tool"]: c["version"] for cells in table.values() for c in cells.values()
+                if c.get("version")}
+    if versions:
+        lines += ["", "Versions: " + "; ".join(versions[t] for t in TOOLS if t in versions) + "."]
     if notes:
         lines.append("")
         lines += [f"{mark} {text}" for text, mark in notes.items()]

@@ -109,11 +109,13 @@ def _measure_tool(run: Run, tool: str, make_mount, note: str | None) -> None:
         if m is not None:
             m.stop()
             peers.remove(m.cache_dir)
+    version = "" if tool == "tieredfs" else peers.version(tool)
     for key, what, unit, _ in ROWS:
         value, details = values.get(key, (None, {}))
         why = notes.get(key) or (note if value is None else None)
         run.record("peers", f"{key}.{tool}", f"{tool}: {what}", unit, value, details,
-                   kind="peer", tool=tool, row=key, **({"note": why} if why else {}))
+                   kind="peer", tool=tool, row=key, version=version,
+                   **({"note": why} if why else {}))
     print(f"  peers: {tool} done" + (f" ({note})" if note else ""), flush=True)
 
 
