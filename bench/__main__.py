@@ -5,6 +5,7 @@ reference rows, and writes bench/results/<stamp>.json, .md and .png.
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -56,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
     p.add_argument("--update-docs", action="store_true",
                    help="write the tables and charts into docs/benchmarks.md")
+    p.add_argument("--from-json", type=Path, metavar="RESULT.json",
+                   help="measure nothing: write the docs (with --update-docs) from a results "
+                        "file of bench/results/ and the charts beside it")
     p.add_argument("--peers", action="store_true",
                    help="also mount rclone, s3fs and JuiceFS on the same endpoint and dataset "
                         "and measure each beside tieredfs (bench/workloads_peers.py)")
@@ -80,6 +84,8 @@ def selected(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.from_json:
+        return _from_json(args)
     unwind_on_signals()
     if not fio.available():
         sys.exit("fio not found: apt-get install fio")
@@ -124,11 +130,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(report.markdown(result))
     print("\n".join(f"wrote {p}" for p in paths.values()))
     if args.update_docs:
-        report.update_docs(result, paths.get("png"), DOCS)
-        short = report_short.update_docs(result, report.key(result), paths.get("peers_png"), DOCS)
-        print(f"updated {DOCS} ({', '.join([report.key(result), *short])})")
+        _update_docs(result, paths)
     if any(r["kind"] == "error" for r in result["rows"]):
         sys.exit(1)
+    return result
+
+
+def _update_docs(result: dict, paths: dict[str, Path]) -> None:
+    report.update_docs(result, paths.get("png"), DOCS)
+    short = report_short.update_docs(result, report.key(result), paths.get("peers_png"), DOCS)
+    print(f"updated {DOCS} ({', '.join([report.key(result), *short])})")
+
+
+def _from_json(args) -> dict:
+    """The docs from a run already made (its charts are the files beside it)."""
+    result = json.loads(args.from_json.read_text())
+    png = args.from_json.with_suffix(".png")
+    peers_png = args.from_json.with_name(args.from_json.stem + "-peers.png")
+    print(report.markdown(result))
+    if args.update_docs:
+        _update_docs(result, {"png": png if png.exists() else None, "peers_png": peers_png})
     return result
 
 
