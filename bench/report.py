@@ -212,12 +212,7 @@ def _rss_target(rows: list[dict]) -> dict:
             "measured": f"peak {mib:.0f} MiB ({worst['id']})" + also}
 
 
-def _fmt(value, metric: str) -> str:
-    if value is None:
-        return "–"
-    if metric in ("ms", "s"):
-        return f"{value:.3g} {metric}" if value < 100 else f"{value:.0f} {metric}"
-    return f"{value:,.0f} {metric}" if value >= 100 else f"{value:.3g} {metric}"
+_fmt = report_short.fmt  # one way to show a value in every table
 
 
 def markdown(result: dict) -> str:
