@@ -143,13 +143,15 @@ def _update_docs(result: dict, paths: dict[str, Path]) -> None:
 
 
 def _from_json(args) -> dict:
-    """The docs from a run already made (its charts are the files beside it)."""
+    """The docs from a run already made; its charts are drawn again beside it."""
     result = json.loads(args.from_json.read_text())
-    png = args.from_json.with_suffix(".png")
-    peers_png = args.from_json.with_name(args.from_json.stem + "-peers.png")
+    paths = {"png": args.from_json.with_suffix(".png"),
+             "peers_png": args.from_json.with_name(args.from_json.stem + "-peers.png")}
+    report.chart(result, paths["png"])
+    report_short.peers_chart(result, paths["peers_png"])
     print(report.markdown(result))
     if args.update_docs:
-        _update_docs(result, {"png": png if png.exists() else None, "peers_png": peers_png})
+        _update_docs(result, {k: p for k, p in paths.items() if p.exists()})
     return result
 
 

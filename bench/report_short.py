@@ -4,6 +4,7 @@ reference rows (workload, tieredfs, reference, ratio), and tieredfs against its 
 `<!-- bench:begin summary-KEY -->` / `<!-- bench:begin peers-KEY -->` and their end markers.
 """
 
+import os
 from pathlib import Path
 
 from .workloads_peers import ROWS, TOOLS
@@ -120,9 +121,10 @@ def peers_chart(result: dict, path: Path) -> None:
         ax.set_title(f"{what}, {unit} ({'higher' if higher else 'lower'} is better)", fontsize=8)
         ax.tick_params(labelsize=7)
     meta = result["meta"]
+    load = meta.get("machine", {}).get("loadavg_at_start", [0])[0]
     fig.suptitle(f"tieredfs and its peers, {meta['mode']} mode"
-                 + (f", +{meta['s3_latency_ms']:g} ms per S3 request" if meta["s3_latency_ms"] else ""),
-                 fontsize=9)
+                 + (f", +{meta['s3_latency_ms']:g} ms per S3 request" if meta["s3_latency_ms"] else "")
+                 + f" (load average {load:.1f} on {os.cpu_count()} cores at start)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
