@@ -60,11 +60,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--from-json", type=Path, metavar="RESULT.json",
                    help="measure nothing: write the docs (with --update-docs) from a results "
                         "file of bench/results/ and the charts beside it")
-    p.add_argument("--peers", action="store_true",
+    p.add_argument("--peers", nargs="?", const=",".join(workloads_peers.TOOLS), metavar="TOOL,...",
                    help="also mount rclone, s3fs and JuiceFS on the same endpoint and dataset "
-                        "and measure each beside tieredfs (bench/workloads_peers.py)")
+                        "and measure each beside tieredfs (bench/workloads_peers.py); "
+                        f"or only some of {','.join(workloads_peers.TOOLS)}")
     args = p.parse_args(argv)
     args.mode = args.mode or "full"
+    if args.peers:
+        unknown = set(args.peers.split(",")) - set(workloads_peers.TOOLS)
+        if unknown:
+            p.error(f"unknown peer(s): {', '.join(sorted(unknown))}")
     return args
 
 
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             proxy = LatencyProxy(endpoint.url, args.s3_latency_ms).start()
             s3_url = proxy.url
         run = Run(mode, workdir, endpoint, s3_url, ds, args.block_size)
+        run.peer_tools = (args.peers or ",".join(workloads_peers.TOOLS)).split(",")
         for name in selected(args):
             t0 = time.time()
             try:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import fio, peers
-from .context import MiB, Run
+from .context import MiB, Run, _daemon_share
 from .cpu import watching
 from .dataset import BUCKET, client, read_tree
 from .mounts import TieredMount, drop_file_cache, drop_tree_cache
@@ -42,8 +42,9 @@ def peer_rows(run: Run) -> None:
     scratch = run.workdir / "peers"
     scratch.mkdir(parents=True, exist_ok=True)
     target = peers.Target(run.s3_url, BUCKET, scratch)
-    juicefs_note = _load_juicefs(run, target)
-    for tool in TOOLS:
+    tools = [t for t in TOOLS if t in getattr(run, "peer_tools", TOOLS)]
+    juicefs_note = _load_juicefs(run, target) if "juicefs" in tools else None
+    for tool in tools:
         note = juicefs_note if tool == "juicefs" else None
         _measure_tool(run, tool, lambda t=tool: _mount(run, t, target), note)
 
@@ -145,7 +146,10 @@ def _steps(run: Run, m, values: dict, notes: dict) -> None:
         try:
             if before:
                 before()
+            stats = m.stats() if isinstance(m, TieredMount) else None
             values[key] = fn()
+            if stats is not None:  # what tieredfs did for the row: S3 requests, tier-1 hits
+                values[key][1]["daemon"] = _daemon_share(stats, m.stats())
         except Exception as e:  # noqa: BLE001
             notes[key] = peers.failure(e)
 
