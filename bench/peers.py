@@ -174,9 +174,3 @@ def failure(e: BaseException, log: Path | None = None) -> str:
     if log is not None and log.exists() and "log" in first and not isinstance(e, PeerUnavailable):
         first += ": " + _last_line(log)
     return first[:400]
-
-
-def remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    if os.path.exists(path):  # a mount left behind: never delete through it
-        raise RuntimeError(f"{path} could not be removed")
