@@ -123,3 +123,15 @@ def test_rclone_mounts_the_bucket_reads_a_file_then_serves_it_from_its_cache(
         m.stop()
     assert not _mounted(m.path)
     assert m.proc.poll() is not None
+
+
+def test_peers_is_chosen_on_the_command_line_and_checked():
+    from bench.__main__ import parse_args, selected
+
+    assert "peers" not in selected(parse_args(["--quick"]))
+    args = parse_args(["--quick", "--peers"])
+    assert selected(args)[-1] == "peers" and "small" in selected(args)
+    assert args.peers.split(",") == list(workloads_peers.TOOLS)
+    assert selected(parse_args(["--only", "seq", "--peers", "tieredfs,s3fs"])) == ["seq", "peers"]
+    with pytest.raises(SystemExit):
+        parse_args(["--peers", "rclone,goofys"])
