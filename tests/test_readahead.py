@@ -259,3 +259,19 @@ def test_a_walked_file_is_served_from_memory_and_a_cold_one_skips_the_tier1_look
     assert read_file(m.path / "held/f04") == files["held/f04"]
     assert s3server.counts()["GET"] == 0
     assert m.stats()["chain.hits.local"] > after.get("chain.hits.local", 0)
+
+
+def test_a_walk_begins_at_a_directorys_first_file_not_in_its_middle(bucket, put, mount_factory,
+                                                                    s3server):
+    first = {f"first/f{i}": put(f"first/f{i}", os.urandom(8 * K + i)) for i in range(5)}
+    middle = {f"middle/f{i}": put(f"middle/f{i}", os.urandom(8 * K + i)) for i in range(5)}
+    m = mount_factory(bucket, *SMALL, "--dir-prefetch", "4")
+    assert read_file(m.path / "middle/f2") == middle["middle/f2"]
+    m.settle()
+    assert m.stats().get("readahead.walk_prefetched_bytes", 0) == 0  # one file, mid-directory
+    assert read_file(m.path / "first/f0") == first["first/f0"]
+    assert wait_until(lambda: m.stats().get("readahead.walk_prefetched_bytes", 0) >= 4 * 8 * K, 30)
+    s3server.reset_counts()
+    for key in ("first/f1", "first/f2", "first/f3", "first/f4"):
+        assert read_file(m.path / key) == first[key]
+    assert s3server.counts()["GET"] == 0
