@@ -193,7 +193,8 @@ class LocalTier:
         trip to learn it (one of three thread hops per cold small file). A small block whose
         file is open and whose pages are in memory is read here; anything else, and anything
         amiss, is left to get()."""
-        known = self.index.checksums(bytes.fromhex(ref.id))
+        block_id = bytes.fromhex(ref.id)
+        known = self.index.checksums(block_id)
         if known is None:
             self.counters.add("misses")
             return Peek.ABSENT
@@ -206,7 +207,7 @@ class LocalTier:
             return Peek.UNKNOWN
         if data is None or chunk_sums(data) != sums:
             return Peek.UNKNOWN
-        self._hit(bytes.fromhex(ref.id), length, may_flush=False)
+        self._hit(block_id, length, may_flush=False)
         return data
 
     def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
