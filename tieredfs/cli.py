@@ -172,6 +172,9 @@ def mount(url, mountpoint, options, config_file, foreground, **settings):
 
     URL and MOUNTPOINT may instead come from the --config file (url = "s3://...",
     mountpoint = "/mnt/x"), as in the systemd unit."""
+    import gc
+
+    gc.disable()  # start-up allocates for good (imports, S3 models): service.run re-enables it
     from . import daemon, service
     from .sdnotify import Notifier
     from .signals import Control

@@ -46,6 +46,7 @@ class FileSystem:
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, list[Node]] = {}
         self._etag_at_last_open: dict[int, str] = {}
+        self._lookups_listed = 0  # answered on the trio thread from a fresh listing
 
     async def _ns(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._list_limiter)
@@ -53,6 +54,10 @@ class FileSystem:
     # --- names -----------------------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> Node:
+        node = self.namespace.lookup_listed(parent, name)
+        if node is not None:
+            self._lookups_listed += 1
+            return node
         return await self._ns(self.namespace.lookup, parent, name)
 
     async def getattr(self, ino: int) -> Node:
@@ -139,6 +144,7 @@ class FileSystem:
     def stats(self) -> dict[str, int]:
         snap = self._stats()
         snap["fs.open_files"] = len(self._files)
+        snap["fs.lookups_listed"] = self._lookups_listed
         return snap
 
     def stats_json(self) -> bytes:

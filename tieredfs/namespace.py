@@ -118,6 +118,21 @@ class Namespace:
             node.lookups += 1
             return node
 
+    def lookup_listed(self, parent: int, name: bytes) -> Node | None:
+        """lookup() answered from a fresh listing held in memory, or None when that needs S3
+        (or the parent is not a listed directory). Never blocks: the trio thread calls it, so
+        a walk's lookups skip a worker-thread round trip each (issue 19)."""
+        with self._lock:
+            d = self._dirs.get(parent)
+            if d is None or not self._is_fresh(d):
+                return None
+            ino = d.children.get(name)
+            if ino is None:
+                raise ObjectMissing(f"no entry {name!r}")
+            node = self._nodes[ino]
+            node.lookups += 1
+            return node
+
     def children(self, ino: int) -> list[Node]:
         d = self._fresh_dir(ino)
         with self._lock:
