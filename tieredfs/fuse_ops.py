@@ -27,8 +27,11 @@ _DIR_MODE = stat.S_IFDIR | 0o555
 def _errors(fn):
     """Expected failures become their errno; anything else is a bug, logged once, EIO."""
 
+    op = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args):
+        args[0].requests.add(op)  # what each file costs in requests (fuse.requests.<op>; issue 19)
         try:
             return await fn(*args)
         except pyfuse3.FUSEError:
@@ -52,9 +55,10 @@ async def _refuse_write(self, *args, **kwargs):
 
 class FuseOps(pyfuse3.Operations):
     def __init__(self, fs: FileSystem, *, uid: int, gid: int, attr_timeout: float, block_size: int,
-                 capacity: int):
+                 capacity: int, requests: stats.Counters | None = None):
         super().__init__()
         self.fs = fs
+        self.requests = requests or stats.Counters("fuse.requests")
         self.uid, self.gid = uid, gid
         self.attr_timeout = attr_timeout
         self.block_size = block_size

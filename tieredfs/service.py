@@ -252,7 +252,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
     c = daemon.config
     fs, engine = daemon.build_fs()
     ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
-                           block_size=c.block_size, capacity=daemon.capacity)
+                           block_size=c.block_size, capacity=daemon.capacity,
+                           requests=daemon.registry.counters("fuse.requests"))
     signals.hold()
     try:
         fuse_ops.mount(ops, str(c.mountpoint), daemon.fuse_options())
