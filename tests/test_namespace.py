@@ -193,3 +193,31 @@ def test_readdir_continues_from_its_opendir_snapshot(bucket, s3, put, mount_fact
         assert len(os.listdir(m.path / "big")) == 81  # a new opendir sees S3's change
         rest = [e.name for e in it]
     assert [first, *rest] == names  # no entry lost or repeated by the change
+
+
+def test_lookups_in_a_fresh_listing_need_no_s3_and_few_requests(bucket, put, mount_factory):
+    """Within --list-ttl a directory's names are answered from its listing in memory (on the
+    trio thread: fs.lookups_listed), a name not in it is ENOENT without listing again, and a
+    small file costs four FUSE requests: lookup, open, one read, release (issue 19)."""
+    for i in range(5):
+        put(f"d/f{i}", b"x%d" % i * 1000)
+    m = mount_factory(bucket, "--list-ttl", "2")
+    assert read_file(m.path / "d" / "f0") == b"x0" * 1000  # lists the root and d
+    before = m.stats()
+    for i in range(1, 5):
+        assert read_file(m.path / "d" / f"f{i}") == b"x%d" % i * 1000
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.path / "d" / "nope")
+    # The kernel sends a release after close() returns, not before: wait for the last one.
+    assert wait_until(lambda: m.stats().get("fuse.requests.release", 0)
+                      - before.get("fuse.requests.release", 0) >= 4, 10)
+    after = m.stats()
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert delta["s3.requests.list"] == 0
+    assert delta["fs.lookups_listed"] == 4
+    assert {op: delta.get(f"fuse.requests.{op}", 0) for op in ("lookup", "open", "read", "release")} \
+        == {"lookup": 5, "open": 4, "read": 4, "release": 4}
+    put("d/new", b"n")
+    time.sleep(2.2)  # the listing is past its TTL: the next lookup lists S3 again
+    assert read_file(m.path / "d" / "new") == b"n"
+    assert m.stats()["s3.requests.list"] > after["s3.requests.list"]
