@@ -26,8 +26,9 @@ from pathlib import Path
 
 import xxhash
 
+from .. import private
 from ..blocks import BlockRef
-from ..errors import CacheError, CacheFormatChanged, CacheLocked
+from ..errors import CacheError, CacheFormatChanged, CacheIndexFull, CacheLocked
 from ..index import BlockIndex, Removed
 from ..stats import Counters
 from .blockfiles import BlockFiles
@@ -72,13 +73,14 @@ class CacheDir:
 
     def create(self) -> None:
         try:
-            self.blocks.mkdir(parents=True, exist_ok=True)
+            private.make_dir(self.path)
+            self.blocks.mkdir(mode=private.DIR_MODE, exist_ok=True)
         except OSError as e:
             raise CacheError(f"cannot create cache dir {self.path}: {e.strerror}") from None
 
     def lock(self, owner: str) -> None:
         """Become the one daemon using this cache dir, or say who already is."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = private.open_file(self.lock_path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,7 +129,7 @@ def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
         return index
     except CacheFormatChanged as e:
         log.warning("event=cache_index_format_changed detail=%r action=start_empty", str(e))
-        shutil.rmtree(cache.index)
+        _clear_away(lambda: shutil.rmtree(cache.index))
     except CacheError as e:
         if not cache.index.exists():
             raise  # nothing to move aside: the disk itself refuses (full, read-only)
@@ -135,8 +137,16 @@ def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
             shutil.rmtree(older, ignore_errors=True)
         aside = cache.index.with_name(f"{cache.index.name}{_ASIDE}{int(time.time())}")
         log.warning("event=cache_index_unreadable error=%r action=start_empty moved_to=%s", str(e), aside)
-        os.rename(cache.index, aside)
+        _clear_away(lambda: os.rename(cache.index, aside))
     return BlockIndex(cache.index, map_size)
+
+
+def _clear_away(step) -> None:
+    """Remove or move the old index; a disk that refuses makes the cache unusable, not the start."""
+    try:
+        step()
+    except OSError as e:
+        raise CacheError(f"cannot clear away the old cache index: {e.strerror}") from None
 
 
 _IN_FLIGHT_SHARE = 4  # fills being written take at most 1/4 of the cache
@@ -167,7 +177,7 @@ class LocalTier:
 
     def get(self, ref: BlockRef) -> bytes | None:
         block_id = bytes.fromhex(ref.id)
-        known = self.index.checksums(block_id)
+        known = self._checksums(block_id)
         if known is None:
             self.counters.add("misses")
             return None
@@ -195,7 +205,7 @@ class LocalTier:
 
     def _part(self, ref: BlockRef, lo: int, hi: int, wait: bool):
         block_id = bytes.fromhex(ref.id)
-        known = self.index.checksums(block_id)
+        known = self._checksums(block_id)
         if known is None or known[0] != ref.length:
             return None  # the caller reads the whole block
         length, sums = known
@@ -218,6 +228,21 @@ class LocalTier:
             return self._drop(block_id, "chunk checksum mismatch or short file") if wait else None
         self._hit(block_id, hi - lo, may_flush=wait)
         return memoryview(data)[lo - start:hi - start]
+
+    def _checksums(self, block_id: bytes) -> tuple[int, bytes] | None:
+        """The index's (length, chunk sums) of a block; a failing index is a miss."""
+        try:
+            return self.index.checksums(block_id)
+        except CacheError as e:
+            self._index_failed(e)
+            return None
+
+    def _index_failed(self, e: CacheError) -> None:
+        """An LMDB failure: counted, said once per kind; the read or fill goes on without it."""
+        kind = "index_full" if isinstance(e, CacheIndexFull) else "index_errors"
+        self.counters.add(kind)
+        self._say_once(kind, f"event=cache_{kind} dir={self.cache.path} error={str(e)!r} "
+                             "action=serving_from_lower_tiers (further ones are only counted)")
 
     def _hit(self, block_id: bytes, nbytes: int, may_flush: bool) -> None:
         self.counters.add("hits")
@@ -248,8 +273,7 @@ class LocalTier:
             try:
                 written, error = self._write_blocks(todo)
                 if written:
-                    self.index.insert_many([(bytes.fromhex(r.id), len(d), chunk_sums(d),
-                                             bytes.fromhex(r.file), r.start) for r, d in written])
+                    self._index_written(written)
                     now = time.monotonic()
                     for r, _ in written:
                         self._note_use(bytes.fromhex(r.id), now)
@@ -265,12 +289,27 @@ class LocalTier:
                         self._filling[ref.file] -= 1
                         if not self._filling[ref.file]:
                             del self._filling[ref.file]
-        except (OSError, CacheError) as e:
+        except CacheError as e:
+            self._index_failed(e)
+        except OSError as e:
             code = getattr(e, "errno", None)
             kind = "disk_full" if code in (errno.ENOSPC, errno.EDQUOT) else "write_errors"
             self.counters.add(kind)
             self._say_once(kind, f"event=cache_{kind} dir={self.cache.path} error={e!r} "
                                  "action=serving_from_lower_tiers")
+
+    def _index_written(self, written: list[tuple[BlockRef, bytes]]) -> None:
+        """Index blocks written to disk; if the index refuses, their bytes are given back."""
+        try:
+            self.index.insert_many([(bytes.fromhex(r.id), len(d), chunk_sums(d),
+                                     bytes.fromhex(r.file), r.start) for r, d in written])
+        except CacheError:
+            for ref, data in written:
+                try:
+                    self.files.punch(ref.file, ref.start, len(data))
+                except OSError:
+                    pass  # no holes here: the file goes with the sweep or its last block
+            raise
 
     def _new_blocks(self, items: list[tuple[BlockRef, bytes]]) -> list[tuple[BlockRef, bytes]]:
         """The items of the right length not cached yet, each once, by file and offset."""
@@ -310,7 +349,11 @@ class LocalTier:
         return self.counters.snapshot() | self.gauges()
 
     def gauges(self) -> dict[str, int]:
-        totals = self.index.totals()
+        try:
+            totals = self.index.totals()
+        except CacheError as e:
+            self._index_failed(e)
+            return {}
         gauges = {f"local.{k}": v for k, v in totals.items()}
         if self._free_at is not None:
             # The disk as the cache last saw it (at most once a second, when it made room), and
@@ -376,7 +419,10 @@ class LocalTier:
             self._hits[block_id] = self._hits.get(block_id, 0) + 1
         self._note_use(block_id, now)
         if full:
-            self.index.apply_hits(self._take_hits())
+            try:
+                self.index.apply_hits(self._take_hits())
+            except CacheError as e:
+                self._index_failed(e)  # these hits are lost: only eviction order suffers
 
     def _note_use(self, block_id: bytes, now: float) -> None:
         with self._hits_lock:
@@ -398,7 +444,11 @@ class LocalTier:
                                            "action=space_freed_with_the_whole_file")
 
     def _drop(self, block_id: bytes, why: str) -> None:
-        removed = self.index.remove([block_id])
+        try:
+            removed = self.index.remove([block_id])
+        except CacheError as e:
+            self._index_failed(e)
+            return None
         if not removed:
             return None  # evicted while this read was on its way: a plain miss
         self.counters.add("corrupt")
@@ -445,6 +495,9 @@ class LocalTier:
                     removed += 1
             except (OSError, ValueError):
                 continue
+            except CacheError as e:
+                self._index_failed(e)  # whether a file is an orphan cannot be known: keep them
+                break
         self.counters.add("orphans_swept", removed)
         return removed
 
@@ -463,11 +516,17 @@ class LocalTier:
             return []
 
     def close(self) -> None:
-        hits = self._take_hits()
-        if hits:
-            self.index.apply_hits(hits)
         self.files.close_all()
-        self.index.close()
+        try:
+            hits = self._take_hits()
+            if hits:
+                self.index.apply_hits(hits)
+        except CacheError as e:
+            self._index_failed(e)
+        try:
+            self.index.close()
+        except CacheError as e:
+            self._index_failed(e)
 
 
 def free_space(cache: CacheDir, files: BlockFiles, removed: Removed, keep_file: bool = False) -> None:
