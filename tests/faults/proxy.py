@@ -136,6 +136,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_request(self):
         self.close_connection = True
+        self.owner._count(f"host.{self.headers.get('Host', '')}")
+        if self.path.startswith("http://"):  # asked as a forward proxy (HTTP_PROXY)
+            self.path = "/" + self.path.split("/", 3)[3] if self.path.count("/") >= 3 else "/"
         path, _, query = self.path.partition("?")
         kind = request_kind({"REQUEST_METHOD": self.command, "PATH_INFO": path, "QUERY_STRING": query})
         length = int(self.headers.get("Content-Length") or 0)

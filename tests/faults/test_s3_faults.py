@@ -269,3 +269,23 @@ def test_added_latency_costs_time_not_correctness(bucket, put, via_proxy, proxy)
     record("3d 300 ms added to every GET", gets=proxy.counts()["requests.GET"],
            min_read_s=min(t for *_, t in results), max_read_s=max(t for *_, t in results),
            bytes_verified=sum(map(len, files.values())))
+
+
+@pytest.mark.parametrize("style", ["virtual", "auto"])
+def test_addressing_style_reaches_a_local_server(bucket, s3server, put, mount_factory, proxy, monkeypatch,
+                                                style):
+    """A virtual-hosted request (the bucket in the host name) reaching a local server: the
+    endpoint is a name that resolves nowhere (localhost.test: .test is reserved), and botocore is
+    sent through the fault proxy as its HTTP proxy (HTTP_PROXY), which records each Host
+    header and forwards to moto; moto serves the bucket a Host names (and, for a Host that
+    starts with "localhost", the bucket the path names). `auto` takes path
+    style for such an endpoint."""
+    data = put("dir/f.bin", os.urandom(3 * BS + 5))
+    endpoint = f"http://localhost.test:{s3server.port}"
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "")
+    mnt = mount_factory(bucket, "--addressing-style", style, endpoint=endpoint)
+    assert read_uncached(mnt.path / "dir" / "f.bin") == data
+    hosts = {k.removeprefix("host."): n for k, n in proxy.counts().items() if k.startswith("host.")}
+    expected = f"{bucket}.{endpoint[7:]}" if style == "virtual" else endpoint[7:]
+    assert set(hosts) == {expected}, hosts
