@@ -135,7 +135,11 @@ def test_local_failures(mode, attempt, s3server, bucket, mount_factory, tmp_path
 
 @pytest.mark.parametrize("args, needle", [
     (["http://bucket"], "expected s3://BUCKET"),
-    (["s3://Bad_Bucket!"], "not a valid bucket name"),
+    (["s3://.."], "not a usable bucket name"),
+    (["s3://bkt", "--block-size", "64M", "--request-size", "64M"],
+     "raise --cache-write-queue to at least --block-size"),
+    (["s3://bkt", "--small-file-threshold", "128M"], "lower --small-file-threshold"),
+    (["s3://bkt", "--file-mode", "0999"], "octal mode"),
     (["s3://bkt", "--block-size", "3K"], "power of two"),
     (["s3://bkt", "--block-size", "lots"], "cannot read 'lots' as a size"),
     (["s3://bkt", "--cache-size", "150%"], "percentage"),
