@@ -46,6 +46,7 @@ class Rule:
     code: str = "SlowDown"  # error
     seconds: float = 0.0  # latency: added delay; stall(_body): silence before a reset (0: until stop())
     bytes_per_sec: int = 0  # bandwidth
+    at: int | None = None  # flip: this byte every time (a deterministic corruption), else a random one
     used: int = 0
 
 
@@ -173,7 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(status, reason, headers, half, len(payload))
         if action == "flip":
             flipped = bytearray(payload)
-            flipped[self.owner._flip_position(len(flipped))] ^= 0x20
+            pos = self.owner._flip_position(len(flipped)) if rule.at is None else rule.at % len(flipped)
+            flipped[pos] ^= 0x20
             return self._send(status, reason, headers, bytes(flipped), len(flipped))
         return self._send(status, reason, headers, payload, len(payload), rule.bytes_per_sec)
 

@@ -197,6 +197,26 @@ def test_flipped_bytes_in_whole_object_gets_are_caught(bucket, put, via_proxy, p
            max_read_s=max(t for *_, t in results), bytes_verified=sum(map(len, files.values())))
 
 
+def test_a_deterministic_corruption_is_never_served(bucket, put, via_proxy, proxy):
+    """The same byte flipped in every answer: the same wrong MD5 each time is still wrong
+    (until issue 18, two identical mismatches switched MD5 checks off for the process)."""
+    files = random_files(put, "det", [10 * K, 20 * K])
+    mnt = via_proxy(bucket)
+    os.listdir(mnt.path / "det")
+    proxy.add("flip", at=100)
+    for key in files:
+        got, took = timed(read_uncached, mnt.path / key)
+        assert isinstance(got, OSError) and got.errno == errno.EIO, (key, "WRONG BYTES" if got else got)
+        assert took < EIO_BOUND
+    proxy.clear()
+    for key, data in files.items():  # nothing wrong was cached either
+        assert read_uncached(mnt.path / key) == data
+    stats = s3_stats(mnt)
+    assert stats["s3.checksum_mismatches"] == proxy.counts()["faults.flip"] > 2
+    record("5c the same byte flipped in every GET", flips=proxy.counts()["faults.flip"],
+           served_wrong=0)
+
+
 def read_block(path, index: int) -> bytes:
     """One block alone, so the daemon's GET covers a part of the object."""
     fd = os.open(path, os.O_RDONLY)
