@@ -15,6 +15,8 @@ import functools
 import logging
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -382,3 +384,43 @@ class BlockIndex:
         n = (_U64.unpack(raw)[0] if raw else 0) + 1
         txn.put(name, _U64.pack(n), db=self._meta)
         return n
+
+
+_VERIFY_SECONDS = 600.0
+
+
+def verify_elsewhere(path: Path) -> str | None:
+    """Read every page of the index in a child process; None if all are readable, else what
+    went wrong. In a child because on some damage (zeroed pages) LMDB aborts the process."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "tieredfs.index", str(path)], capture_output=True,
+                              text=True, timeout=_VERIFY_SECONDS)
+    except subprocess.TimeoutExpired:
+        log.warning("event=cache_index_verify_slow seconds=%d action=kept_unverified", _VERIFY_SECONDS)
+        return None
+    if done.returncode == 0:
+        return None
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[-1] if lines else f"the check died (exit status {done.returncode})"
+
+
+def _walk(path: Path) -> int:
+    """Every key and value of every database (overflow pages included); returns how many."""
+    env = lmdb.open(str(path), readonly=True, max_dbs=6, subdir=True, readahead=False)
+    n = 0
+    with env.begin() as txn:
+        names = [bytes(k) for k, _ in txn.cursor()]
+        for name in [None, *names]:
+            db = env.open_db(name, txn=txn, create=False) if name else None
+            for _ in txn.cursor(db=db).iternext(keys=True, values=True):
+                n += 1
+    env.close()
+    return n
+
+
+if __name__ == "__main__":
+    try:
+        print(f"ok entries={_walk(Path(sys.argv[1]))}")
+    except lmdb.Error as e:
+        print(f"{type(e).__name__}: {e}")
+        sys.exit(1)

@@ -29,7 +29,7 @@ import xxhash
 from .. import private
 from ..blocks import BlockRef
 from ..errors import CacheError, CacheFormatChanged, CacheIndexFull, CacheLocked
-from ..index import BlockIndex, Removed
+from ..index import BlockIndex, Removed, verify_elsewhere
 from ..stats import Counters
 from .blockfiles import BlockFiles
 
@@ -46,6 +46,7 @@ _ORPHAN_AGE = 60.0  # a file this young may be a fill whose index entry is being
 CHUNK = 16 * 1024  # a small read verifies (and reads) only the chunks it covers
 _DISK_READ = 64 * 1024  # ...but one that may have to wait for the disk reads this much around it
 _ASIDE = ".corrupt-"  # an unreadable index is kept as index.lmdb.corrupt-<time>
+_CLEAN = "closed-cleanly"  # in index.lmdb/: the last daemon closed the index (open_index)
 
 
 def chunk_sums(data) -> bytes:
@@ -122,11 +123,12 @@ class CacheDir:
 def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
     """Open the index; one of an older format is removed, an unreadable one moved aside (the
     last one only: they are not counted in the cache size), and the cache starts empty. The
-    files it indexed are orphans then, swept in the background."""
+    files it indexed are orphans then, swept in the background. One that the last daemon
+    did not close is read through in a child process first (_check_unclean)."""
     try:
+        _check_unclean(cache)
         index = BlockIndex(cache.index, map_size)
         index.totals()
-        return index
     except CacheFormatChanged as e:
         log.warning("event=cache_index_format_changed detail=%r action=start_empty", str(e))
         _clear_away(lambda: shutil.rmtree(cache.index))
@@ -138,7 +140,49 @@ def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
         aside = cache.index.with_name(f"{cache.index.name}{_ASIDE}{int(time.time())}")
         log.warning("event=cache_index_unreadable error=%r action=start_empty moved_to=%s", str(e), aside)
         _clear_away(lambda: os.rename(cache.index, aside))
-    return BlockIndex(cache.index, map_size)
+    else:
+        return _in_use(cache, index)
+    return _in_use(cache, BlockIndex(cache.index, map_size))
+
+
+def _in_use(cache: CacheDir, index: BlockIndex) -> BlockIndex:
+    try:
+        _set_clean(cache, False)
+    except CacheError:
+        index.close()
+        raise
+    return index
+
+
+def _check_unclean(cache: CacheDir) -> None:
+    """After a daemon that did not close the index (killed, or the OS went down: with
+    MDB_NOSYNC a power loss can leave pages that were never written, and on some LMDB
+    aborts the process), read all of it in a child process before this one opens it."""
+    if not (cache.index / "data.mdb").exists() or (cache.index / _CLEAN).exists():
+        return
+    problem = verify_elsewhere(cache.index)
+    if problem is not None:
+        raise CacheError(f"cache index {cache.index} was not closed cleanly and is damaged: {problem}")
+
+
+def _set_clean(cache: CacheDir, clean: bool) -> None:
+    """The mark of an index closed cleanly (synced after it): made at close, removed at open,
+    each durable before the index is written again."""
+    marker = cache.index / _CLEAN
+    try:
+        if clean:
+            os.close(private.open_file(marker, os.O_WRONLY | os.O_CREAT))
+        else:
+            marker.unlink(missing_ok=True)
+        fd = os.open(cache.index, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if not clean:
+            raise CacheError(f"cannot mark cache index {cache.index} in use: {e.strerror}") from None
+        # Not marked clean: the next start reads the index through once more, nothing worse.
 
 
 def _clear_away(step) -> None:
@@ -525,6 +569,7 @@ class LocalTier:
             self._index_failed(e)
         try:
             self.index.close()
+            _set_clean(self.cache, True)
         except CacheError as e:
             self._index_failed(e)
 
