@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from tieredfs.blocks import BlockRef, ObjectVersion
-from tieredfs.index import MAIN, SMALL, BlockIndex
+from tieredfs.errors import CacheIndexFull
+from tieredfs.index import MAIN, SMALL, BlockIndex, map_size_for
 from tieredfs.stats import Counters
 from tieredfs.tiers import local as local_mod
 from tieredfs.tiers.blockfiles import BlockFiles
@@ -359,3 +360,26 @@ def test_consecutive_blocks_of_a_batch_are_written_in_one_system_call(tmp_path, 
     assert calls == [3, 2]
     assert all(tier.get(r) == bytes(d) for r, d in zip(blocks, datas) if r.index != 3)
     tier.close()
+
+
+@pytest.mark.parametrize("block_size", [4 << 20, 64 << 20])
+def test_the_map_holds_a_full_cache_of_large_blocks(tmp_path, block_size):
+    """Issue 18: ~2 KiB per block was the estimate, but a 4 MiB block has 2 KiB of chunk sums
+    alone (64 MiB: 32 KiB), in overflow pages. A cache of 400 blocks, filled twice over
+    (eviction, ghosts), fits the map sized for it; the old estimate's map does not."""
+    blocks = 400
+    sums = bytes(8 * (block_size // (16 << 10)))
+
+    def fill_twice(map_size):
+        idx = BlockIndex(tmp_path / f"i{map_size}", map_size)
+        try:
+            for i in range(2 * blocks):
+                idx.make_room(block_size, blocks * block_size, {})
+                idx.insert(i.to_bytes(16, "big"), block_size, sums, (i % 7).to_bytes(16, "big"), 0)
+            return idx.totals()["blocks"]
+        finally:
+            idx.env.close()
+
+    assert fill_twice(map_size_for(blocks * block_size, block_size, least=0)) == blocks
+    with pytest.raises(CacheIndexFull):
+        fill_twice(blocks * 2048)

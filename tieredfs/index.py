@@ -46,7 +46,7 @@ _SUMS_KEPT = 16384  # blocks whose checksums are kept in memory (~4 MiB)
 _CHUNK = 16 * 1024  # the checksummed piece of a block (tiers/local.py CHUNK)
 
 
-def map_size_for(capacity: int, block_size: int, page_size: int = 4096) -> int:
+def map_size_for(capacity: int, block_size: int, page_size: int = 4096, least: int = 1 << 30) -> int:
     """A map that holds the index of a full cache of `capacity` bytes in `block_size` blocks.
 
     Per block: its entry (45 bytes and 8 per 16 KiB chunk: 2 KiB of sums at 4 MiB blocks,
@@ -61,7 +61,7 @@ def map_size_for(capacity: int, block_size: int, page_size: int = 4096) -> int:
     if entry > page_size // 2:
         entry = -(-(value + 16) // page_size) * page_size + 32  # overflow pages + a leaf node
     per_block = entry + 4 * 48  # queue key, file count, ghost id and its order key
-    return max(1 << 30, capacity // block_size * per_block * 2)
+    return max(least, capacity // block_size * per_block * 2)
 
 
 def _lmdb_errors(fn):
