@@ -31,7 +31,8 @@ from .stats import Registry
 from .tiers.chain import TierChain
 from .tiers.filler import Filler
 from .tiers.blockfiles import BlockFiles
-from .tiers.local import CacheDir, LocalTier, open_index
+from .tiers.cachedir import CacheDir, open_index
+from .tiers.local import LocalTier
 from .tiers.s3 import S3Backend, S3Tier
 
 log = logging.getLogger(__name__)
