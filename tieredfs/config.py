@@ -88,6 +88,10 @@ class Config:
     cache_write_queue: int = 32 * MiB  # fetched blocks waiting to be written to the cache
     cache_fill_wait: float = 2.0  # seconds without any cache write finishing = a stalled disk
 
+    # Seeing and steering the cache (issue 23: docs/metrics.md, docs/warmup.md).
+    metrics_addr: str | None = None  # HOST:PORT serving Prometheus metrics; off when unset
+    record: Path | None = None  # write the blocks that reads ask for to this file, in order
+
     # Mount.
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
@@ -149,6 +153,8 @@ class Config:
             raise ConfigError("request-size must be at least one block")
         if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
             raise ConfigError(f"endpoint-url {self.endpoint_url!r} must look like http(s)://HOST[:PORT]")
+        if self.metrics_addr is not None and not _ADDR_RE.match(self.metrics_addr):
+            raise ConfigError(f"metrics-addr {self.metrics_addr!r} must be HOST:PORT, e.g. 127.0.0.1:9464")
         self._validate_together()
         self._validate_hardening()
         for opt in self.fuse_options:
@@ -192,6 +198,7 @@ def parse_mode(text: str | int, what: str = "mode") -> int:
         raise ConfigError(f"{what}: cannot read {text!r} as an octal mode (e.g. 0444)") from None
 
 
+_ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[\w.\-]+):([1-9]\d{0,4})$")
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
 _SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
                 "small_file_threshold", "kernel_readahead", "cache_write_queue", "cache_index_size"}
