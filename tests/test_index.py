@@ -385,3 +385,23 @@ def test_the_map_holds_a_full_cache_of_large_blocks(tmp_path, block_size):
     assert fill_twice(map_size_for(blocks * block_size, block_size, least=0)) == blocks
     with pytest.raises(CacheIndexFull):
         fill_twice(blocks * 2048)
+
+
+def test_an_index_that_fails_is_a_miss_and_a_declined_fill(tmp_path, caplog, monkeypatch):
+    """Every LMDB call failing (here: its environment closed under the tier, a real
+    lmdb.Error): lookups miss, fills are declined, the sweep removes nothing, stats still
+    answer; counted, and logged once."""
+    tier = make_tier(tmp_path, 100 * BS)
+    cached, new = refs(2)
+    tier.put(cached, os.urandom(BS))
+    tier.index._sums.clear()  # the in-memory sums would answer without LMDB
+    tier.index.env.close()
+    assert tier.get(cached) is None and tier.get_part(cached, 0, 100) is None
+    tier.put(new, os.urandom(BS))
+    monkeypatch.setattr(local_mod, "_ORPHAN_AGE", -1.0)
+    assert tier.sweep_dir(tier.cache.file_path(cached.file).parent) == 0
+    assert tier.cache.file_path(cached.file).exists()
+    assert "local.used_bytes" not in tier.gauges()
+    assert tier.counters.get("index_errors") >= 4
+    assert caplog.text.count("event=cache_index_errors") == 1
+    tier.files.close_all()
