@@ -194,6 +194,8 @@ def test_daemon_mode_is_ready_on_return_and_umounts(attempt, s3server, bucket, p
     assert read_file(a.mnt / "x" / "data.bin") == data
     (daemon,) = a.daemons()
     assert "event=mounted" in (a.cache / "tieredfs.log").read_text()
+    # The log in the cache dir is as private as the cache (issue 18), created so before logging.
+    assert (os.stat(a.cache).st_mode & 0o777, os.stat(a.cache / "tieredfs.log").st_mode & 0o777) == (0o700, 0o600)
 
     done = run_cli("umount", str(a.mnt))
     assert done.returncode == 0, done.stderr

@@ -23,7 +23,7 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> None:
             # Often in the cache dir, which is private (private.py); the log names keys.
             if not log_file.parent.is_dir():
                 private.make_dir(log_file.parent)
-            os.close(private.open_file(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+            private.touch(log_file)
         handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     except OSError as e:
         raise ConfigError(f"cannot write the log file {log_file}: {e.strerror}") from None

@@ -43,3 +43,8 @@ def warn_if_shared(path: Path) -> None:
 def open_file(path: Path, flags: int) -> int:
     """os.open creating the file 0600 (an existing file keeps its mode)."""
     return os.open(path, flags, FILE_MODE)
+
+
+def touch(path: Path) -> None:
+    """Create the file 0600 if it is missing (before another library opens it)."""
+    os.close(open_file(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
