@@ -58,3 +58,14 @@ def test_no_etag_md5_is_a_choice_made_at_mount():
 ])
 def test_addressing_style(style, url, expected):
     assert addressing_style(style, url) == expected
+
+@pytest.mark.parametrize("text", ["2026-12-07T04:05:19.123Z", "2026-12-07T04:05:19.123+00:00",
+                                  "2026-12-07T04:05:19.123", "Mon, 07 Dec 2026 04:05:19 GMT"])
+def test_the_fast_timestamp_parser_agrees_with_botocores(text):
+    """Listings' LastModified go through a parser of our own (botocore's is 400x slower);
+    every form S3 sends must give botocore's instant (no zone: UTC, as botocore takes it)."""
+    from botocore.utils import parse_timestamp
+
+    from tieredfs.tiers.s3 import _timestamp
+
+    assert _timestamp(text).timestamp() == parse_timestamp(text).timestamp()

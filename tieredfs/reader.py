@@ -45,4 +45,4 @@ class Reader:
 
     def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
         if self.readahead is not None:
-            self.readahead.prefetch_objects(objs)
+            self.readahead.walks.prefetch(objs)

@@ -12,7 +12,7 @@ import trio
 from ..blocks import BlockRef
 from ..errors import TieredError
 from ..stats import Counters, Registry
-from .base import Tier
+from .base import Peek, Tier
 from .filler import Filler
 from .s3 import S3Tier
 from .shared import HELD, MINE, SharedTier
@@ -174,18 +174,26 @@ class TierChain:
                 flight.done.set()
             else:
                 unwritten.append((ref, flight))
-        refs = [ref for ref, _ in unwritten]
-        if self.upper and refs:
-            found = await trio.to_thread.run_sync(self._from_upper, refs, limiter=self._disk)
-        else:
-            found = [None] * len(refs)
-        misses = []
-        for (ref, flight), data in zip(unwritten, found):
-            if data is not None:
-                flight.data = data
-                flight.done.set()
-            else:
+        misses, unknown = [], []
+        for ref, flight in unwritten:
+            seen = self._peek_upper(ref)
+            if seen is Peek.ABSENT:
                 misses.append((ref, flight))
+            elif seen is Peek.UNKNOWN:
+                unknown.append((ref, flight))
+            else:
+                flight.data = seen
+                flight.done.set()
+        if unknown:
+            found = await trio.to_thread.run_sync(self._from_upper, [ref for ref, _ in unknown],
+                                                  limiter=self._disk)
+            self.counters.add("upper_lookups_threaded", len(unknown))
+            for (ref, flight), data in zip(unknown, found):
+                if data is not None:
+                    flight.data = data
+                    flight.done.set()
+                else:
+                    misses.append((ref, flight))
         if self.shared is not None and misses:
             await self._via_shared(misses)
         else:
@@ -218,6 +226,19 @@ class TierChain:
         with trio.CancelScope(shield=True):  # as in _fetch_span
             for ref, _, data in hits:
                 await self.filler.offer(ref, data)
+
+    def _peek_upper(self, ref: BlockRef) -> bytes | Peek:
+        """On the trio thread: the block if a tier above has it at no wait, else ABSENT when
+        every tier above knows it has not got it, else UNKNOWN (ask them in a worker)."""
+        answer = Peek.ABSENT
+        for tier in self.upper:
+            seen = tier.peek(ref)
+            if seen is Peek.UNKNOWN:
+                answer = Peek.UNKNOWN
+            elif seen is not Peek.ABSENT:
+                self._served(tier.name, len(seen))
+                return seen
+        return answer
 
     def _from_upper(self, refs: list[BlockRef]) -> list[bytes | None]:
         """Worker thread: each block from the first tier above S3 that has it (one hop for all)."""
