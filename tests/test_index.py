@@ -397,6 +397,7 @@ def test_an_index_that_fails_is_a_miss_and_a_declined_fill(tmp_path, caplog, mon
     tier.index._sums.clear()  # the in-memory sums would answer without LMDB
     tier.index.env.close()
     assert tier.get(cached) is None and tier.get_part(cached, 0, 100) is None
+    assert tier.peek(cached) is local_mod.Peek.ABSENT
     tier.put(new, os.urandom(BS))
     monkeypatch.setattr(local_mod, "_ORPHAN_AGE", -1.0)
     assert tier.sweep_dir(tier.cache.file_path(cached.file).parent) == 0
