@@ -111,12 +111,7 @@ class Namespace:
         """The entry, handed to the kernel: it holds a reference until it forgets it."""
         d = self._fresh_dir(parent)
         with self._lock:
-            ino = d.children.get(name)
-            if ino is None:
-                raise ObjectMissing(f"no entry {name!r}")
-            node = self._nodes[ino]
-            node.lookups += 1
-            return node
+            return self._hand_out(d, name)
 
     def lookup_listed(self, parent: int, name: bytes) -> Node | None:
         """lookup() answered from a fresh listing held in memory, or None when that needs S3
@@ -126,12 +121,16 @@ class Namespace:
             d = self._dirs.get(parent)
             if d is None or not self._is_fresh(d):
                 return None
-            ino = d.children.get(name)
-            if ino is None:
-                raise ObjectMissing(f"no entry {name!r}")
-            node = self._nodes[ino]
-            node.lookups += 1
-            return node
+            return self._hand_out(d, name)
+
+    def _hand_out(self, d: _Dir, name: bytes) -> Node:
+        """The entry `name` of a listing, one more reference to it held by the kernel."""
+        ino = d.children.get(name)
+        if ino is None:
+            raise ObjectMissing(f"no entry {name!r}")
+        node = self._nodes[ino]
+        node.lookups += 1
+        return node
 
     def children(self, ino: int) -> list[Node]:
         d = self._fresh_dir(ino)
