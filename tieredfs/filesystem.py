@@ -14,7 +14,7 @@ from typing import Callable
 import trio
 
 from .blocks import ObjectVersion
-from .errors import ObjectChanged, ObjectMissing, ReadOnly
+from .errors import ObjectChanged, ObjectMissing, ReadOnly, UnknownHandle
 from .namespace import Namespace, Node
 from .reader import OpenFile, Reader
 
@@ -65,7 +65,9 @@ class FileSystem:
         """emit(entry, offset of the next one) from `start` on, until it returns False (the
         kernel's page is full: a big directory takes many calls). Each entry emitted is one
         more reference the kernel holds (readdirplus)."""
-        entries = self._dirs.get(fh, [])
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise UnknownHandle(f"directory handle {fh} is not open")
         for i in range(max(0, start), len(entries)):
             if not emit(entries[i], i + 1):
                 return
@@ -109,7 +111,9 @@ class FileSystem:
                                           for n in after if not n.is_dir])
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        f = self._files[fh]
+        f = self._files.get(fh)
+        if f is None:
+            raise UnknownHandle(f"file handle {fh} is not open")
         try:
             return await self.reader.read(f, offset, size)
         except (ObjectMissing, ObjectChanged):
@@ -122,9 +126,6 @@ class FileSystem:
         f = self._files.pop(fh, None)
         if f is not None:
             self.reader.released(f)
-
-    def open_files(self) -> int:
-        return len(self._files)
 
     def stats_json(self) -> bytes:
         snap = self._stats()

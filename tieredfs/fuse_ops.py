@@ -11,7 +11,7 @@ import stat
 
 import pyfuse3
 
-from .errors import ReadOnly, TieredError, errno_of
+from .errors import ReadOnly, TieredError, UnknownHandle, errno_of
 from .filesystem import FileSystem
 from .namespace import Node
 
@@ -33,9 +33,8 @@ def _errors(fn):
             raise
         except TieredError as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        except (NotADirectoryError, IsADirectoryError, KeyError) as e:
-            code = {NotADirectoryError: errno.ENOTDIR, IsADirectoryError: errno.EISDIR,
-                    KeyError: errno.EBADF}[type(e)]
+        except (NotADirectoryError, IsADirectoryError) as e:
+            code = {NotADirectoryError: errno.ENOTDIR, IsADirectoryError: errno.EISDIR}[type(e)]
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("event=handler_bug op=%s", fn.__name__)
@@ -144,10 +143,6 @@ def mount(ops: FuseOps, mountpoint: str, options: set[str]) -> None:
 
 async def serve(max_tasks: int) -> None:
     await pyfuse3.main(min_tasks=2, max_tasks=max_tasks)
-
-
-def terminate() -> None:
-    pyfuse3.terminate()
 
 
 def close(unmount: bool) -> None:

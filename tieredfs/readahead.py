@@ -323,7 +323,10 @@ class ReadaheadEngine:
             # Top the window up now, not at the reader's next read: when every reader waits on
             # a fetch, no read arrives to do it (4 readers at +20 ms: GETs in flight fell to
             # 2-3 while the budget had room for 8).
-            self._schedule(st, st.issued)
+            try:
+                self._schedule(st, st.issued)
+            except Exception as e:  # a bug here must not take the mount's nursery down
+                self._failed(st.obj, e)
 
     # --- directory walks -------------------------------------------------------------------
 

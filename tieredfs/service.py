@@ -163,7 +163,7 @@ class Daemon:
         engine = ReadaheadEngine(chain, settings, MemoryBudget(c.readahead_budget, counters),
                                  trio.CapacityLimiter(max(1, c.s3_max_requests * 3 // 4)), counters)
         self.registry.add_source(engine.gauges)
-        reader = Reader(chain, c.block_size, engine)
+        reader = Reader(c.block_size, engine)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
                         self.registry.snapshot, dir_prefetch=c.dir_prefetch)
         return fs, engine
@@ -206,9 +206,10 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
                 nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
                 engine.start(nursery)
                 # Ready only once the mount answers a request.
-                await trio.to_thread.run_sync(os.stat, c.mountpoint)
+                st = await trio.to_thread.run_sync(os.stat, c.mountpoint)
                 if c.kernel_readahead:
-                    _tune_kernel_readahead(c.mountpoint, c.kernel_readahead)
+                    # In a worker thread, as the stat: the mount's own requests need the loop.
+                    await trio.to_thread.run_sync(_tune_kernel_readahead, st.st_dev, c.kernel_readahead)
                 log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
                          c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
                 on_ready()
@@ -237,9 +238,8 @@ def _open_block_files_limit(wanted: int) -> int:
     return max(1, usable)
 
 
-def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:
+def _tune_kernel_readahead(dev: int, nbytes: int) -> None:
     """Let the kernel send 1 MiB reads and keep several in flight (its default is 128 KiB)."""
-    dev = os.stat(mountpoint).st_dev
     knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
     try:
         knob.write_text(str(max(4, nbytes // 1024)))

@@ -1,7 +1,9 @@
 """Lookup order across tiers, fill-up of the tiers above a hit, and single-flight.
 
-Runs on the trio thread; every tier call goes to a worker thread through a bounded
-limiter. Concurrent requests for the same block share one fetch.
+Runs on the trio thread. Tier calls that may block go to a worker thread through a
+bounded limiter; only `peek_part` runs on the trio thread (it reads what the page cache
+already holds, never waiting on the disk). Concurrent requests for the same block share
+one fetch.
 """
 
 import logging
@@ -224,9 +226,6 @@ class TierChain:
             source, (f"hits.{source}", f"bytes.{source}"))
         self.counters.add(hits)
         self.counters.add(nbytes_name, nbytes)
-
-    def stats(self) -> dict[str, int]:
-        return self.counters.snapshot()
 
 
 def _spans(misses: list[tuple[BlockRef, _Flight]], max_span: int) -> list[list]:
