@@ -89,7 +89,11 @@ class Config:
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     fuse_options: list[str] = field(default_factory=list)
-    max_threads: int = 32
+    max_threads: int = 32  # worker threads for the cache disk
+    # FUSE requests served at once (issue 18, head-of-line blocking). A request waiting on S3
+    # costs a trio task, not a thread; S3 is bounded by s3_max_requests. Kept high so that
+    # reads the cache can serve never queue behind reads waiting on S3.
+    fuse_max_requests: int = 1024
     log_file: Path | None = None
     debug: bool = False
 
@@ -118,7 +122,8 @@ class Config:
                 raise ConfigError(f"cache-size {text!r}: percentage must be in (0, 100]")
         elif self.cache_size_bytes(0) < 16 * bs:
             raise ConfigError(f"cache-size {text!r} is smaller than 16 blocks of {bs} bytes")
-        for name in ("s3_max_requests", "s3_max_attempts", "max_threads", "cache_open_files"):
+        for name in ("s3_max_requests", "s3_max_attempts", "max_threads", "cache_open_files",
+                     "fuse_max_requests"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.dir_prefetch <= 256:

@@ -1,7 +1,8 @@
 """What the mount does, independent of FUSE: names, handles, reads, stats.
 
-fuse_ops.py only translates between this and pyfuse3. Blocking namespace work
-(listing S3) runs in worker threads.
+fuse_ops.py only translates between this and pyfuse3. Names already listed are
+answered on the trio thread; blocking namespace work (listing S3, freeing a big
+forgotten listing) runs in worker threads.
 """
 
 import itertools
@@ -42,6 +43,12 @@ class FileSystem:
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, list[Node]] = {}
         self._etag_at_last_open: dict[int, str] = {}
+        self._nursery: trio.Nursery | None = None
+        self._reaping = False
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Background work (freeing forgotten listings) runs in the mount's nursery."""
+        self._nursery = nursery
 
     async def _ns(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._list_limiter)
@@ -49,14 +56,21 @@ class FileSystem:
     # --- names -----------------------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> Node:
-        return await self._ns(self.namespace.lookup, parent, name)
+        # A listed name is answered here, on the trio thread: only a directory that must be
+        # listed first takes a worker thread, so lookups never queue behind S3 listings.
+        node = self.namespace.lookup(parent, name, wait=False)
+        if node is None:
+            node = await self._ns(self.namespace.lookup, parent, name)
+        return node
 
     async def getattr(self, ino: int) -> Node:
         return self.namespace.node(ino)
 
     async def opendir(self, ino: int) -> int:
         """Snapshot the entries so readdir offsets stay valid while S3 changes."""
-        entries = await self._ns(self.namespace.children, ino)
+        entries = self.namespace.children(ino, wait=False)
+        if entries is None:
+            entries = await self._ns(self.namespace.children, ino)
         fh = next(self._fh)
         self._dirs[fh] = entries
         return fh
@@ -80,6 +94,19 @@ class FileSystem:
         for ino in self.namespace.forget(inode_counts):
             # The kernel dropped the inode, and its pages with it.
             self._etag_at_last_open.pop(ino, None)
+        if self.namespace.unreaped() and not self._reaping:
+            if self._nursery is None:
+                self.namespace.reap()
+            else:
+                self._reaping = True
+                self._nursery.start_soon(self._reap)
+
+    async def _reap(self) -> None:
+        """Free forgotten listings' names in a worker thread: a big directory's are many."""
+        try:
+            await self._ns(self.namespace.reap)
+        finally:
+            self._reaping = False
 
     # --- files ---------------------------------------------------------------------------
 

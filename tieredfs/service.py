@@ -203,8 +203,9 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-                nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
+                nursery.start_soon(session.serve, nursery.cancel_scope, c.fuse_max_requests)
                 engine.start(nursery)
+                fs.start(nursery)
                 # Ready only once the mount answers a request.
                 st = await trio.to_thread.run_sync(os.stat, c.mountpoint)
                 if c.kernel_readahead:
