@@ -153,7 +153,7 @@ class Daemon:
             disk_limiter=disk,
             s3_limiter=trio.CapacityLimiter(c.s3_max_requests),
             max_span=request_blocks,
-            counters=self.registry.counters("chain"))
+            counters=self.registry.counters("chain"), read_deadline=c.read_deadline)
         settings = ReadaheadSettings(
             block_size=c.block_size, min_window=min(2, c.readahead_max // c.block_size),
             max_window=c.readahead_max // c.block_size, request_blocks=request_blocks,

@@ -56,13 +56,14 @@ class Claim:
 class TierChain:
     def __init__(self, upper: list[Tier], s3: S3Tier, filler: Filler, *,
                  disk_limiter: trio.CapacityLimiter, s3_limiter: trio.CapacityLimiter, max_span: int,
-                 counters: Counters):
+                 counters: Counters, read_deadline: float = float("inf")):
         self.upper = upper
         self.s3 = s3
         self.filler = filler
         self._disk = disk_limiter
         self._s3 = s3_limiter
         self._max_span = max_span
+        self._read_deadline = read_deadline
         self.counters = counters
         self._flights: dict[str, _Flight] = {}
 
@@ -196,6 +197,7 @@ class TierChain:
         return found
 
     async def _fetch_span(self, span: list[tuple[BlockRef, "_Flight"]]) -> None:
+        started = trio.current_time()
         refs = [ref for ref, _ in span]
         try:
             datas = await trio.to_thread.run_sync(self._fetch, refs, limiter=self._s3)
@@ -210,11 +212,16 @@ class TierChain:
             flight.data = data
             flight.done.set()
         # Backpressure from a slow cache disk. Shielded: a fetch whose reader has gone (a
-        # cancelled prefetch, an unmount) still hands its blocks to the cache; the wait is
-        # bounded by the filler's stall detection.
-        with trio.CancelScope(shield=True):
+        # cancelled prefetch, an unmount) still hands its blocks to the cache. The wait is
+        # bounded by the filler's stall detection, and by the read deadline: a disk that
+        # keeps taking writes, slowly, must not hold the read that owns this fetch past it.
+        offered = 0
+        with trio.CancelScope(shield=True, deadline=started + self._read_deadline):
             for ref, data in zip(refs, datas):
                 await self.filler.offer(ref, data)
+                offered += 1
+        if offered < len(refs):
+            self.counters.add("fill_skipped_deadline", len(refs) - offered)
 
     def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
         """Worker thread: consecutive blocks in one ranged GET."""
