@@ -94,6 +94,8 @@ class Config:
     # costs a trio task, not a thread; S3 is bounded by s3_max_requests. Kept high so that
     # reads the cache can serve never queue behind reads waiting on S3.
     fuse_max_requests: int = 1024
+    # Issue 18: an open file not read for this many seconds gives back its readahead budget.
+    readahead_idle: float = 10.0
     log_file: Path | None = None
     debug: bool = False
 
@@ -128,7 +130,8 @@ class Config:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.dir_prefetch <= 256:
             raise ConfigError("dir-prefetch must be between 0 and 256 files")
-        for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl"):
+        for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl",
+                     "readahead_idle"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
         if not 0 <= self.cache_fill_wait <= 60:

@@ -77,6 +77,7 @@ class Stream:
     kept: set[int] = field(default_factory=set)  # buffered blocks a demand read fetched
     scopes: set = field(default_factory=set)
     closed: bool = False
+    last_read: float = 0.0  # trio clock of the last read: an idle stream gives its budget back
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class ReadaheadSettings:
     max_window: int  # blocks
     request_blocks: int  # blocks per prefetch request
     small_object: int  # bytes: objects up to this size are fetched whole on first read
+    idle_seconds: float = 10.0  # a stream not read for this long drops what it holds
 
 
 class ReadaheadEngine:
@@ -99,15 +101,41 @@ class ReadaheadEngine:
         self._nursery: trio.Nursery | None = None
         self._sequential: set[int] = set()  # ids of streams with an open window
         self._walked: OrderedDict[ObjectVersion, None] = OrderedDict()
+        self._streams: dict[int, Stream] = {}  # every open file's, by id
 
     def start(self, nursery: trio.Nursery) -> None:
         """Prefetch tasks run in the mount's nursery, so unmount cancels them."""
         self._nursery = nursery
+        nursery.start_soon(self._age_out_idle)
+
+    # --- idle streams --------------------------------------------------------------------------
+
+    async def _age_out_idle(self) -> None:
+        while True:
+            await trio.sleep(self.s.idle_seconds / 2)
+            self.age_out(trio.current_time())
+
+    def age_out(self, now: float) -> None:
+        """Streams not read since `now - idle_seconds` let go of their prefetches and their
+        window: open files that stopped reading must not deny the budget to the others. A
+        stream read again starts its window anew."""
+        for st in self._streams.values():
+            if (st.held or st.window) and now - st.last_read >= self.s.idle_seconds:
+                self.counters.add("idle_streams_aged")
+                for scope in list(st.scopes):
+                    scope.cancel()
+                st.position += 1  # prefetches still finishing are not kept
+                st.window = 0
+                st.issued = st.next_index
+                self._sequential.discard(id(st))
+                self._drop(st, set(st.buffered))
 
     # --- the Reader's hooks -----------------------------------------------------------------
 
     async def opened(self, f) -> None:
-        f.stream = Stream(f.obj, block_count(f.obj.size, self.s.block_size))
+        f.stream = Stream(f.obj, block_count(f.obj.size, self.s.block_size),
+                          last_read=trio.current_time())
+        self._streams[id(f.stream)] = f.stream
         if f.obj in self._walked:
             del self._walked[f.obj]
             self.counters.add("walk_used_bytes", f.obj.size)
@@ -115,6 +143,7 @@ class ReadaheadEngine:
     def released(self, f) -> None:
         st: Stream = f.stream
         st.closed = True
+        self._streams.pop(id(st), None)
         for scope in list(st.scopes):
             scope.cancel()
         self._drop(st, set(st.buffered))
@@ -122,6 +151,7 @@ class ReadaheadEngine:
 
     async def read(self, f, refs: list[BlockRef], offset: int, size: int) -> bytes | memoryview:
         st: Stream = f.stream
+        st.last_read = trio.current_time()
         start = self._follow(st, offset, offset + size, refs[0].index, refs[-1].index)
         small = st.obj.size <= self.s.small_object
         if st.window and not small:

@@ -157,7 +157,7 @@ class Daemon:
         settings = ReadaheadSettings(
             block_size=c.block_size, min_window=min(2, c.readahead_max // c.block_size),
             max_window=c.readahead_max // c.block_size, request_blocks=request_blocks,
-            small_object=c.small_file_threshold)
+            small_object=c.small_file_threshold, idle_seconds=c.readahead_idle)
         counters = self.registry.counters("readahead")
         # Demand reads keep a quarter of the S3 slots: prefetch never queues them all behind it.
         engine = ReadaheadEngine(chain, settings, MemoryBudget(c.readahead_budget, counters),
