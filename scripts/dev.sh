@@ -37,8 +37,18 @@ install_python_package() {
   rm -f "$VENV"/.installed-* && touch "$stamp"
 }
 
+# fusectl holds each FUSE connection's knobs (tieredfs/fusectl.py raises max_background);
+# systemd mounts it, a bare machine or container may not have it.
+mount_fusectl() {
+  [ "$(id -u)" -eq 0 ] && [ -d /sys/fs/fuse/connections ] || return 0
+  grep -q " /sys/fs/fuse/connections fusectl " /proc/mounts && return 0
+  mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null || \
+    echo "note: cannot mount fusectl; O_DIRECT reads beyond 12 will queue in the kernel" >&2
+}
+
 install_system_packages
 install_python_package
+mount_fusectl
 export PATH="$PWD/$VENV/bin:$PATH"
 
 cmd="${1:-}"; shift || true

@@ -94,6 +94,9 @@ class Config:
     # costs a trio task, not a thread; S3 is bounded by s3_max_requests. Kept high so that
     # reads the cache can serve never queue behind reads waiting on S3.
     fuse_max_requests: int = 1024
+    # The kernel's own bound on background requests (O_DIRECT reads, readahead) at the daemon,
+    # raised from its default of 12 when root (tieredfs/fusectl.py).
+    fuse_max_background: int = 256
     # Issue 18: an open file not read for this many seconds gives back its readahead budget.
     readahead_idle: float = 10.0
     log_file: Path | None = None
@@ -125,7 +128,7 @@ class Config:
         elif self.cache_size_bytes(0) < 16 * bs:
             raise ConfigError(f"cache-size {text!r} is smaller than 16 blocks of {bs} bytes")
         for name in ("s3_max_requests", "s3_max_attempts", "max_threads", "cache_open_files",
-                     "fuse_max_requests"):
+                     "fuse_max_requests", "fuse_max_background"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.dir_prefetch <= 256:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import trio
 
-from . import fuse_ops
+from . import fuse_ops, fusectl
 from .config import Config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem
@@ -211,6 +211,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
                 if c.kernel_readahead:
                     # In a worker thread, as the stat: the mount's own requests need the loop.
                     await trio.to_thread.run_sync(_tune_kernel_readahead, st.st_dev, c.kernel_readahead)
+                await trio.to_thread.run_sync(fusectl.raise_max_background, st.st_dev,
+                                              c.fuse_max_background)
                 log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
                          c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
                 on_ready()
