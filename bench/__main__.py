@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import dataset, fio, report, workloads, workloads_files
+from . import dataset, fio, report, workloads, workloads_dirs, workloads_files
 from .context import MODES, Run
 from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
@@ -30,8 +30,9 @@ WORKLOADS = {
     "mount": workloads_files.mount_ready,
     "restart": workloads_files.restart,
     "bigbucket": workloads_files.big_bucket,
+    "bigdir": workloads_dirs.big_directory,
 }
-_FULL_ONLY = {"restart", "bigbucket"}
+_FULL_ONLY = {"restart", "bigbucket", "bigdir"}
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 

@@ -1,4 +1,4 @@
-"""Scenario 11: no head-of-line blocking (issue 18, point 1).
+"""Scenario 12: no head-of-line blocking (issue 18, point 1).
 
 While S3 stalls the GETs of 48 readers of cold files (O_DIRECT: each read is one
 synchronous FUSE request, held by the daemon until S3 answers), what the daemon can
@@ -69,7 +69,7 @@ def test_reads_the_cache_can_serve_do_not_wait_behind_stalled_s3(bucket, put, pr
     assert sorted(names) == [k.split("/")[1] for k in hot_keys]
     assert waiting == READERS  # measured while every cold reader was still held by S3
     assert all(results[k] == cold[k][:2 * BS] for k in cold)
-    record("11 no head-of-line blocking", readers_held=READERS, stall_s=STALL,
+    record("12 no head-of-line blocking", readers_held=READERS, stall_s=STALL,
            cached_read_s=cached_s, stat_s=stat_s, listdir_s=list_s, cold_readers_done_s=readers_s)
     assert cached_s < ANSWER_BOUND and stat_s < ANSWER_BOUND and list_s < ANSWER_BOUND, \
         (cached_s, stat_s, list_s)
