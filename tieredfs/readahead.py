@@ -14,7 +14,8 @@ never exceed the budget: a prefetch that cannot take its bytes is not issued (co
 hold at most a fair share of the budget (budget / sequential streams, at least one
 request), so many readers all make progress and none starves the others.
 
-Demand reads are not limited by the budget: they are bounded by the FUSE worker count.
+Demand reads are not limited by the budget: what they fetch at once is bounded by the S3
+slots. A stream not read for `idle_seconds` gives back what it holds (`age_out`).
 
 Directory walks: when files of one directory are opened in name order, the filesystem
 asks for the next few small ones (`prefetch_objects`); they are fetched whole into the
