@@ -104,7 +104,8 @@ class FileSystem:
     async def _reap(self) -> None:
         """Free forgotten listings' names in a worker thread: a big directory's are many."""
         try:
-            await self._ns(self.namespace.reap)
+            while self.namespace.unreaped():  # also what a forget added while this ran
+                await self._ns(self.namespace.reap)
         finally:
             self._reaping = False
 
