@@ -11,9 +11,10 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from tieredfs.errors import BackendUnavailable, ObjectMissing, UnknownHandle
-from tieredfs.filesystem import FileSystem
+from tieredfs.filesystem import STALE_GRACE, FileSystem
 from tieredfs.namespace import ROOT_INO, Namespace
 from tieredfs.tiers.s3 import ListedObject, Listing
 
@@ -207,3 +208,32 @@ def test_forget_frees_a_big_listing_in_the_background():
                     await trio.sleep(0.01)
 
     trio.run(main)
+
+
+def test_past_the_ttl_a_slow_refresh_is_waited_for_a_moment_then_the_last_listing_answers():
+    async def main():
+        ns, bucket, clock = namespace({"old": "1"})
+        fs = FileSystem(ns, None, "b", trio.CapacityLimiter(4), dict)
+        async with trio.open_nursery() as nursery:
+            fs.start(nursery)
+            old = await fs.lookup(ROOT_INO, b"old")
+            clock.now += TTL
+            bucket.keys["new"] = "2"
+            bucket.gate = threading.Event()  # the refresh takes as long as the test says
+            bucket.listing.clear()
+            # Waited for STALE_GRACE (trio's mock clock jumps it), then the last listing.
+            assert await fs.lookup(ROOT_INO, b"old") is old
+            assert await trio.to_thread.run_sync(bucket.listing.wait, 30)
+            assert names(ns.children(ROOT_INO, wait=False)) == [b"old"]  # still refreshing
+            got = {}
+
+            async def look_new():
+                got["new"] = await fs.lookup(ROOT_INO, b"new")  # not in the last listing
+
+            nursery.start_soon(look_new)
+            await trio.sleep(STALE_GRACE / 2)  # the mock clock's time: no real wait
+            assert "new" not in got  # a missing name waits for the refresh
+            bucket.gate.set()
+        assert got["new"].name == b"new" and bucket.lists == 2
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

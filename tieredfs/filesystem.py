@@ -7,6 +7,7 @@ forgotten listing) runs in worker threads.
 
 import itertools
 import json
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,12 +16,15 @@ from typing import Callable
 import trio
 
 from .blocks import ObjectVersion
-from .errors import ObjectChanged, ObjectMissing, ReadOnly, UnknownHandle
+from .errors import ObjectChanged, ObjectMissing, ReadOnly, TieredError, UnknownHandle
 from .namespace import Namespace, Node
 from .reader import OpenFile, Reader
 
+log = logging.getLogger(__name__)
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _WALKS_REMEMBERED = 1024  # directories whose last opened position is kept
+STALE_GRACE = 2.0  # seconds a request waits for a directory's refresh before a stale answer
 
 
 @dataclass
@@ -44,6 +48,7 @@ class FileSystem:
         self._dirs: dict[int, list[Node]] = {}
         self._etag_at_last_open: dict[int, str] = {}
         self._nursery: trio.Nursery | None = None
+        self._refreshes: dict[int, trio.Event] = {}  # directory -> its refresh under way
         self._reaping = False
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -58,19 +63,55 @@ class FileSystem:
     async def lookup(self, parent: int, name: bytes) -> Node:
         # A listed name is answered here, on the trio thread: only a directory that must be
         # listed first takes a worker thread, so lookups never queue behind S3 listings.
-        node = self.namespace.lookup(parent, name, wait=False)
-        if node is None:
-            node = await self._ns(self.namespace.lookup, parent, name)
-        return node
+        return await self._listed(parent, self.namespace.lookup, parent, name)
+
+    async def _listed(self, ino: int, query, *args):
+        """query(*args) answered from directory `ino`'s listing, listing it if need be.
+
+        Past the TTL, one refresh runs in the background and the request waits for it at
+        most STALE_GRACE seconds: a small directory is relisted well within that and the
+        answer is fresh; a big one (100,000 names take seconds) answers from the last
+        listing meanwhile. A name the last listing lacks waits for the refresh."""
+        try:
+            found = query(*args, wait=False)
+        except ObjectMissing:
+            if ino not in self._refreshes:
+                raise
+            found = None  # the last listing lacks it, and a refresh is under way
+        if found is not None:
+            return found
+        if self._nursery is None or not self.namespace.listed(ino):
+            return await self._ns(query, *args)  # nothing to serve meanwhile: wait for S3
+        done = self._refreshes.get(ino)
+        if done is None:
+            done = self._refreshes[ino] = trio.Event()
+            self._nursery.start_soon(self._refresh, ino, done)
+        with trio.move_on_after(STALE_GRACE):
+            await done.wait()
+        try:
+            return query(*args, wait=False, stale=True)
+        except ObjectMissing:
+            if done.is_set():
+                raise
+        await done.wait()
+        return query(*args, wait=False, stale=True)
+
+    async def _refresh(self, ino: int, done: trio.Event) -> None:
+        try:
+            await self._ns(self.namespace.children, ino)
+        except (TieredError, NotADirectoryError) as e:
+            # The requests waiting answer from the last listing, or see the error themselves.
+            log.debug("event=refresh_failed ino=%d error=%r", ino, str(e))
+        finally:
+            del self._refreshes[ino]
+            done.set()
 
     async def getattr(self, ino: int) -> Node:
         return self.namespace.node(ino)
 
     async def opendir(self, ino: int) -> int:
         """Snapshot the entries so readdir offsets stay valid while S3 changes."""
-        entries = self.namespace.children(ino, wait=False)
-        if entries is None:
-            entries = await self._ns(self.namespace.children, ino)
+        entries = await self._listed(ino, self.namespace.children, ino)
         fh = next(self._fh)
         self._dirs[fh] = entries
         return fh

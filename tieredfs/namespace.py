@@ -110,10 +110,11 @@ class Namespace:
             except KeyError:
                 raise ObjectMissing(f"inode {ino} is unknown") from None
 
-    def lookup(self, parent: int, name: bytes, wait: bool = True) -> Node | None:
+    def lookup(self, parent: int, name: bytes, wait: bool = True, stale: bool = False) -> Node | None:
         """The entry, handed to the kernel: it holds a reference until it forgets it.
-        With wait=False, None when answering needs S3 (a worker thread then asks again)."""
-        d = self._fresh_dir(parent) if wait else self._usable_dir(parent)
+        With wait=False, None when answering needs S3 (a worker thread then asks again);
+        stale=True takes a listing older than the TTL too."""
+        d = self._fresh_dir(parent) if wait else self._usable_dir(parent, stale)
         if d is None:
             return None
         with self._lock:
@@ -124,10 +125,10 @@ class Namespace:
             node.lookups += 1
             return node
 
-    def children(self, ino: int, wait: bool = True) -> list[Node] | None:
+    def children(self, ino: int, wait: bool = True, stale: bool = False) -> list[Node] | None:
         """The entries in name order; the list is never changed afterwards (a snapshot).
         With wait=False, None when answering needs S3."""
-        d = self._fresh_dir(ino) if wait else self._usable_dir(ino)
+        d = self._fresh_dir(ino) if wait else self._usable_dir(ino, stale)
         return None if d is None else d.order
 
     def next_siblings(self, ino: int, count: int) -> tuple[int, list[Node]]:
@@ -245,11 +246,16 @@ class Namespace:
                 raise NotADirectoryError(node.name)
             return self._dirs[ino]
 
-    def _usable_dir(self, ino: int) -> _Dir | None:
+    def listed(self, ino: int) -> bool:
+        """Whether a listing of this directory exists, fresh or not."""
+        return self._dir(ino).listed_at is not None
+
+    def _usable_dir(self, ino: int, stale: bool = False) -> _Dir | None:
         """The listing if it may answer now: fresh, or stale while another request is
-        listing the directory again (requests do not queue behind a big relisting)."""
+        listing the directory again (requests do not queue behind a big relisting), or
+        stale when the caller says so."""
         d = self._dir(ino)
-        if self._is_fresh(d) or (d.listed_at is not None and d.lock.locked()):
+        if self._is_fresh(d) or (d.listed_at is not None and (stale or d.lock.locked())):
             return d
         return None
 
