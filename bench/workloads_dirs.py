@@ -21,7 +21,7 @@ from .dataset import client
 from .listserver import ListServer
 
 ENTRIES = 100_000
-CACHED = 500  # files read into tier 1 before the relisting; their stats are measured
+CACHED = 200  # files read into tier 1 before the relisting; their stats are measured
 LIST_TTL = 2.0  # seconds; also the kernel's entry timeout, so stats reach the daemon after it
 BUCKET = "tieredfs-bench-bigdir"
 
@@ -75,13 +75,13 @@ def _stats_while_relisting(m, big, names: list[str]) -> tuple[list[float], float
     """Once the listing and the kernel's entries are stale, an `ls` lists the directory
     again; the stats taken while it does reach the daemon (their entries expired)."""
     time.sleep(LIST_TTL + 0.5)
-    lists_before = m.stats().get("s3.requests.LIST", 0)
+    lists_before = m.stats().get("s3.requests.list", 0)
     t0 = time.perf_counter()
     ls = threading.Thread(target=subprocess.run, args=(["ls", str(big)],),
                           kwargs={"capture_output": True, "timeout": 600})
     ls.start()
     # The relisting has begun once its first page is asked for.
-    wait_until(lambda: m.stats().get("s3.requests.LIST", 0) > lists_before, 60, interval=0.01)
+    wait_until(lambda: m.stats().get("s3.requests.list", 0) > lists_before, 60, interval=0.01)
     samples = []
     # One pass: a second stat of a name within LIST_TTL is the kernel's answer, not the daemon's.
     for name in names:
