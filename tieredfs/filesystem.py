@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -17,8 +18,9 @@ import trio
 
 from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, ReadOnly, TieredError, UnknownHandle
-from .namespace import Namespace, Node
+from .namespace import ROOT_INO, Namespace, Node
 from .reader import OpenFile, Reader
+from .stats import Registry
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,9 @@ class Opened:
 
 class FileSystem:
     def __init__(self, namespace: Namespace, reader: Reader, bucket: str,
-                 list_limiter: trio.CapacityLimiter, stats: Callable[[], dict], dir_prefetch: int = 0):
+                 list_limiter: trio.CapacityLimiter, stats: Callable[[], dict], dir_prefetch: int = 0,
+                 meter: "ReadMeter | None" = None):
+        self.meter = meter or ReadMeter()
         self.namespace = namespace
         self.reader = reader
         self.bucket = bucket
@@ -183,8 +187,11 @@ class FileSystem:
         f = self._files.get(fh)
         if f is None:
             raise UnknownHandle(f"file handle {fh} is not open")
+        start = time.perf_counter()
         try:
-            return await self.reader.read(f, offset, size)
+            data = await self.reader.read(f, offset, size)
+            self.meter.done(len(data), time.perf_counter() - start)
+            return data
         except (ObjectMissing, ObjectChanged):
             # S3 moved on: the next open should see the current listing.
             self.namespace.mark_stale(f.ino)
@@ -196,7 +203,36 @@ class FileSystem:
         if f is not None:
             self.reader.released(f)
 
-    def stats_json(self) -> bytes:
+    def stats(self) -> dict[str, int]:
         snap = self._stats()
         snap["fs.open_files"] = len(self._files)
-        return json.dumps(snap, sort_keys=True).encode()
+        return snap
+
+    def stats_json(self) -> bytes:
+        return json.dumps(self.stats(), sort_keys=True).encode()
+
+    def mount_json(self) -> bytes:
+        """What `tieredfs warmup --replay` checks a replay file against."""
+        return json.dumps({"bucket": self.bucket, "prefix": self.namespace.node(ROOT_INO).key,
+                           "block_size": self.reader.block_size}).encode()
+
+    def etag(self, ino: int) -> bytes:
+        """The version a file's reads are served from (warmup --replay checks it)."""
+        node = self.namespace.node(ino)
+        if node.is_dir:
+            raise IsADirectoryError(node.name)
+        return node.etag.encode()
+
+
+class ReadMeter:
+    """FUSE reads counted and timed (stats.py's counters and histogram; none in unit tests)."""
+
+    def __init__(self, counters=None, latency=None):
+        registry = Registry()
+        self.counters = counters or registry.counters("fs")
+        self.latency = latency or registry.histogram("fuse.read")
+
+    def done(self, nbytes: int, seconds: float) -> None:
+        self.counters.add("reads")
+        self.counters.add("read_bytes", nbytes)
+        self.latency.observe(seconds)

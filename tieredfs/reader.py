@@ -17,14 +17,17 @@ class OpenFile:
 
 
 class Reader:
-    def __init__(self, block_size: int, readahead: ReadaheadEngine):
+    def __init__(self, block_size: int, readahead: ReadaheadEngine, recorder=None):
         self.block_size = block_size
         self.readahead = readahead
+        self.recorder = recorder  # record.Recorder under --record: notes the blocks reads ask for
 
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
         refs = blocks_for_range(f.obj, offset, size, self.block_size)
         if not refs:
             return b""
+        if self.recorder is not None:
+            self.recorder.note(refs)
         return await self.readahead.read(f, refs, offset, size)
 
     async def opened(self, f: OpenFile) -> None:
