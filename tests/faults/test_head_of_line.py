@@ -44,7 +44,8 @@ def test_reads_the_cache_can_serve_do_not_wait_behind_stalled_s3(bucket, put, pr
     # The kernel keeps at most max_background O_DIRECT reads at the daemon (12 by default):
     # beyond that they queue in the kernel, where no daemon can answer them.
     assert knob.exists(), "fusectl is not mounted: run scripts/dev.sh (it mounts it)"
-    assert int(knob.read_text()) > READERS
+    # Raised once the mount answers, a moment after it appears.
+    assert wait_until(lambda: int(knob.read_text()) > READERS, 20), knob.read_text()
     assert read_direct(mnt.path / hot_keys[0], 4 * BS) == hot[hot_keys[0]]  # now in tier 1
     os.listdir(mnt.path / "cold")  # listed; the readers' names are known
     mnt.settle()
