@@ -93,12 +93,14 @@ class FileSystem:
         with trio.move_on_after(STALE_GRACE):
             await done.wait()
         try:
-            return query(*args, wait=False, stale=True)
+            found = query(*args, wait=False, stale=True)
         except ObjectMissing:
             if done.is_set():
                 raise
-        await done.wait()
-        return query(*args, wait=False, stale=True)
+            await done.wait()
+            found = query(*args, wait=False, stale=True)
+        # None only if the listing went meanwhile (the kernel forgot the directory).
+        return found if found is not None else await self._ns(query, *args)
 
     async def _refresh(self, ino: int, done: trio.Event) -> None:
         try:
