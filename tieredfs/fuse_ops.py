@@ -153,5 +153,10 @@ async def serve(max_tasks: int) -> None:
     await pyfuse3.main(min_tasks=2, max_tasks=max_tasks)
 
 
+def terminate() -> None:
+    """Stop taking requests (a graceful stop: those in flight still answer)."""
+    pyfuse3.terminate()
+
+
 def close(unmount: bool) -> None:
     pyfuse3.close(unmount=unmount)

@@ -101,6 +101,14 @@ class Namespace:
         self._skipped: set[str] = set()
         self._unreaped: list[_Dir] = []  # listings the kernel forgot, their names still to free
 
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @ttl.setter
+    def ttl(self, seconds: float) -> None:  # a SIGHUP's new list-ttl
+        self._ttl = seconds
+
     # --- queries ----------------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
