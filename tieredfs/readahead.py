@@ -17,13 +17,11 @@ request), so many readers all make progress and none starves the others.
 Demand reads are not limited by the budget: what they fetch at once is bounded by the S3
 slots. A stream not read for `idle_seconds` gives back what it holds (`age_out`).
 
-Directory walks: when files of one directory are opened in name order, the filesystem
-asks for the next few small ones (`prefetch_objects`); they are fetched whole into the
-tiers above S3 (not held here), each at most once while remembered.
+Directory walks (walks.py) share the budget: the small files they fetch ahead are held
+here until opened.
 """
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -32,10 +30,10 @@ from .blocks import BlockRef, ObjectVersion, assemble, block_count
 from .errors import TieredError
 from .stats import Counters
 from .tiers.chain import Claim, TierChain
+from .walks import WalkPrefetch
 
 log = logging.getLogger(__name__)
 
-_REMEMBERED_OBJECTS = 4096  # objects prefetched by directory walks, not yet opened
 # A read starting within this many of its own sizes of the last one's end is sequential
 # even before a window is open.
 _SEQUENTIAL_SLACK = 4
@@ -101,12 +99,15 @@ class ReadaheadEngine:
         self.counters = counters
         self._nursery: trio.Nursery | None = None
         self._sequential: set[int] = set()  # ids of streams with an open window
-        self._walked: OrderedDict[ObjectVersion, None] = OrderedDict()
+        self.walks = WalkPrefetch(chain, budget, prefetch_slots, counters,
+                                  block_size=settings.block_size, small_object=settings.small_object,
+                                  failed=self._failed)
         self._streams: dict[int, Stream] = {}  # every open file's, by id
 
     def start(self, nursery: trio.Nursery) -> None:
         """Prefetch tasks run in the mount's nursery, so unmount cancels them."""
         self._nursery = nursery
+        self.walks.start(nursery)
         nursery.start_soon(self._age_out_idle)
 
     # --- idle streams --------------------------------------------------------------------------
@@ -134,12 +135,16 @@ class ReadaheadEngine:
     # --- the Reader's hooks -----------------------------------------------------------------
 
     async def opened(self, f) -> None:
-        f.stream = Stream(f.obj, block_count(f.obj.size, self.s.block_size),
-                          last_read=trio.current_time())
-        self._streams[id(f.stream)] = f.stream
-        if f.obj in self._walked:
-            del self._walked[f.obj]
-            self.counters.add("walk_used_bytes", f.obj.size)
+        st = f.stream = Stream(f.obj, block_count(f.obj.size, self.s.block_size),
+                               last_read=trio.current_time())
+        self._streams[id(st)] = st
+        blocks = self.walks.take(f.obj)
+        if blocks is not None:
+            # The stream takes the blocks and their share of the budget over; held for its
+            # reads, not prefetch of its own (neither used nor wasted when they go).
+            st.held += f.obj.size
+            st.buffered = dict(enumerate(blocks))
+            st.kept = set(st.buffered)
 
     def released(self, f) -> None:
         st: Stream = f.stream
@@ -359,34 +364,6 @@ class ReadaheadEngine:
             except Exception as e:  # a bug here must not take the mount's nursery down
                 self._failed(st.obj, e)
 
-    # --- directory walks -------------------------------------------------------------------
-
-    def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
-        """Fetch these small objects whole into the tiers above S3, budget permitting."""
-        if self._nursery is None or not self.chain.upper:
-            return  # nowhere to keep them but memory, and that is what the budget is for
-        for obj in objs:
-            if not 0 < obj.size <= self.s.small_object or obj in self._walked:
-                continue
-            if not self.budget.try_take(obj.size):
-                return
-            self._walked[obj] = None
-            if len(self._walked) > _REMEMBERED_OBJECTS:
-                self._walked.popitem(last=False)
-            refs = [BlockRef(obj, i, self.s.block_size)
-                    for i in range(block_count(obj.size, self.s.block_size))]
-            self._nursery.start_soon(self._prefetch_object, obj, self.chain.claim(refs))
-
-    async def _prefetch_object(self, obj: ObjectVersion, claim: Claim) -> None:
-        try:
-            await self.chain.complete(claim, self._slots)
-            self.counters.add("walk_prefetched_bytes", obj.size)
-        except Exception as e:
-            self._failed(obj, e)
-        finally:
-            self.chain.release(claim)
-            self.budget.give_back(obj.size)
-
     def _failed(self, obj: ObjectVersion, e: Exception) -> None:
         """A failed prefetch costs nothing but itself: the reader's own read retries and reports."""
         self.counters.add("errors")
@@ -397,4 +374,5 @@ class ReadaheadEngine:
 
     def gauges(self) -> dict[str, int]:
         return {"readahead.budget_used_bytes": self.budget.used,
+                "readahead.walk_held_bytes": self.walks.held,
                 "readahead.sequential_streams": len(self._sequential)}

@@ -37,4 +37,4 @@ class Reader:
         self.readahead.released(f)
 
     def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
-        self.readahead.prefetch_objects(objs)
+        self.readahead.walks.prefetch(objs)
