@@ -10,6 +10,7 @@ import trio
 
 from tieredfs.blocks import BlockRef, ObjectVersion
 from tieredfs.stats import Counters
+from tieredfs.tiers.base import Peek
 from tieredfs.tiers.chain import TierChain
 from tieredfs.tiers.filler import Filler
 from tieredfs.tiers.s3 import S3Backend, S3Tier
@@ -96,6 +97,9 @@ class SlowDisk:
 
     def get(self, ref):
         return None
+
+    def peek(self, ref):
+        return Peek.MISS
 
     def put_many(self, items):
         time.sleep(self.seconds)
