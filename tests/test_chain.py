@@ -99,7 +99,7 @@ class SlowDisk:
         return None
 
     def peek(self, ref):
-        return Peek.MISS
+        return Peek.ABSENT
 
     def put_many(self, items):
         time.sleep(self.seconds)
