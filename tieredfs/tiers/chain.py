@@ -1,8 +1,8 @@
 """Lookup order across tiers, fill-up of the tiers above a hit, and single-flight.
 
 Runs on the trio thread. Tier calls that may block go to a worker thread through a
-bounded limiter; only `peek_part` runs on the trio thread (it reads what the page cache
-already holds, never waiting on the disk). Concurrent requests for the same block share
+bounded limiter; only `peek` and `peek_part` run on the trio thread (they answer from the
+index and what the page cache already holds, never waiting on the disk). Concurrent requests for the same block share
 one fetch.
 """
 
