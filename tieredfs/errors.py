@@ -71,6 +71,10 @@ class CacheError(TieredError):
     """The cache directory cannot be used (locked, unwritable, bad index)."""
 
 
+class CacheIndexFull(CacheError):
+    """The index's LMDB map has no room left: the block is not cached."""
+
+
 class CacheLocked(CacheError):
     pass
 

@@ -20,6 +20,7 @@ from . import fuse_ops, fusectl, signals, stale
 from .config import Config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem, ReadMeter
+from .index import map_size_for
 from .memory import BufferPool, tune_malloc
 from .namespace import Namespace
 from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
@@ -29,7 +30,8 @@ from .stats import Registry
 from .tiers.chain import TierChain
 from .tiers.filler import Filler
 from .tiers.blockfiles import BlockFiles
-from .tiers.local import CacheDir, LocalTier, open_index
+from .tiers.cachedir import CacheDir, open_index
+from .tiers.local import LocalTier
 from .tiers.s3 import S3Backend, S3Tier
 from .tiers.shared import SharedTier
 from .tiers.shared_format import Layout
@@ -100,7 +102,8 @@ class Daemon:
             c.bucket, endpoint_url=c.endpoint_url, region=c.region, max_requests=c.s3_max_requests,
             connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
-            counters=self.registry.counters("s3"), buffers=self.buffers)
+            counters=self.registry.counters("s3"), buffers=self.buffers,
+            addressing=c.addressing_style, etag_md5=c.etag_md5)
         self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
                                    refresh_dir=functools.partial(self.backend.list_dir, attempts=1))
         self.registry.add_source(self.namespace.gauges)
@@ -120,8 +123,7 @@ class Daemon:
         c = self.config
         st = os.statvfs(self.cache_dir.path)
         capacity = c.cache_size_bytes(st.f_blocks * st.f_frsize)
-        # Room for ~2 KiB of index per block, whatever the cache size; the map is sparse.
-        map_size = max(1 << 30, capacity // c.block_size * 2048)
+        map_size = c.cache_index_size or map_size_for(capacity, c.block_size)
         free = st.f_bavail * st.f_frsize
         try:
             if free < _MIN_FREE_TO_OPEN_INDEX:
@@ -235,7 +237,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
     c = daemon.config
     fs, engine = daemon.build_fs()
     ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
-                           block_size=c.block_size, capacity=daemon.capacity)
+                           block_size=c.block_size, capacity=daemon.capacity,
+                           file_mode=c.file_mode, dir_mode=c.dir_mode)
     signals.hold()
     try:
         fuse_ops.mount(ops, str(c.mountpoint), daemon.fuse_options())
@@ -348,10 +351,15 @@ async def _trim_buffers(buffers: BufferPool, period: float = 30.0) -> None:
 
 
 async def _sweep_orphans(local: LocalTier, first_delay: float = 10.0, period: float = 3600.0) -> None:
-    """Remove files a crash left without an index entry; gently, never at start-up."""
+    """Remove files a crash left without an index entry; gently, never at start-up. A sweep
+    that fails is logged and tried again next period: it must never end the mount."""
     await trio.sleep(first_delay)
     while True:
-        for subdir in await trio.to_thread.run_sync(local.fanout_dirs):
-            await trio.to_thread.run_sync(local.sweep_dir, subdir)
-            await trio.sleep(0.01)
+        try:
+            for subdir in await trio.to_thread.run_sync(local.fanout_dirs):
+                await trio.to_thread.run_sync(local.sweep_dir, subdir)
+                await trio.sleep(0.01)
+        except Exception:
+            local.counters.add("sweep_bugs")
+            log.exception("event=orphan_sweep_failed action=retry_next_period")
         await trio.sleep(period)
