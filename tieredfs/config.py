@@ -109,7 +109,16 @@ class Config:
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     fuse_options: list[str] = field(default_factory=list)
-    max_threads: int = 32
+    max_threads: int = 32  # worker threads for the cache disk
+    # FUSE requests served at once (issue 18, head-of-line blocking). A request waiting on S3
+    # costs a trio task, not a thread; S3 is bounded by s3_max_requests. Kept high so that
+    # reads the cache can serve never queue behind reads waiting on S3.
+    fuse_max_requests: int = 1024
+    # The kernel's own bound on background requests (O_DIRECT reads, readahead) at the daemon,
+    # raised from its default of 12 when root (tieredfs/fusectl.py).
+    fuse_max_background: int = 256
+    # Issue 18: an open file not read for this many seconds gives back its readahead budget.
+    readahead_idle: float = 10.0
     log_file: Path | None = None
     debug: bool = False
 
@@ -150,12 +159,14 @@ class Config:
                 raise ConfigError(f"cache-size {text!r}: percentage must be in (0, 100]")
         elif self.cache_size_bytes(0) < 16 * bs:
             raise ConfigError(f"cache-size {text!r} is smaller than 16 blocks of {bs} bytes")
-        for name in ("s3_max_requests", "s3_max_attempts", "max_threads", "cache_open_files"):
+        for name in ("s3_max_requests", "s3_max_attempts", "max_threads", "cache_open_files",
+                     "fuse_max_requests", "fuse_max_background"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.dir_prefetch <= 256:
             raise ConfigError("dir-prefetch must be between 0 and 256 files")
-        for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl"):
+        for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl",
+                     "readahead_idle"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
         if not 0 <= self.cache_fill_wait <= 60:

@@ -83,6 +83,12 @@ class CacheFormatChanged(CacheError):
     """The index was written by a version of tieredfs that laid the cache out differently."""
 
 
+class UnknownHandle(TieredError):
+    """A file handle the filesystem never gave out, or has released."""
+
+    errno = errno.EBADF
+
+
 class ReadOnly(TieredError):
     errno = errno.EROFS
 

@@ -12,7 +12,7 @@ import stat
 import pyfuse3
 
 from . import stats
-from .errors import ReadOnly, TieredError, errno_of
+from .errors import ReadOnly, TieredError, UnknownHandle, errno_of
 from .filesystem import FileSystem
 from .namespace import Node
 
@@ -36,9 +36,8 @@ def _errors(fn):
             raise
         except TieredError as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        except (NotADirectoryError, IsADirectoryError, KeyError) as e:
-            code = {NotADirectoryError: errno.ENOTDIR, IsADirectoryError: errno.EISDIR,
-                    KeyError: errno.EBADF}[type(e)]
+        except (NotADirectoryError, IsADirectoryError) as e:
+            code = {NotADirectoryError: errno.ENOTDIR, IsADirectoryError: errno.EISDIR}[type(e)]
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("event=handler_bug op=%s", fn.__name__)
@@ -159,6 +158,7 @@ async def serve(max_tasks: int) -> None:
 
 
 def terminate() -> None:
+    """Stop taking requests (a graceful stop: those in flight still answer)."""
     pyfuse3.terminate()
 
 

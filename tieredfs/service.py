@@ -17,7 +17,7 @@ from typing import Callable
 
 import trio
 
-from . import fuse_ops, signals, stale
+from . import fuse_ops, fusectl, signals, stale
 from .config import Config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem, ReadMeter
@@ -171,17 +171,17 @@ class Daemon:
             s3_limiter=trio.CapacityLimiter(c.s3_max_requests),
             max_span=request_blocks,
             counters=self.registry.counters("chain"), latency=self.registry.histogram,
-            shared=self.shared)
+            shared=self.shared, read_deadline=c.read_deadline)
         settings = ReadaheadSettings(
             block_size=c.block_size, min_window=min(2, c.readahead_max // c.block_size),
             max_window=c.readahead_max // c.block_size, request_blocks=request_blocks,
-            small_object=c.small_file_threshold)
+            small_object=c.small_file_threshold, idle_seconds=c.readahead_idle)
         counters = self.registry.counters("readahead")
         # Demand reads keep a quarter of the S3 slots: prefetch never queues them all behind it.
         engine = ReadaheadEngine(chain, settings, MemoryBudget(c.readahead_budget, counters),
                                  trio.CapacityLimiter(max(1, c.s3_max_requests * 3 // 4)), counters)
         self.registry.add_source(engine.gauges)
-        reader = Reader(chain, c.block_size, engine, recorder=self.recorder)
+        reader = Reader(c.block_size, engine, recorder=self.recorder)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
                         self.registry.snapshot, dir_prefetch=c.dir_prefetch,
                         meter=ReadMeter(self.registry.counters("fs"), self.registry.histogram("fuse.read")))
@@ -273,15 +273,19 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(signals.watch, functools.partial(session.drain, nursery.cancel_scope),
                                    control, c, functools.partial(_apply, daemon, ops))
-                nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
+                nursery.start_soon(session.serve, nursery.cancel_scope, c.fuse_max_requests)
                 engine.start(nursery)
+                fs.start(nursery)
                 if daemon.recorder:
                     nursery.start_soon(daemon.recorder.run)
                 # Ready only once the mount answers a request.
-                await trio.to_thread.run_sync(os.stat, c.mountpoint)
+                st = await trio.to_thread.run_sync(os.stat, c.mountpoint)
                 session.answered()
                 if c.kernel_readahead:
-                    _tune_kernel_readahead(c.mountpoint, c.kernel_readahead)
+                    # In a worker thread, as the stat: the mount's own requests need the loop.
+                    await trio.to_thread.run_sync(_tune_kernel_readahead, st.st_dev, c.kernel_readahead)
+                await trio.to_thread.run_sync(fusectl.raise_max_background, st.st_dev,
+                                              c.fuse_max_background)
                 log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
                          c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
                 _collect_from_now_on()
@@ -314,9 +318,8 @@ def _open_block_files_limit(wanted: int) -> int:
     return max(1, usable)
 
 
-def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:
+def _tune_kernel_readahead(dev: int, nbytes: int) -> None:
     """Let the kernel send 1 MiB reads and keep several in flight (its default is 128 KiB)."""
-    dev = os.stat(mountpoint).st_dev
     knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
     try:
         knob.write_text(str(max(4, nbytes // 1024)))

@@ -158,7 +158,8 @@ def test_s3_outage_serves_the_cache_and_recovers_without_remount(bucket, put, vi
         while time.monotonic() - began < 7:  # well past the listing TTL
             for k, v in cached.items():
                 got, seconds = timed(read_uncached, mnt.path / k)
-                assert got == v, (k, got)
+                # The daemon's log goes with a failure: this has failed rarely, under load only.
+                assert got == v, (k, got, mnt.log.read_text()[-4000:])
                 cached_s.append(seconds)
             time.sleep(0.3)
     finally:
