@@ -123,6 +123,8 @@ _MOUNT_SETTINGS = {
                                       help="fetched blocks waiting for the cache disk (default 32M)"),
     "cache_fill_wait": click.option("--cache-fill-wait", type=float,
                                     help="seconds a read may wait for a slow cache disk (0: never)"),
+    "pack_readahead": click.option("--pack-readahead",
+                                   help="pack bytes fetched past a packed file on open (default 8M)"),
     "uid": click.option("--uid", type=int, help="owner shown for files (default: you)"),
     "gid": click.option("--gid", type=int),
     "log_file": click.option("--log-file", type=click.Path(path_type=Path)),
@@ -199,6 +201,39 @@ def stats(mountpoint):
     except OSError as e:
         raise MountError(f"{mountpoint} is not a tieredfs mount ({e.strerror})") from None
     click.echo(json.dumps(json.loads(raw), indent=2, sort_keys=True))
+
+
+@main.command("pack")
+@click.argument("url")
+@click.option("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
+@click.option("--region")
+@click.option("--max-file-size", default="1M", show_default=True, help="objects up to this size are packed")
+@click.option("--pack-size", default="64M", show_default=True, help="bytes per pack object")
+@click.option("--parallel", default=16, show_default=True, type=click.IntRange(1, 256),
+              help="source objects fetched at once")
+@click.option("--dry-run", is_flag=True, help="say what would be packed; write nothing")
+@click.option("--verify", "check", is_flag=True, help="then check every packed file against its source")
+@clear_errors
+def pack_cmd(url, endpoint_url, region, max_file_size, pack_size, parallel, dry_run, check):
+    """Pack the small objects under s3://BUCKET[/PREFIX] for fast reads (docs/packs.md)."""
+    from . import service
+    from .config import parse_size
+    from .errors import PackVerifyFailed
+    from .packer import PackOptions
+
+    setup_logging(False)
+    options = PackOptions(max_file_size=parse_size(max_file_size, "max-file-size"),
+                          pack_size=parse_size(pack_size, "pack-size"), parallel=parallel,
+                          dry_run=dry_run)
+    if not 0 < options.max_file_size <= options.pack_size:
+        raise ConfigError("max-file-size must be positive and at most pack-size")
+    summary, report = service.pack(url, endpoint_url, region, options, check)
+    click.echo(summary.line())
+    if report is not None:
+        click.echo(report.line())
+        if report.bad:
+            raise PackVerifyFailed(f"{len(report.bad)} packed files differ from their source, "
+                                   f"e.g. {report.bad[0]!r}: re-run tieredfs pack")
 
 
 @main.command()

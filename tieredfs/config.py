@@ -85,6 +85,10 @@ class Config:
     cache_write_queue: int = 32 * MiB  # fetched blocks waiting to be written to the cache
     cache_fill_wait: float = 2.0  # seconds without any cache write finishing = a stalled disk
 
+    # Small-file packs (docs/packs.md): pack bytes fetched past a packed file when it is
+    # opened, so a directory walk finds its next files in tier 1.
+    pack_readahead: int = 8 * MiB
+
     # Mount.
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
@@ -135,6 +139,8 @@ class Config:
             raise ConfigError("readahead-budget must hold at least one block")
         if self.readahead_max < self.block_size:
             raise ConfigError("readahead-max must be at least one block")
+        if not 0 <= self.pack_readahead <= self.readahead_budget:
+            raise ConfigError("pack-readahead must be between 0 and readahead-budget")
         if self.request_size < self.block_size:
             raise ConfigError("request-size must be at least one block")
         if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
@@ -148,7 +154,8 @@ class Config:
 
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
 _SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
-                "small_file_threshold", "kernel_readahead", "cache_write_queue"}
+                "small_file_threshold", "kernel_readahead", "cache_write_queue",
+                "pack_readahead"}
 
 
 def load_toml(path: Path) -> dict:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import BackendUnavailable, ObjectMissing
+from .packindex import RESERVED
 from .tiers.s3 import Listing
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ def unusable(component: str) -> str | None:
 class Namespace:
     def __init__(self, root_prefix: str, list_dir: Callable[[str], Listing], ttl: float,
                  mount_time_ns: int, clock: Callable[[], float] = time.monotonic,
-                 refresh_dir: Callable[[str], Listing] | None = None):
+                 refresh_dir: Callable[[str], Listing] | None = None,
+                 on_listed: Callable[[str, bool], None] | None = None):
         self._list_dir = list_dir
+        self._on_listed = on_listed  # (prefix, shows the packs' reserved dir): docs/packs.md
         self._refresh_dir = refresh_dir or list_dir
         self._ttl = ttl
         self._clock = clock
@@ -235,7 +238,11 @@ class Namespace:
     def _apply(self, parent: Node, listing: Listing) -> None:
         plen = len(parent.key)
         entries: dict[bytes, tuple[bool, str, int, int, str]] = {}
+        packed = False
         for prefix in listing.prefixes:
+            if prefix[plen:-1] == RESERVED:
+                packed = True  # packs and their index: not files of the dataset
+                continue
             name = self._checked(prefix[plen:-1], prefix, "; every key under this prefix is hidden")
             if name is not None:
                 entries[name] = (True, prefix, 0, self._mount_time_ns, "")
@@ -250,6 +257,8 @@ class Namespace:
                 self._skip(obj.key, "a directory of the same name hides it")
                 continue
             entries[name] = (False, obj.key, obj.size, obj.mtime_ns, obj.etag)
+        if self._on_listed is not None:
+            self._on_listed(parent.key, packed)
         with self._lock:
             self._replace_children(parent.ino, entries)
 

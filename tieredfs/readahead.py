@@ -99,6 +99,7 @@ class ReadaheadEngine:
         self._nursery: trio.Nursery | None = None
         self._sequential: set[int] = set()  # ids of streams with an open window
         self._walked: OrderedDict[ObjectVersion, None] = OrderedDict()
+        self._walked_blocks: OrderedDict[tuple[ObjectVersion, int], None] = OrderedDict()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Prefetch tasks run in the mount's nursery, so unmount cancels them."""
@@ -107,7 +108,9 @@ class ReadaheadEngine:
     # --- the Reader's hooks -----------------------------------------------------------------
 
     async def opened(self, f) -> None:
-        f.stream = Stream(f.obj, block_count(f.obj.size, self.s.block_size))
+        # A packed file is a range of its pack: its stream starts and ends with the range.
+        f.stream = Stream(f.obj, block_count(f.base + f.size, self.s.block_size),
+                          next_index=f.base // self.s.block_size, last_end=f.base)
         if f.obj in self._walked:
             del self._walked[f.obj]
             self.counters.add("walk_used_bytes", f.obj.size)
@@ -341,17 +344,37 @@ class ReadaheadEngine:
                 self._walked.popitem(last=False)
             refs = [BlockRef(obj, i, self.s.block_size)
                     for i in range(block_count(obj.size, self.s.block_size))]
-            self._nursery.start_soon(self._prefetch_object, obj, self.chain.claim(refs))
+            self._nursery.start_soon(self._into_tiers, obj, self.chain.claim(refs), obj.size,
+                                     "walk_prefetched_bytes")
 
-    async def _prefetch_object(self, obj: ObjectVersion, claim: Claim) -> None:
+    def prefetch_range(self, obj: ObjectVersion, start: int, end: int) -> None:
+        """Fetch the blocks of `obj` covering [start, end) into the tiers above S3, each at
+        most once while remembered. A walk of a packed directory reads its pack in order: the
+        next files are in the blocks after this one (docs/packs.md)."""
+        if self._nursery is None or not self.chain.upper:
+            return
+        bs = self.s.block_size
+        refs = [BlockRef(obj, i, bs) for i in range(start // bs, block_count(min(end, obj.size), bs))
+                if (obj, i) not in self._walked_blocks]
+        nbytes = sum(r.length for r in refs)
+        if not refs or not self.budget.try_take(nbytes):
+            return
+        for r in refs:
+            self._walked_blocks[(obj, r.index)] = None
+        while len(self._walked_blocks) > _REMEMBERED_OBJECTS:
+            self._walked_blocks.popitem(last=False)
+        self._nursery.start_soon(self._into_tiers, obj, self.chain.claim(refs), nbytes,
+                                 "pack_prefetched_bytes")
+
+    async def _into_tiers(self, obj: ObjectVersion, claim: Claim, nbytes: int, counter: str) -> None:
         try:
             await self.chain.complete(claim, self._slots)
-            self.counters.add("walk_prefetched_bytes", obj.size)
+            self.counters.add(counter, nbytes)
         except Exception as e:
             self._failed(obj, e)
         finally:
             self.chain.release(claim)
-            self.budget.give_back(obj.size)
+            self.budget.give_back(nbytes)
 
     def _failed(self, obj: ObjectVersion, e: Exception) -> None:
         """A failed prefetch costs nothing but itself: the reader's own read retries and reports."""

@@ -19,11 +19,13 @@ from typing import Callable
 import trio
 
 from . import fuse_ops
-from .config import Config
+from .config import Config, build_config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem
 from .memory import BufferPool, tune_malloc
 from .namespace import Namespace
+from .packer import Packer, PackOptions, Summary, VerifyReport, verify as verify_packs
+from .packs import PackRegistry
 from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from .reader import Reader
 from .stats import Registry
@@ -97,12 +99,16 @@ class Daemon:
             connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
             counters=self.registry.counters("s3"), buffers=self.buffers)
-        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
-                                   refresh_dir=functools.partial(self.backend.list_dir, attempts=1))
-        self.registry.add_source(self.namespace.gauges)
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))
+        self.packs = PackRegistry(c.bucket, self.backend.get_object, c.effective_cache_dir / "packs",
+                                  c.list_ttl, self.registry.counters("packs"))
+        self.registry.add_source(self.packs.gauges)
+        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
+                                   refresh_dir=functools.partial(self.backend.list_dir, attempts=1),
+                                   on_listed=self.packs.listed)
+        self.registry.add_source(self.namespace.gauges)
         self.capacity = 0
         self.local = self._build_local_tier()
         self.upper_tiers = [self.local] if self.local else []
@@ -165,7 +171,8 @@ class Daemon:
         self.registry.add_source(engine.gauges)
         reader = Reader(chain, c.block_size, engine)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
-                        self.registry.snapshot, dir_prefetch=c.dir_prefetch)
+                        self.registry.snapshot, dir_prefetch=c.dir_prefetch,
+                        packs=self.packs, pack_readahead=c.pack_readahead)
         return fs, engine
 
     def fuse_options(self) -> set[str]:
@@ -221,6 +228,20 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
             with trio.move_on_after(_FLUSH_SECONDS, shield=True):
                 await daemon.filler.flush()
             writers.cancel_scope.cancel()
+
+
+def pack(url: str, endpoint_url: str | None, region: str | None, options: PackOptions,
+         check: bool) -> tuple[Summary, VerifyReport | None]:
+    """`tieredfs pack` (docs/packs.md): the packer over its own S3 client."""
+    c = build_config(url, {}, {"endpoint_url": endpoint_url, "region": region})
+    backend = S3Backend(c.bucket, endpoint_url=c.endpoint_url, region=c.region,
+                        max_requests=options.parallel + 2, connect_timeout=c.s3_connect_timeout,
+                        read_timeout=c.s3_read_timeout, max_attempts=c.s3_max_attempts,
+                        deadline=c.read_deadline, counters=Registry().counters("s3"))
+    backend.check_bucket()
+    summary = Packer(backend, c.prefix, options).run()
+    report = verify_packs(backend, c.prefix, options.parallel) if check and not options.dry_run else None
+    return summary, report
 
 
 def _open_block_files_limit(wanted: int) -> int:
