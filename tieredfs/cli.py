@@ -222,11 +222,12 @@ def pack_cmd(url, endpoint_url, region, max_file_size, pack_size, parallel, dry_
     from .packer import PackOptions
 
     setup_logging(False)
-    options = PackOptions(max_file_size=parse_size(max_file_size, "max-file-size"),
-                          pack_size=parse_size(pack_size, "pack-size"), parallel=parallel,
-                          dry_run=dry_run)
-    if not 0 < options.max_file_size <= options.pack_size:
-        raise ConfigError("max-file-size must be positive and at most pack-size")
+    packs = parse_size(pack_size, "pack-size")
+    # An object bigger than a pack is never packed, whatever --max-file-size says.
+    options = PackOptions(max_file_size=min(packs, parse_size(max_file_size, "max-file-size")),
+                          pack_size=packs, parallel=parallel, dry_run=dry_run)
+    if options.max_file_size < 1:
+        raise ConfigError("max-file-size and pack-size must be at least 1 byte")
     summary, report = service.pack(url, endpoint_url, region, options, check)
     click.echo(summary.line())
     if report is not None:
