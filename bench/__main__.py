@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import dataset, fio, report, workloads, workloads_files
+from . import dataset, fio, report, workloads, workloads_files, workloads_packs
 from .context import MODES, Run
 from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
@@ -26,6 +26,7 @@ WORKLOADS = {
     "multi4": workloads.multi_reader,
     "open200": workloads.many_readers,
     "small": workloads_files.small_files,
+    "packed": workloads_packs.packed_small_files,  # rows of `small`: needs it first for ratios
     "ttfb": workloads_files.first_byte,
     "mount": workloads_files.mount_ready,
     "restart": workloads_files.restart,
