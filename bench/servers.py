@@ -87,7 +87,7 @@ class RcloneEndpoint(Endpoint):
         log = open(self.root.parent / "rclone.log", "ab")
         self.proc = subprocess.Popen(
             [binary, "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{port}",
-             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--read-only"],
+             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}"],  # writable: `tieredfs pack` writes packs
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         if not wait_until(lambda: _answers(self.url) or self.proc.poll() is not None, 15):

@@ -135,9 +135,12 @@ class PackIndex:
                                     f"this tieredfs reads {FORMAT}")
 
     def lookup(self, path: str) -> Entry | None:
-        with self._lock:
-            row = self._conn.execute("SELECT etag, size, pack, offset, xxh3 FROM entries WHERE path = ?",
-                                     (path,)).fetchone()
+        try:
+            with self._lock:
+                row = self._conn.execute("SELECT etag, size, pack, offset, xxh3 FROM entries "
+                                         "WHERE path = ?", (path,)).fetchone()
+        except sqlite3.Error as e:  # closed (a newer version replaced it) or damaged
+            raise PackIndexUnusable(f"pack index {self.path.name}: {e}") from None
         return None if row is None else self._entry(path, *row)
 
     def entries(self) -> list[Entry]:

@@ -134,8 +134,8 @@ class PackRegistry:
                 continue
             try:
                 entry = state.index.lookup(key[len(prefix):])
-            except Exception as e:  # closed by a newer version meanwhile: read the source
-                log.debug("event=pack_lookup_failed key=%r error=%r", key, e)
+            except PackIndexUnusable as e:  # replaced by a newer version meanwhile
+                log.debug("event=pack_lookup_failed key=%r error=%r", key, str(e))
                 return None
             if entry is None:
                 return None
