@@ -108,6 +108,12 @@ class S3Backend:
             region_name=region or "us-east-1",
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
+        try:
+            # Objects the packer writes carry their MD5 only: rclone serve s3 sends a stored
+            # CRC32 of the whole object with every ranged GET, which botocore then rejects.
+            cfg = cfg.merge(botocore.config.Config(request_checksum_calculation="when_required"))
+        except TypeError:
+            pass  # botocore < 1.36 adds no checksum to a PUT anyway
         self._client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=cfg)
 
     # --- public operations -----------------------------------------------------
