@@ -124,7 +124,7 @@ _MOUNT_SETTINGS = {
     "cache_fill_wait": click.option("--cache-fill-wait", type=float,
                                     help="seconds a read may wait for a slow cache disk (0: never)"),
     "pack_readahead": click.option("--pack-readahead",
-                                   help="pack bytes fetched past a packed file on open (default 8M)"),
+                                   help="pack bytes fetched past a packed file on open (default 16M)"),
     "uid": click.option("--uid", type=int, help="owner shown for files (default: you)"),
     "gid": click.option("--gid", type=int),
     "log_file": click.option("--log-file", type=click.Path(path_type=Path)),

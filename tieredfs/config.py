@@ -87,7 +87,7 @@ class Config:
 
     # Small-file packs (docs/packs.md): pack bytes fetched past a packed file when it is
     # opened, so a directory walk finds its next files in tier 1.
-    pack_readahead: int = 8 * MiB
+    pack_readahead: int = 16 * MiB  # one request_size: a walk costs one GET per 16 MiB
 
     # Mount.
     uid: int = field(default_factory=os.getuid)

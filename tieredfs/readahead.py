@@ -354,8 +354,16 @@ class ReadaheadEngine:
         if self._nursery is None or not self.chain.upper:
             return
         bs = self.s.block_size
-        refs = [BlockRef(obj, i, bs) for i in range(start // bs, block_count(min(end, obj.size), bs))
-                if (obj, i) not in self._walked_blocks]
+        first, last = start // bs, block_count(min(end, obj.size), bs)
+        todo = [i for i in range(first, last) if (obj, i) not in self._walked_blocks]
+        if todo and todo[0] > first:
+            if len(todo) < (last - first) // 2:
+                return  # over half the range is on its way: top up later, in one whole request
+            # A whole range's worth past what is claimed: claimed one block per open, a walk
+            # cost one GET per block.
+            last = min(block_count(obj.size, bs), todo[0] + last - first)
+            todo = [i for i in range(todo[0], last) if (obj, i) not in self._walked_blocks]
+        refs = [BlockRef(obj, i, bs) for i in todo]
         nbytes = sum(r.length for r in refs)
         if not refs or not self.budget.try_take(nbytes):
             return
