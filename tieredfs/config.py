@@ -139,8 +139,6 @@ class Config:
             raise ConfigError("readahead-budget must hold at least one block")
         if self.readahead_max < self.block_size:
             raise ConfigError("readahead-max must be at least one block")
-        if not 0 <= self.pack_readahead <= self.readahead_budget:
-            raise ConfigError("pack-readahead must be between 0 and readahead-budget")
         if self.request_size < self.block_size:
             raise ConfigError("request-size must be at least one block")
         if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):

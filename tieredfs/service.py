@@ -172,7 +172,9 @@ class Daemon:
         reader = Reader(chain, c.block_size, engine)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
                         self.registry.snapshot, dir_prefetch=c.dir_prefetch,
-                        packs=self.packs, pack_readahead=c.pack_readahead)
+                        packs=self.packs,
+                        # (half the budget at most: the files being read need their share)
+                        pack_readahead=min(c.pack_readahead, c.readahead_budget // 2))
         return fs, engine
 
     def fuse_options(self) -> set[str]:
