@@ -3,7 +3,6 @@
 import functools
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -125,6 +124,9 @@ _MOUNT_SETTINGS = {
                                     help="seconds a read may wait for a slow cache disk (0: never)"),
     "pack_readahead": click.option("--pack-readahead",
                                    help="pack bytes fetched past a packed file on open (default 16M)"),
+    "metrics_addr": click.option("--metrics-addr", help="serve Prometheus metrics on HOST:PORT (off by default)"),
+    "record": click.option("--record", type=click.Path(path_type=Path),
+                           help="write the blocks reads ask for to FILE (tieredfs warmup --replay)"),
     "uid": click.option("--uid", type=int, help="owner shown for files (default: you)"),
     "gid": click.option("--gid", type=int),
     "log_file": click.option("--log-file", type=click.Path(path_type=Path)),
@@ -190,17 +192,47 @@ def umount(mountpoint, lazy):
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("mountpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="every counter as JSON")
+@click.option("--watch", is_flag=False, flag_value="1", default=None, metavar="[SECONDS]",
+              help="live per-second rates every SECONDS (default 1) until Ctrl-C")
+@click.option("--count", type=click.IntRange(min=1), help="with --watch: stop after COUNT lines")
 @clear_errors
-def stats(mountpoint):
-    """Print the counters of the daemon serving MOUNTPOINT as JSON."""
-    from .fuse_ops import STATS_XATTR
+def stats(mountpoint, as_json, watch, count):
+    """Show what the daemon serving MOUNTPOINT is doing."""
+    from . import stats_view
 
-    try:
-        raw = os.getxattr(mountpoint, STATS_XATTR.decode())
-    except OSError as e:
-        raise MountError(f"{mountpoint} is not a tieredfs mount ({e.strerror})") from None
-    click.echo(json.dumps(json.loads(raw), indent=2, sort_keys=True))
+    if watch is not None:
+        seconds, mountpoint = stats_view.watch_args(watch, mountpoint)
+        stats_view.watch(mountpoint, seconds, count, sys.stdout)
+        return
+    if mountpoint is None:
+        raise ConfigError("give the MOUNTPOINT of a tieredfs mount")
+    snap = stats_view.read_stats(mountpoint)
+    click.echo(stats_view.to_json(snap) if as_json else stats_view.table(snap))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-r", "--recursive", is_flag=True, help="warm the files under directories too")
+@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="files (or recorded runs) read at once")
+@click.option("--replay", type=click.Path(path_type=Path),
+              help="preload the blocks a FILE from 'mount --record' lists, in order")
+@clear_errors
+def warmup(paths, recursive, parallel, replay):
+    """Preload files into a running mount's caches (reads through the mount)."""
+    from . import warmup as warm
+
+    if replay is not None:
+        if len(paths) != 1:
+            raise ConfigError("--replay takes one PATH: the mount point to warm")
+        plan = warm.plan_replay(replay, paths[0])
+    elif not paths:
+        raise ConfigError("give the files or directories to warm (or --replay FILE MOUNTPOINT)")
+    else:
+        plan = warm.plan_paths(list(paths), recursive)
+    sys.exit(warm.warm(plan, parallel))
 
 
 @main.command("pack")

@@ -89,6 +89,10 @@ class Config:
     # opened, so a directory walk finds its next files in tier 1.
     pack_readahead: int = 16 * MiB  # one request_size: a walk costs one GET per 16 MiB
 
+    # Seeing and steering the cache (issue 23: docs/metrics.md, docs/warmup.md).
+    metrics_addr: str | None = None  # HOST:PORT serving Prometheus metrics; off when unset
+    record: Path | None = None  # write the blocks that reads ask for to this file, in order
+
     # Mount.
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
@@ -143,6 +147,8 @@ class Config:
             raise ConfigError("request-size must be at least one block")
         if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
             raise ConfigError(f"endpoint-url {self.endpoint_url!r} must look like http(s)://HOST[:PORT]")
+        if self.metrics_addr is not None and not _ADDR_RE.match(self.metrics_addr):
+            raise ConfigError(f"metrics-addr {self.metrics_addr!r} must be HOST:PORT, e.g. 127.0.0.1:9464")
         for opt in self.fuse_options:
             if opt not in _ALLOWED_FUSE_OPTIONS and not opt.startswith("fsname="):
                 allowed = ", ".join(sorted(_ALLOWED_FUSE_OPTIONS))
@@ -150,6 +156,7 @@ class Config:
         return self
 
 
+_ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[\w.\-]+):([1-9]\d{0,4})$")
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
 _SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
                 "small_file_threshold", "kernel_readahead", "cache_write_queue",

@@ -95,6 +95,10 @@ class ReadOnly(TieredError):
     errno = errno.EROFS
 
 
+class ReplayRefused(TieredError):
+    """A replay file that does not fit the mount: another bucket, another version, damaged."""
+
+
 def errno_of(exc: BaseException) -> int:
     """The errno a reader sees for `exc`; unexpected exceptions become EIO."""
     if isinstance(exc, TieredError):

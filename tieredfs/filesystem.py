@@ -7,6 +7,7 @@ fuse_ops.py only translates between this and pyfuse3. Blocking namespace work
 import itertools
 import json
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -15,9 +16,10 @@ import trio
 
 from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, ReadOnly
-from .namespace import Namespace, Node
+from .namespace import ROOT_INO, Namespace, Node
 from .packs import PackRegistry
 from .reader import OpenFile, Reader
+from .stats import Registry
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _WALKS_REMEMBERED = 1024  # directories whose last opened position is kept
@@ -32,7 +34,9 @@ class Opened:
 class FileSystem:
     def __init__(self, namespace: Namespace, reader: Reader, bucket: str,
                  list_limiter: trio.CapacityLimiter, stats: Callable[[], dict], dir_prefetch: int = 0,
-                 packs: PackRegistry | None = None, pack_readahead: int = 0):
+                 packs: PackRegistry | None = None, pack_readahead: int = 0,
+                 meter: "ReadMeter | None" = None):
+        self.meter = meter or ReadMeter()
         self.namespace = namespace
         self.packs = packs
         self._pack_readahead = pack_readahead
@@ -127,8 +131,11 @@ class FileSystem:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         f = self._files[fh]
+        start = time.perf_counter()
         try:
-            return await self.reader.read(f, offset, size)
+            data = await self.reader.read(f, offset, size)
+            self.meter.done(len(data), time.perf_counter() - start)
+            return data
         except (ObjectMissing, ObjectChanged):
             if f.own is not None:
                 return await self._read_unpacked(f, offset, size)
@@ -153,7 +160,36 @@ class FileSystem:
     def open_files(self) -> int:
         return len(self._files)
 
-    def stats_json(self) -> bytes:
+    def stats(self) -> dict[str, int]:
         snap = self._stats()
         snap["fs.open_files"] = len(self._files)
-        return json.dumps(snap, sort_keys=True).encode()
+        return snap
+
+    def stats_json(self) -> bytes:
+        return json.dumps(self.stats(), sort_keys=True).encode()
+
+    def mount_json(self) -> bytes:
+        """What `tieredfs warmup --replay` checks a replay file against."""
+        return json.dumps({"bucket": self.bucket, "prefix": self.namespace.node(ROOT_INO).key,
+                           "block_size": self.reader.block_size}).encode()
+
+    def etag(self, ino: int) -> bytes:
+        """The version a file's reads are served from (warmup --replay checks it)."""
+        node = self.namespace.node(ino)
+        if node.is_dir:
+            raise IsADirectoryError(node.name)
+        return node.etag.encode()
+
+
+class ReadMeter:
+    """FUSE reads counted and timed (stats.py's counters and histogram; none in unit tests)."""
+
+    def __init__(self, counters=None, latency=None):
+        registry = Registry()
+        self.counters = counters or registry.counters("fs")
+        self.latency = latency or registry.histogram("fuse.read")
+
+    def done(self, nbytes: int, seconds: float) -> None:
+        self.counters.add("reads")
+        self.counters.add("read_bytes", nbytes)
+        self.latency.observe(seconds)

@@ -11,13 +11,15 @@ import stat
 
 import pyfuse3
 
+from . import stats
 from .errors import ReadOnly, TieredError, errno_of
 from .filesystem import FileSystem
 from .namespace import Node
 
 log = logging.getLogger(__name__)
 
-STATS_XATTR = b"user.tieredfs.stats"
+STATS_XATTR, MOUNT_XATTR, ETAG_XATTR = (n.encode() for n in (stats.STATS_XATTR, stats.MOUNT_XATTR,
+                                                               stats.ETAG_XATTR))
 _FILE_MODE = stat.S_IFREG | 0o444
 _DIR_MODE = stat.S_IFDIR | 0o555
 
@@ -125,11 +127,17 @@ class FuseOps(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
             return self.fs.stats_json()
+        if inode == pyfuse3.ROOT_INODE and name == MOUNT_XATTR:
+            return self.fs.mount_json()
+        if inode != pyfuse3.ROOT_INODE and name == ETAG_XATTR:
+            return self.fs.etag(inode)
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_errors
     async def listxattr(self, inode, ctx):
-        return [STATS_XATTR] if inode == pyfuse3.ROOT_INODE else []
+        if inode == pyfuse3.ROOT_INODE:
+            return [STATS_XATTR, MOUNT_XATTR]
+        return [] if (await self.fs.getattr(inode)).is_dir else [ETAG_XATTR]
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse_write
     write = create = setxattr = removexattr = _refuse_write

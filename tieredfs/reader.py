@@ -33,10 +33,12 @@ class OpenFile:
 
 
 class Reader:
-    def __init__(self, chain: TierChain, block_size: int, readahead: ReadaheadEngine | None = None):
+    def __init__(self, chain: TierChain, block_size: int, readahead: ReadaheadEngine | None = None,
+                 recorder=None):
         self.chain = chain
         self.block_size = block_size
         self.readahead = readahead
+        self.recorder = recorder  # record.Recorder under --record: notes the blocks reads ask for
 
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
         size = min(size, f.size - offset)  # a packed file ends before its pack does
@@ -46,6 +48,8 @@ class Reader:
         refs = blocks_for_range(f.obj, offset, size, self.block_size)
         if not refs:
             return b""
+        if self.recorder is not None:
+            self.recorder.note(refs)
         if self.readahead is not None:
             return await self.readahead.read(f, refs, offset, size)
         return assemble(refs, await self.chain.get_many(refs), offset, size)

@@ -21,13 +21,14 @@ import trio
 from . import fuse_ops
 from .config import Config, build_config
 from .errors import CacheError, MountError
-from .filesystem import FileSystem
+from .filesystem import FileSystem, ReadMeter
 from .memory import BufferPool, tune_malloc
 from .namespace import Namespace
 from .packer import Packer, PackOptions, Summary, VerifyReport, verify as verify_packs
 from .packs import PackRegistry
 from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from .reader import Reader
+from .record import Recorder
 from .stats import Registry
 from .tiers.chain import TierChain
 from .tiers.filler import Filler
@@ -99,6 +100,7 @@ class Daemon:
             connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
             counters=self.registry.counters("s3"), buffers=self.buffers)
+        self.registry.add_source(self.backend.gauges)
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))
@@ -112,6 +114,10 @@ class Daemon:
         self.capacity = 0
         self.local = self._build_local_tier()
         self.upper_tiers = [self.local] if self.local else []
+        # Issue 23: --record and --metrics-addr (record.py, metrics.py).
+        self.recorder = Recorder(c.record, c.bucket, c.prefix, c.block_size,
+                                 self.registry.counters("record")) if c.record else None
+        self.metrics = None
 
     def _build_local_tier(self) -> LocalTier | None:
         c = self.config
@@ -138,6 +144,10 @@ class Daemon:
         return local
 
     def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if self.recorder:
+            self.recorder.close()
         if self.local:
             self.local.close()
         self.cache_dir.unlock()
@@ -159,7 +169,7 @@ class Daemon:
             disk_limiter=disk,
             s3_limiter=trio.CapacityLimiter(c.s3_max_requests),
             max_span=request_blocks,
-            counters=self.registry.counters("chain"))
+            counters=self.registry.counters("chain"), latency=self.registry.histogram)
         settings = ReadaheadSettings(
             block_size=c.block_size, min_window=min(2, c.readahead_max // c.block_size),
             max_window=c.readahead_max // c.block_size, request_blocks=request_blocks,
@@ -169,12 +179,18 @@ class Daemon:
         engine = ReadaheadEngine(chain, settings, MemoryBudget(c.readahead_budget, counters),
                                  trio.CapacityLimiter(max(1, c.s3_max_requests * 3 // 4)), counters)
         self.registry.add_source(engine.gauges)
-        reader = Reader(chain, c.block_size, engine)
+        reader = Reader(chain, c.block_size, engine, recorder=self.recorder)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
                         self.registry.snapshot, dir_prefetch=c.dir_prefetch,
                         packs=self.packs,
                         # (half the budget at most: the files being read need their share)
-                        pack_readahead=min(c.pack_readahead, c.readahead_budget // 2))
+                        pack_readahead=min(c.pack_readahead, c.readahead_budget // 2),
+                        meter=ReadMeter(self.registry.counters("fs"), self.registry.histogram("fuse.read")))
+        if c.metrics_addr:
+            from .metrics import Collector, MetricsServer  # prometheus_client only when asked for
+
+            self.metrics = MetricsServer(c.metrics_addr, Collector(
+                fs.stats, self.registry.histograms, self.capacity))
         return fs, engine
 
     def fuse_options(self) -> set[str]:
@@ -214,6 +230,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
                 engine.start(nursery)
+                if daemon.recorder:
+                    nursery.start_soon(daemon.recorder.run)
                 # Ready only once the mount answers a request.
                 await trio.to_thread.run_sync(os.stat, c.mountpoint)
                 if c.kernel_readahead:

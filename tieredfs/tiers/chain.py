@@ -5,12 +5,13 @@ limiter. Concurrent requests for the same block share one fetch.
 """
 
 import logging
+import time
 
 import trio
 
 from ..blocks import BlockRef
 from ..errors import TieredError
-from ..stats import Counters
+from ..stats import Counters, Registry
 from .base import Tier
 from .filler import Filler
 from .s3 import S3Tier
@@ -54,8 +55,10 @@ class Claim:
 class TierChain:
     def __init__(self, upper: list[Tier], s3: S3Tier, filler: Filler, *,
                  disk_limiter: trio.CapacityLimiter, s3_limiter: trio.CapacityLimiter, max_span: int,
-                 counters: Counters):
+                 counters: Counters, latency=None):
         self.upper = upper
+        # latency(tier name) -> the Histogram its calls are timed into (metrics.py exports them).
+        self._latency = latency or Registry().histogram
         self.s3 = s3
         self.filler = filler
         self._disk = disk_limiter
@@ -88,7 +91,12 @@ class TierChain:
 
     def _part_from_upper(self, ref: BlockRef, lo: int, hi: int, wait: bool) -> bytes | None:
         for tier in self.upper:
-            part = tier.get_part(ref, lo, hi) if wait else tier.peek_part(ref, lo, hi)
+            if wait:
+                start = time.perf_counter()
+                part = tier.get_part(ref, lo, hi)
+                self._latency(tier.name).observe(time.perf_counter() - start)
+            else:
+                part = tier.peek_part(ref, lo, hi)
             if part is not None:
                 self._served(tier.name, len(part))
                 return part
@@ -186,7 +194,9 @@ class TierChain:
         for ref in refs:
             data = None
             for tier in self.upper:
+                start = time.perf_counter()
                 data = tier.get(ref)
+                self._latency(tier.name).observe(time.perf_counter() - start)
                 if data is not None:
                     self._served(tier.name, len(data))
                     break
@@ -216,7 +226,11 @@ class TierChain:
 
     def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
         """Worker thread: consecutive blocks in one ranged GET."""
-        return self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
+        start = time.perf_counter()
+        try:
+            return self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
+        finally:  # a failure's time too: retries until the deadline are what an outage looks like
+            self._latency("s3").observe(time.perf_counter() - start)
 
     def _served(self, source: str, nbytes: int) -> None:
         """hits.* count block lookups; bytes.* what each source delivered (a part or a block)."""

@@ -116,6 +116,10 @@ class S3Backend:
             pass  # botocore < 1.36 adds no checksum to a PUT anyway
         self._client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=cfg)
 
+    def gauges(self) -> dict[str, int]:
+        """1 while S3 is taken as down (one attempt per request until it answers)."""
+        return {"s3.down": int(self._down)}
+
     # --- public operations -----------------------------------------------------
 
     def check_bucket(self) -> None:
@@ -294,6 +298,7 @@ class S3Backend:
                 with self._slots:
                     self.counters.add(f"requests.{kind}")
                     result = fn(stop_at)
+                self.counters.add(f"responses.{kind}.ok")
                 if self._down:
                     self._down = False
                     log.info("event=s3_recovered action=retrying_normally")
@@ -301,6 +306,7 @@ class S3Backend:
             except _Retry as e:
                 last, unreachable = str(e), False
             except botocore.exceptions.ClientError as e:
+                self.counters.add(f"responses.{kind}.{_code_status(e)[1]}")
                 last, unreachable = self._classify(e, kind), False
             except botocore.exceptions.NoCredentialsError:
                 raise CredentialsRefused("no AWS credentials found") from None
@@ -311,6 +317,7 @@ class S3Backend:
                 last, unreachable = str(e), False
             except _TRANSIENT as e:
                 self.counters.add("transport_errors")
+                self.counters.add(f"responses.{kind}.none")  # no answer: reset, timeout
                 last, unreachable = f"{type(e).__name__}: {e}", True
             if time.monotonic() >= stop_at:
                 break
