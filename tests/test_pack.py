@@ -152,13 +152,15 @@ def test_edge_prefixes_and_awkward_keys(s3, s3server, bucket, mount_factory):
     out = pack(s3server, bucket, "odd", "--dry-run").stdout
     assert "would pack 9 files" in out and not keys(s3, bucket, "odd/.tieredfs/")
     assert "packed 9 files" in pack(s3server, bucket, "odd").stdout
+    # The bucket root: its own sources, not the packs and index of odd/ below it.
+    assert "packed 12 files" in pack(s3server, bucket, "").stdout
     # A bad option is one line, not a traceback.
     bad = pack(s3server, bucket, "odd", "--pack-size", "lots", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "pack-size" in bad.stderr
 
     m = mount_factory(bucket)
     read_all(m.path, odd | big, "")
-    assert m.stats()["packs.packed_opens"] == 9
+    assert m.stats()["packs.packed_opens"] == 12
 
 
 def test_pack_written_while_a_node_reads(s3, s3server, bucket, mount_factory):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, PackIndexUnusable
-from .packindex import (FORMAT, POINTER, Entry, Pack, PackIndex, checksum, index_name_of,
+from .packindex import (FORMAT, POINTER, RESERVED, Entry, Pack, PackIndex, checksum, index_name_of,
                         pointer_bytes, reserved_prefix, write_index)
 from .tiers.s3 import ListedObject, S3Backend
 
@@ -118,7 +118,8 @@ class Packer:
     def _state(self) -> _State:
         listed = self.s3.list_all(self.prefix)
         n = len(self.prefix)
-        state = _State({o.key[n:]: o for o in listed if not o.key.startswith(self.reserved)},
+        # Not the packs of this prefix, nor those of a packed prefix below it.
+        state = _State({o.key[n:]: o for o in listed if f"/{RESERVED}/" not in f"/{o.key[n:]}"},
                        {o.key: o for o in listed if o.key.startswith(self.reserved + "packs/")})
         index = self.current_index(self.s3, self.prefix, Path(tempfile.gettempdir()))
         if index is None:
