@@ -1,10 +1,11 @@
-"""python -m bench [--quick | --tiny] [--server rclone|moto | --endpoint-url URL] [--only W,...]
+"""python -m bench [--quick | --tiny] [--server rclone|moto | --endpoint-url URL] [--only W,...] [--peers]
 
 Starts its own S3 endpoint on 127.0.0.1, writes the dataset, runs the workloads with their
 reference rows, and writes bench/results/<stamp>.json, .md and .png.
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from . import dataset, fio, report, workloads, workloads_files, workloads_packs
+from . import (dataset, fio, report, report_short, workloads, workloads_files, workloads_packs,
+               workloads_peers)
 from .context import MODES, Run
 from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
@@ -31,6 +33,7 @@ WORKLOADS = {
     "mount": workloads_files.mount_ready,
     "restart": workloads_files.restart,
     "bigbucket": workloads_files.big_bucket,
+    "peers": workloads_peers.peer_rows,  # with --peers (rclone mount, s3fs, JuiceFS)
 }
 _FULL_ONLY = {"restart", "bigbucket"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,9 +58,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="scratch dir (default: a new one in /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
     p.add_argument("--update-docs", action="store_true",
-                   help="write the table and chart into docs/benchmarks.md")
+                   help="write the tables and charts into docs/benchmarks.md")
+    p.add_argument("--from-json", type=Path, metavar="RESULT.json",
+                   help="measure nothing: write the docs (with --update-docs) from a results "
+                        "file of bench/results/ and the charts beside it")
+    p.add_argument("--peers", nargs="?", const=",".join(workloads_peers.TOOLS), metavar="TOOL,...",
+                   help="also mount rclone, s3fs and JuiceFS on the same endpoint and dataset "
+                        "and measure each beside tieredfs (bench/workloads_peers.py); "
+                        f"or only some of {','.join(workloads_peers.TOOLS)}")
     args = p.parse_args(argv)
     args.mode = args.mode or "full"
+    if args.peers:
+        unknown = set(args.peers.split(",")) - set(workloads_peers.TOOLS)
+        if unknown:
+            p.error(f"unknown peer(s): {', '.join(sorted(unknown))}")
     return args
 
 
@@ -67,19 +81,26 @@ def selected(args) -> list[str]:
         unknown = set(names) - set(WORKLOADS)
         if unknown:
             sys.exit(f"unknown workload(s): {', '.join(sorted(unknown))}")
-        return names
-    return [n for n in WORKLOADS if args.mode == "full" or n not in _FULL_ONLY]
+    else:
+        names = [n for n in WORKLOADS
+                 if n != "peers" and (args.mode == "full" or n not in _FULL_ONLY)]
+    if args.peers and "peers" not in names:
+        names.append("peers")
+    return names
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.from_json:
+        return _from_json(args)
     unwind_on_signals()
     if not fio.available():
         sys.exit("fio not found: apt-get install fio")
     apply_credentials()
     mode = MODES[args.mode]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tieredfs-bench-", dir="/var/tmp"))
-    endpoint = make_endpoint(args.server, args.endpoint_url, workdir)
+    endpoint = make_endpoint(args.server, args.endpoint_url, workdir,
+                             writable=bool({"peers", "packed"} & set(selected(args))))
     proxy = None
     run = None
     started, machine = time.time(), report.machine()
@@ -94,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             proxy = LatencyProxy(endpoint.url, args.s3_latency_ms).start()
             s3_url = proxy.url
         run = Run(mode, workdir, endpoint, s3_url, ds, args.block_size)
+        run.peer_tools = (args.peers or ",".join(workloads_peers.TOOLS)).split(",")
         for name in selected(args):
             t0 = time.time()
             try:
@@ -116,10 +138,28 @@ def main(argv: list[str] | None = None) -> dict:
     print(report.markdown(result))
     print("\n".join(f"wrote {p}" for p in paths.values()))
     if args.update_docs:
-        report.update_docs(result, paths.get("png"), DOCS)
-        print(f"updated {DOCS}")
+        _update_docs(result, paths)
     if any(r["kind"] == "error" for r in result["rows"]):
         sys.exit(1)
+    return result
+
+
+def _update_docs(result: dict, paths: dict[str, Path]) -> None:
+    report.update_docs(result, paths.get("png"), DOCS)
+    short = report_short.update_docs(result, report.key(result), paths.get("peers_png"), DOCS)
+    print(f"updated {DOCS} ({', '.join([report.key(result), *short])})")
+
+
+def _from_json(args) -> dict:
+    """The docs from a run already made; its charts are drawn again beside it."""
+    result = json.loads(args.from_json.read_text())
+    paths = {"png": args.from_json.with_suffix(".png"),
+             "peers_png": args.from_json.with_name(args.from_json.stem + "-peers.png")}
+    report.chart(result, paths["png"])
+    report_short.peers_chart(result, paths["peers_png"])
+    print(report.markdown(result))
+    if args.update_docs:
+        _update_docs(result, {k: p for k, p in paths.items() if p.exists()})
     return result
 
 

@@ -48,10 +48,7 @@ class _Process:
 
     def peak_rss_bytes(self) -> int:
         """VmHWM: the daemon's peak resident set since it started."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return vm_hwm(self.pid)
 
     def stop(self) -> None:
         start = time.perf_counter()
@@ -104,6 +101,16 @@ class NullMount(_Process):
     def start(self) -> "NullMount":
         self._spawn(self.cmd, lambda: _answers(self.path))
         return self
+
+
+def vm_hwm(pid: int) -> int:
+    """A process's peak resident set in bytes (VmHWM); 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+    return int(line.split()[1]) * 1024
 
 
 def _answers(path: Path) -> bool:

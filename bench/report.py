@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import cpu
+from . import cpu, report_short
 
 _MiB = 1 << 20
 
@@ -212,12 +212,7 @@ def _rss_target(rows: list[dict]) -> dict:
             "measured": f"peak {mib:.0f} MiB ({worst['id']})" + also}
 
 
-def _fmt(value, metric: str) -> str:
-    if value is None:
-        return "–"
-    if metric in ("ms", "s"):
-        return f"{value:.3g} {metric}" if value < 100 else f"{value:.0f} {metric}"
-    return f"{value:,.0f} {metric}" if value >= 100 else f"{value:.3g} {metric}"
+_fmt = report_short.fmt  # one way to show a value in every table
 
 
 def markdown(result: dict) -> str:
@@ -229,6 +224,8 @@ def markdown(result: dict) -> str:
              "| CPU s per GiB: all (daemon, S3 server, bench), idle |",
              "|---|---|---:|---|---:|---|---:|---:|---:|---|"]
     for r in result["rows"]:
+        if r["workload"] == "peers":  # their own table, below
+            continue
         d = r.get("daemon")
         reqs = f"{d['s3_get']}/{d['s3_head']}/{d['s3_list']}" if d else ""
         s3_mib = f"{d['s3_bytes'] / _MiB:.0f}" if d else ""
@@ -241,6 +238,8 @@ def markdown(result: dict) -> str:
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         lines.append(f"| {t['what']} | {t['target']} | {t['measured']} | {met} |")
+    if peers := report_short.peers_markdown(result):
+        lines += ["", "Peers (python -m bench --peers: fresh mount and empty cache each):", "", peers]
     return "\n".join(lines) + "\n"
 
 
@@ -295,10 +294,11 @@ def chart(result: dict, path: Path) -> None:
 def write(result: dict, out_dir: Path, stem: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md",
-             "png": out_dir / f"{stem}.png"}
+             "png": out_dir / f"{stem}.png", "peers_png": out_dir / f"{stem}-peers.png"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths["md"].write_text(markdown(result))
     chart(result, paths["png"])
+    report_short.peers_chart(result, paths["peers_png"])
     return {k: p for k, p in paths.items() if p.exists()}
 
 

@@ -69,9 +69,10 @@ class Endpoint:
 class RcloneEndpoint(Endpoint):
     kind = "rclone"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, writable: bool = False):
         super().__init__()
         self.root = root
+        self.writable = writable  # JuiceFS's peer rows write its own volume (bench/peers.py)
         self.proc: subprocess.Popen | None = None
         self.version = ""
 
@@ -87,7 +88,8 @@ class RcloneEndpoint(Endpoint):
         log = open(self.root.parent / "rclone.log", "ab")
         self.proc = subprocess.Popen(
             [binary, "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{port}",
-             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}"],  # writable: `tieredfs pack` writes packs
+             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
+             *([] if self.writable else ["--read-only"])],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         if not wait_until(lambda: _answers(self.url) or self.proc.poll() is not None, 15):
@@ -135,11 +137,12 @@ class MotoEndpoint(Endpoint):
                 "not a performance reference)")
 
 
-def make_endpoint(server: str, endpoint_url: str | None, workdir: Path) -> Endpoint:
+def make_endpoint(server: str, endpoint_url: str | None, workdir: Path,
+                  writable: bool = False) -> Endpoint:
     if endpoint_url:
         return Endpoint(endpoint_url)
     if server == "rclone":
-        return RcloneEndpoint(workdir / "s3root")
+        return RcloneEndpoint(workdir / "s3root", writable)
     if server == "moto":
         return MotoEndpoint()
     raise ValueError(f"unknown server {server!r}")

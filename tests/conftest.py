@@ -16,6 +16,7 @@ import boto3
 import pytest
 
 from tieredfs.devserver import DevS3Server, wait_until
+from tieredfs.stale import is_dead_mount
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -73,7 +74,9 @@ class Mount:
                            "--cache-dir", str(self.cache_dir), "--foreground", *self.extra)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        ok = wait_until(lambda: os.path.ismount(self.path) or self.proc.poll() is not None, 30)
+        # A dead mount left by kill() passes ismount() until the new daemon has replaced it.
+        ok = wait_until(lambda: (os.path.ismount(self.path) and not is_dead_mount(self.path))
+                        or self.proc.poll() is not None, 30)
         if not ok or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError(f"mount failed:\n{self.log.read_text()}")

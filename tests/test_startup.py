@@ -198,7 +198,7 @@ def test_daemon_mode_is_ready_on_return_and_umounts(attempt, s3server, bucket, p
     assert_one_line_failure(run_cli("umount", str(a.mnt)), "cannot unmount")
 
 
-def test_umount_of_a_mount_whose_daemon_was_killed(attempt, s3server, bucket, put):
+def test_a_mount_whose_daemon_was_killed_is_detached_by_mount_and_umount(attempt, s3server, bucket, put):
     put("f.txt", b"hello")
     a = attempt()
     url = f"s3://{bucket}"
@@ -209,12 +209,17 @@ def test_umount_of_a_mount_whose_daemon_was_killed(attempt, s3server, bucket, pu
     with pytest.raises(OSError) as dead:
         os.listdir(a.mnt)  # the kernel mount outlived its daemon
     assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    assert_one_line_failure(a.mount(url, "--endpoint-url", s3server.url), "dead mount",
-                            "tieredfs umount")
+    # Mounting again detaches the dead mount first, and says so.
+    again = a.mount(url, "--endpoint-url", s3server.url)
+    assert again.returncode == 0 and "event=dead_mount_detached" in again.stderr, again.stderr
+    assert read_file(a.mnt / "f.txt") == b"hello"
+    (daemon,) = a.daemons()
+    os.kill(daemon, signal.SIGKILL)
+    assert wait_until(lambda: not a.daemons(), 10)
+    # So does `tieredfs umount`; the same mount point and cache dir then work straight away.
     done = run_cli("umount", str(a.mnt))
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 and "detached the dead mount" in done.stderr, done.stderr
     assert not in_mount_table(a.mnt)
-    # The same mount point and cache dir work again straight away.
     assert a.mount(url, "--endpoint-url", s3server.url).returncode == 0
     assert read_file(a.mnt / "f.txt") == b"hello"
     assert run_cli("umount", str(a.mnt)).returncode == 0

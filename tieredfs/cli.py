@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from .config import build_config, load_toml, normalize
+from .config import LOG_LEVELS, build_config, load_toml, log_level_of, normalize
 from .errors import ConfigError, MountError, TieredError
 
 log = logging.getLogger("tieredfs")
 
 
-def setup_logging(debug: bool, log_file: Path | None = None) -> None:
+def setup_logging(level: int, log_file: Path | None = None) -> None:
     try:
         if log_file:
             log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +26,7 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s level=%(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(level)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -66,9 +66,14 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 class _OneLineGroup(click.Group):
     """Usage errors are one line too, instead of click's usage block and blank line."""
 
-    def main(self, *args, **kwargs):
+    def main(self, args=None, *rest, **kwargs):
+        argv = sys.argv[1:] if args is None else list(args)
+        if argv and argv[0].startswith("s3://"):
+            from .fstab import main as mount_helper  # fuse3's mount.fuse3 runs `tieredfs SOURCE DIR -o ...`
+
+            return mount_helper(argv)
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(argv, *rest, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.format_message(), err=True)
             sys.exit(2)
@@ -130,6 +135,8 @@ _MOUNT_SETTINGS = {
     "uid": click.option("--uid", type=int, help="owner shown for files (default: you)"),
     "gid": click.option("--gid", type=int),
     "log_file": click.option("--log-file", type=click.Path(path_type=Path)),
+    "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+                              help="least severe events logged (default info); SIGHUP re-reads it"),
 }
 
 
@@ -140,8 +147,8 @@ def mount_settings(fn):
 
 
 @main.command()
-@click.argument("url")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("url", required=False)
+@click.argument("mountpoint", required=False, type=click.Path(path_type=Path))
 @mount_settings
 @click.option("-o", "options", multiple=True, help="mount options, comma separated (allow_other,...)")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file")
@@ -149,23 +156,45 @@ def mount_settings(fn):
 @click.option("--debug", is_flag=True, default=None)
 @clear_errors
 def mount(url, mountpoint, options, config_file, foreground, **settings):
-    """Mount s3://BUCKET[/PREFIX] on MOUNTPOINT (read-only)."""
-    from . import daemon, service
+    """Mount s3://BUCKET[/PREFIX] on MOUNTPOINT (read-only).
 
-    file_values = load_toml(config_file) if config_file else {}
+    URL and MOUNTPOINT may instead come from the --config file (url = "s3://...",
+    mountpoint = "/mnt/x"), as in the systemd unit."""
+    from . import daemon, service
+    from .sdnotify import Notifier
+    from .signals import Control
+
     settings["fuse_options"] = [o for group in options for o in group.split(",") if o] or None
-    config = build_config(url, file_values, normalize(settings | {"mountpoint": mountpoint}))
-    config.mountpoint = config.mountpoint.absolute()
+    cli_values = normalize(settings | {"mountpoint": mountpoint})
+    reread = functools.partial(_load_config, url, config_file, cli_values)
+    config = reread()
+    notifier = Notifier.from_env()
+    control = Control(notifier, reread if config_file else None)
+
+    def ready(then=lambda: None) -> None:
+        notifier.ready(f"serving s3://{config.bucket}/{config.prefix} on {config.mountpoint}")
+        then()
+
     if foreground:
-        setup_logging(config.debug, config.log_file)
-        service.run(config, on_ready=lambda: None)
+        setup_logging(log_level_of(config), config.log_file)
+        service.run(config, ready, control)
         return
     # Problems a user can fix are reported before detaching, with the terminal still attached.
     service.check_mountpoint(config.mountpoint)
     service.check_fuse()
     log_file = config.log_file or config.effective_cache_dir / "tieredfs.log"
-    setup_logging(config.debug, log_file)
-    daemon.run_detached(lambda ready: service.run(config, ready), str(log_file))
+    setup_logging(log_level_of(config), log_file)
+    daemon.run_detached(lambda tell: service.run(config, lambda: ready(tell), control), str(log_file))
+
+
+def _load_config(url: str | None, config_file: Path | None, cli_values: dict):
+    """The config from its file and the command line (also what a SIGHUP re-reads)."""
+    file_values = load_toml(config_file) if config_file else {}
+    if "mountpoint" not in cli_values and "mountpoint" not in file_values:
+        raise ConfigError("no mount point: give MOUNTPOINT, or mountpoint = \"/mnt/...\" in the config file")
+    config = build_config(url, file_values, cli_values)
+    config.mountpoint = config.mountpoint.absolute()
+    return config
 
 
 @main.command()
@@ -174,6 +203,12 @@ def mount(url, mountpoint, options, config_file, foreground, **settings):
 @clear_errors
 def umount(mountpoint, lazy):
     """Unmount MOUNTPOINT (also a mount whose daemon died)."""
+    from . import stale
+
+    if stale.is_dead_mount(mountpoint):
+        stale.detach(mountpoint)
+        click.echo(f"{mountpoint}: its daemon was gone; detached the dead mount", err=True)
+        return
     cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
     for attempt in range(5):
         try:

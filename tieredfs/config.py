@@ -5,6 +5,7 @@ Precedence: defaults < config file < command line. Everything is checked once in
 """
 
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -101,6 +102,11 @@ class Config:
     log_file: Path | None = None
     debug: bool = False
 
+    # Running as a service (docs/systemd.md). A SIGHUP may change the log level. A config
+    # file may also hold the S3 URL (`url = "s3://..."`, see build_config) and `mountpoint`,
+    # so that a unit needs only the file.
+    log_level: str = "info"
+
     @property
     def effective_cache_dir(self) -> Path:
         return self.cache_dir or default_cache_dir(self.bucket)
@@ -149,11 +155,21 @@ class Config:
             raise ConfigError(f"endpoint-url {self.endpoint_url!r} must look like http(s)://HOST[:PORT]")
         if self.metrics_addr is not None and not _ADDR_RE.match(self.metrics_addr):
             raise ConfigError(f"metrics-addr {self.metrics_addr!r} must be HOST:PORT, e.g. 127.0.0.1:9464")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log-level {self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
         for opt in self.fuse_options:
             if opt not in _ALLOWED_FUSE_OPTIONS and not opt.startswith("fsname="):
                 allowed = ", ".join(sorted(_ALLOWED_FUSE_OPTIONS))
                 raise ConfigError(f"mount option {opt!r} is not supported (supported: {allowed}, fsname=...)")
         return self
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_level_of(config: Config) -> int:
+    """--debug is the older spelling of --log-level debug."""
+    return logging.DEBUG if config.debug else getattr(logging, config.log_level.upper())
 
 
 _ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[\w.\-]+):([1-9]\d{0,4})$")
@@ -184,6 +200,11 @@ def normalize(values: dict, source: str = "options") -> dict:
         if value is None:
             continue
         name = key.replace("-", "_")
+        if name == "url":
+            if not isinstance(value, str):
+                raise ConfigError(f"{source}: url = {value!r} must be a string like s3://BUCKET/PREFIX")
+            out["url"] = value
+            continue
         if name not in _KINDS or name in ("bucket", "prefix"):  # those come from the URL
             raise ConfigError(f"{source}: unknown setting {key!r}")
         out[name] = parse_size(value, key) if name in _SIZE_FIELDS else _typed(name, value, key, source)
@@ -217,9 +238,13 @@ def _typed(name: str, value, key: str, source: str):
     return float(value) if kind is float else str(value) if kind is str else value
 
 
-def build_config(url: str, file_values: dict, cli_values: dict) -> Config:
-    bucket, prefix = parse_s3_url(url)
+def build_config(url: str | None, file_values: dict, cli_values: dict) -> Config:
     merged = {**file_values, **cli_values}
+    url = url or merged.pop("url", None)  # the command line's URL wins over the file's
+    merged.pop("url", None)
+    if not url:
+        raise ConfigError("no S3 URL: give s3://BUCKET[/PREFIX], or url = \"s3://...\" in the config file")
+    bucket, prefix = parse_s3_url(url)
     try:
         return Config(bucket=bucket, prefix=prefix, **merged).validate()
     except TypeError as e:

@@ -93,6 +93,14 @@ class Namespace:
         self._mount_time_ns = mount_time_ns
         self._skipped: set[str] = set()
 
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @ttl.setter
+    def ttl(self, seconds: float) -> None:  # a SIGHUP's new list-ttl
+        self._ttl = seconds
+
     # --- queries (blocking: may list S3) -------------------------------------------
 
     def node(self, ino: int) -> Node:

@@ -4,13 +4,11 @@ Nothing else constructs its own collaborators. Start-up checks run before the
 mount exists, so a failure leaves nothing mounted.
 """
 
-import errno
 import functools
 import logging
 import os
 import resource
 import shutil
-import signal
 import stat
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Callable
 
 import trio
 
-from . import fuse_ops
+from . import fuse_ops, signals, stale
 from .config import Config, build_config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem, ReadMeter
@@ -40,15 +38,16 @@ log = logging.getLogger(__name__)
 
 _MIN_FREE_TO_OPEN_INDEX = 8 << 20
 _FLUSH_SECONDS = 10.0  # on unmount, how long queued cache writes may still take
+_DRAIN_SECONDS = 10.0  # on SIGTERM, how long reads in flight may still take (the unit's stop
+                       # timeout of 30 s covers this and the flush)
 _FDS_BESIDES_BLOCK_FILES = 512  # S3 connections, LMDB, /dev/fuse, logs, listings in flight
 
 
-# A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED once the kernel has
-# aborted the connection (which of the two depends on the kernel and the timing).
-_DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
-
-
 def check_mountpoint(path: Path) -> None:
+    if stale.is_dead_mount(path):
+        stale.detach(path)  # a killed daemon's mount: nothing to save on it
+        log.warning("event=dead_mount_detached mountpoint=%s reason=%r action=lazy_unmount", path,
+                    "its daemon is gone (Transport endpoint is not connected)")
     try:
         st = os.stat(path)
         if os.path.ismount(path):
@@ -57,7 +56,7 @@ def check_mountpoint(path: Path) -> None:
     except FileNotFoundError:
         raise MountError(f"mount point {path} does not exist") from None
     except OSError as e:
-        if e.errno in _DEAD_MOUNT_ERRNOS:
+        if e.errno in stale.DEAD_MOUNT_ERRNOS:
             raise _dead_mount(path) from None
         raise MountError(f"mount point {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -66,7 +65,7 @@ def check_mountpoint(path: Path) -> None:
         try:
             os.statvfs(path)  # never answered from the kernel's attribute cache, unlike stat
         except OSError as e:
-            if e.errno in _DEAD_MOUNT_ERRNOS:
+            if e.errno in stale.DEAD_MOUNT_ERRNOS:
                 raise _dead_mount(path) from None
         raise MountError(f"mount point {path} is already a mount point (busy)")
 
@@ -198,24 +197,27 @@ class Daemon:
                 *self.config.fuse_options}
 
 
-def run(config: Config, on_ready: Callable[[], None]) -> None:
+def run(config: Config, on_ready: Callable[[], None], control: signals.Control | None = None) -> None:
     """Check, mount, serve until unmounted or signalled, clean up."""
+    control = control or signals.Control()
     check_mountpoint(config.mountpoint)
     check_fuse()
     tune_malloc()
     daemon = Daemon(config)
     try:
+        control.notifier.status(f"checking s3://{config.bucket}")
         daemon.check_remote()
-        trio.run(_serve, daemon, on_ready)
+        trio.run(_serve, daemon, on_ready, control)
     finally:
         daemon.close()
 
 
-async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
+async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.Control) -> None:
     c = daemon.config
     fs, engine = daemon.build_fs()
     ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
                            block_size=c.block_size, capacity=daemon.capacity)
+    signals.hold()
     try:
         fuse_ops.mount(ops, str(c.mountpoint), daemon.fuse_options())
     except RuntimeError as e:
@@ -227,13 +229,15 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
         writers.start_soon(daemon.filler.run)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                nursery.start_soon(signals.watch, functools.partial(session.drain, nursery.cancel_scope),
+                                   control, c, functools.partial(_apply, daemon, ops))
                 nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
                 engine.start(nursery)
                 if daemon.recorder:
                     nursery.start_soon(daemon.recorder.run)
                 # Ready only once the mount answers a request.
                 await trio.to_thread.run_sync(os.stat, c.mountpoint)
+                session.answered()
                 if c.kernel_readahead:
                     _tune_kernel_readahead(c.mountpoint, c.kernel_readahead)
                 log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
@@ -245,6 +249,7 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None]) -> None:
         finally:
             fuse_ops.close(unmount=not session.ended_by_kernel)
             log.info("event=unmounted mountpoint=%s", c.mountpoint)
+            control.notifier.stopping("unmounted; flushing cache writes")
             with trio.move_on_after(_FLUSH_SECONDS, shield=True):
                 await daemon.filler.flush()
             writers.cancel_scope.cancel()
@@ -290,19 +295,37 @@ def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:
 
 class _Session:
     ended_by_kernel = False
+    draining = False
+    _stop_scope: trio.CancelScope | None = None
+    _answered = False
 
     async def serve(self, scope: trio.CancelScope, max_tasks: int) -> None:
         await fuse_ops.serve(max_tasks)
-        self.ended_by_kernel = True  # fusermount3 -u: nothing left to unmount
+        self.ended_by_kernel = not self.draining  # fusermount3 -u: nothing left to unmount
         scope.cancel()
 
+    def drain(self, scope: trio.CancelScope) -> None:
+        """Take no new request; those in flight get _DRAIN_SECONDS to answer, then are cut."""
+        self._stop_scope = scope
+        if self._answered:  # else the start-up stat, in a thread nothing can cancel, would hang
+            self._terminate()
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for sig in signals:
-            log.info("event=signal signal=%s action=unmount", signal.Signals(sig).name)
-            scope.cancel()
-            return
+    def answered(self) -> None:
+        self._answered = True
+        if self._stop_scope:  # a stop asked for during start-up
+            self._terminate()
+
+    def _terminate(self) -> None:
+        self.draining = True
+        fuse_ops.terminate()
+        self._stop_scope.deadline = min(self._stop_scope.deadline, trio.current_time() + _DRAIN_SECONDS)
+
+
+def _apply(daemon: Daemon, ops: fuse_ops.FuseOps, config: Config) -> None:
+    """A SIGHUP's new values of the settings in signals.RELOADABLE."""
+    signals.apply_log_level(config)
+    daemon.namespace.ttl = config.list_ttl
+    ops.attr_timeout = min(config.list_ttl, 60.0)
 
 
 async def _trim_buffers(buffers: BufferPool, period: float = 30.0) -> None:

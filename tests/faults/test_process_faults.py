@@ -4,9 +4,11 @@ tests/test_cache.py already covers damage to an idle cache, a full disk before r
 and three kills; these add what happens *while* readers and fills are running.
 """
 
+import errno
 import json
 import os
 import random
+import signal
 import subprocess
 import threading
 import time
@@ -14,7 +16,7 @@ import time
 import pytest
 
 from conftest import tieredfs_cmd
-from kit import BS, FAST, K, random_files, read_uncached, record
+from kit import BS, FAST, K, proxy, random_files, read_uncached, record, timed, via_proxy  # noqa: F401 (fixtures)
 from tieredfs.devserver import wait_until
 from test_cache import block_files, tiny_tmpfs
 
@@ -78,15 +80,11 @@ def test_kill_9_five_times_under_reads_and_fills(bucket, put, mount_factory):
         ok += readers.ok
         with pytest.raises(OSError):  # a dead mount answers ENOTCONN, never stale bytes
             read_uncached(mnt.path / "k/f0.bin")
-        if round_ == 0:  # mounting over the dead mount is refused with the fix to apply
-            again = subprocess.run(tieredfs_cmd("mount", mnt.url, str(mnt.path), "--endpoint-url",
-                                                mnt.endpoint, "--cache-dir", str(mnt.cache_dir),
-                                                "--foreground"), capture_output=True, text=True, timeout=60)
-            assert again.returncode != 0 and f"tieredfs umount {mnt.path}" in again.stderr, again.stderr
-        umount = subprocess.run(tieredfs_cmd("umount", str(mnt.path)), capture_output=True, text=True)
-        assert umount.returncode == 0, umount.stderr
-        assert not os.path.ismount(mnt.path) and os.listdir(mnt.path) == []
-        mnt.start()
+        if round_ % 2:  # `tieredfs umount`, then a mount
+            umount = subprocess.run(tieredfs_cmd("umount", str(mnt.path)), capture_output=True, text=True)
+            assert umount.returncode == 0, umount.stderr
+            assert not os.path.ismount(mnt.path) and os.listdir(mnt.path) == []
+        mnt.start()  # over the dead mount in even rounds: the daemon detaches it
         for k, v in files.items():
             assert read_uncached(mnt.path / k) == v, (round_, k)
     mnt.stop()
@@ -181,3 +179,31 @@ def test_cache_disk_fills_up_during_reads_then_frees(bucket, put, mount_factory,
            disk_full=full.get("local.disk_full", 0), declined=full.get("local.declined", 0),
            fills_after_freeing=after["local.fills"] - full["local.fills"],
            capacity_when_full=full["local.capacity_bytes"])
+
+
+def test_sigterm_lets_a_read_waiting_on_s3_finish_then_unmounts(bucket, put, via_proxy, proxy):
+    data = put("slow.bin", os.urandom(40 * BS))  # over the small-file size: not fetched at open
+    mnt = via_proxy(bucket)
+    fd = os.open(mnt.path / "slow.bin", os.O_RDONLY)
+    try:
+        proxy.add("latency", seconds=1.0)  # every GET from now on is answered 1 s late
+        gets = proxy.counts()["requests.GET"]
+        result = {}
+        reader = threading.Thread(target=lambda: result.update(got=timed(os.pread, fd, BS, 0)))
+        reader.start()
+        assert wait_until(lambda: proxy.counts()["requests.GET"] > gets, 30)  # the read waits on S3
+        os.kill(mnt.pid, signal.SIGTERM)
+        reader.join(60)
+        assert not reader.is_alive(), "a read in flight hung across SIGTERM"
+        got, seconds = result["got"]
+        assert got == data[:BS], got  # drained: the read in flight got its bytes
+        assert mnt.proc.wait(30) == 0 and not os.path.ismount(mnt.path)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(OSError) as after:  # the mount is gone: the open file cannot read on
+            os.pread(fd, BS, 30 * BS)
+        assert after.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the kernel answers FLUSH on a closed connection with ENOTCONN
