@@ -15,8 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from . import (dataset, fio, report, report_short, workloads, workloads_files, workloads_packs,
-               workloads_peers)
+from . import (dataset, fio, report, report_short, workloads, workloads_cluster, workloads_files,
+               workloads_packs, workloads_peers)
 from .context import MODES, Run
 from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
@@ -33,9 +33,12 @@ WORKLOADS = {
     "mount": workloads_files.mount_ready,
     "restart": workloads_files.restart,
     "bigbucket": workloads_files.big_bucket,
+    "cluster": workloads_cluster.cluster,
     "peers": workloads_peers.peer_rows,  # with --peers (rclone mount, s3fs, JuiceFS)
 }
 _FULL_ONLY = {"restart", "bigbucket"}
+# Five daemons, ~30 s on the loaded CI machine: tests/test_shared.py covers what it shows.
+_NOT_TINY = {"cluster"}
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -83,7 +86,8 @@ def selected(args) -> list[str]:
             sys.exit(f"unknown workload(s): {', '.join(sorted(unknown))}")
     else:
         names = [n for n in WORKLOADS
-                 if n != "peers" and (args.mode == "full" or n not in _FULL_ONLY)]
+                 if n != "peers" and (args.mode == "full" or n not in _FULL_ONLY)
+                 and (args.mode != "tiny" or n not in _NOT_TINY)]
     if args.peers and "peers" not in names:
         names.append("peers")
     return names

@@ -1,6 +1,7 @@
 """Interleaved A/B of two builds on one case: how to tell a change from this machine's noise.
 
-    python -m bench.ab REV_A REV_B [--case cold|tier1|multi4] [--rounds 4] [--mib 1024]
+    python -m bench.ab REV_A REV_B [--case cold|tier1|multi4|small|small-tier1] [--rounds 4]
+                       [--mib 1024] [--files 2000]
                        [--s3-latency-ms 20] [--opts-a "..."] [--opts-b "..."] [--warmup 1]
                        [--json OUT]
 
@@ -10,7 +11,9 @@ runs both builds, A first in odd rounds and B first in even ones, each on a new 
 one uncounted run of A: the first run after the data is written is often the slowest):
 "cold" reads the file through an empty cache, "tier1" fills the cache through one daemon of
 that build, then reads through a new one with the cache files' pages dropped, "multi4" is
-four readers of four files, cold. Every run prints MiB/s, the daemon's and the machine's CPU
+four readers of four files, cold. "small" and "small-tier1" read --files small files (4-64
+KiB in nested directories, the bench's `small` row) with 8 threads, cold or from tier 1
+through a new daemon (which lists every directory again), in files/s and daemon CPU per file. Every run prints MiB/s, the daemon's and the machine's CPU
 per GiB and the cores' idle share (bench/cpu.py), the daemon's peak RSS, and the pages the
 kernel allocated meanwhile, as a multiple of the bytes read (bench/vmstat.py: unlike the CPU
 time, it hardly drifts).
@@ -29,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import cpu, dataset, fio, vmstat
@@ -37,7 +41,8 @@ from .mounts import REPO, TieredMount, drop_tree_cache, unwind_on_signals
 from .proxy import LatencyProxy
 from .servers import apply_credentials, default_server, make_endpoint
 
-CASES = ("cold", "tier1", "multi4")
+CASES = ("cold", "tier1", "multi4", "small", "small-tier1")
+_SMALL_THREADS = 8
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,6 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="runs of A before round 1, not counted (the first run here is often slow)")
     p.add_argument("--mib", type=int, default=1024, help="the file's size (multi4: 4 files of a quarter)")
+    p.add_argument("--files", type=int, default=2000, help="small files (the small cases)")
     p.add_argument("--s3-latency-ms", type=float, default=0.0)
     p.add_argument("--server", choices=["rclone", "moto"], default=default_server())
     p.add_argument("--opts-a", default="", help="extra `tieredfs mount` options for A")
@@ -89,8 +95,10 @@ def _git(*args: str, cwd: Path = REPO) -> str:
 
 
 class Bench:
-    def __init__(self, args, workdir: Path, s3_url: str, server_pid: int | None):
+    def __init__(self, args, workdir: Path, s3_url: str, server_pid: int | None,
+                 small: list[str] = ()):
         self.args, self.workdir, self.s3_url, self.server_pid = args, workdir, s3_url, server_pid
+        self.small = small
         self._n = 0
 
     def mount(self, build: Build, cache: Path) -> TieredMount:
@@ -99,6 +107,8 @@ class Bench:
                            self.workdir / "logs" / f"daemon{self._n}.log", build.opts, cwd=build.tree).start()
 
     def run(self, build: Build, round_: int) -> dict:
+        if self.args.case.startswith("small"):
+            return self.run_small(build, round_)
         cache = self.workdir / "caches" / f"{build.label}{round_}"
         shutil.rmtree(cache, ignore_errors=True)
         if self.args.case == "tier1":
@@ -121,7 +131,32 @@ class Bench:
                 "s3_gets": stats.get("s3.requests.get", 0), "allocated_per_byte_read": allocated}
 
 
+    def run_small(self, build: Build, round_: int) -> dict:
+        cache = self.workdir / "caches" / f"{build.label}{round_}"
+        shutil.rmtree(cache, ignore_errors=True)
+        if self.args.case == "small-tier1":
+            with self.mount(build, cache) as m:
+                dataset.read_tree(m.path, self.small, _SMALL_THREADS)
+                m.settle()
+            drop_tree_cache(cache / "blocks")
+        with self.mount(build, cache) as m, cpu.CpuSampler(daemon=m.pid) as used:
+            t0 = time.perf_counter()
+            dataset.read_tree(m.path, self.small, _SMALL_THREADS)
+            seconds = time.perf_counter() - t0
+            stats, rss = m.stats(), m.peak_rss_bytes()
+        shutil.rmtree(cache, ignore_errors=True)
+        n = len(self.small)
+        return {"build": build.label, "round": round_, "files_s": n / seconds,
+                "daemon_ms_per_file": used.result.get("daemon_s", 0) * 1000 / n,
+                "peak_rss_mib": rss / (1 << 20), "s3_gets": stats.get("s3.requests.get", 0),
+                "s3_lists": stats.get("s3.requests.list", 0)}
+
+
 def line(run: dict) -> str:
+    if "files_s" in run:
+        return (f"round {run['round']} {run['build']}: {run['files_s']:7,.0f} files/s  daemon CPU "
+                f"{run['daemon_ms_per_file']:.2f} ms per file  RSS {run['peak_rss_mib']:.0f} MiB  "
+                f"GETs {run['s3_gets']}  LISTs {run['s3_lists']}")
     g = run["cpu_per_gib"]
     return (f"round {run['round']} {run['build']}: {run['mib_s']:7,.0f} MiB/s  CPU per GiB: "
             f"daemon {g.get('daemon', 0):.2f} s, machine {g['busy']:.2f} s, {g['idle_share']:.0%} idle  "
@@ -131,6 +166,12 @@ def line(run: dict) -> str:
 
 def summary(runs: list[dict], build: Build) -> str:
     mine = [r for r in runs if r["build"] == build.label]
+    if mine and "files_s" in mine[0]:
+        speeds = sorted(r["files_s"] for r in mine)
+        daemon = sorted(r["daemon_ms_per_file"] for r in mine)
+        return (f"{build.describe()}\n   files/s {' '.join(f'{v:,.0f}' for v in speeds)} (median "
+                f"{statistics.median(speeds):,.0f}); daemon CPU per file "
+                f"{' '.join(f'{v:.2f}' for v in daemon)} ms")
     speeds = sorted(r["mib_s"] for r in mine)
     daemon = sorted(r["cpu_per_gib"].get("daemon", 0) for r in mine)
     return (f"{build.describe()}\n   MiB/s {' '.join(f'{v:,.0f}' for v in speeds)} (median "
@@ -151,8 +192,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         builds = [Build("A", args.rev_a, args.opts_a, workdir)]
         builds.append(Build("B", args.rev_b, args.opts_b, workdir))
         endpoint.start()
-        size = args.mib << 20
-        ds = dataset.generate(workdir / "native", size, size // 4, 0)
+        small = args.case.startswith("small")
+        size = (1 if small else args.mib) << 20
+        ds = dataset.generate(workdir / "native", size, size // 4, args.files if small else 0)
         dataset.publish(ds, endpoint.url, endpoint.root)
         s3_url = endpoint.url
         if args.s3_latency_ms:
@@ -160,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             s3_url = proxy.url
         print(f"{args.case}, {args.mib} MiB, {endpoint.describe()}"
               + (f", +{args.s3_latency_ms:g} ms" if args.s3_latency_ms else ""), flush=True)
-        bench = Bench(args, workdir, s3_url, endpoint.pid)
+        bench = Bench(args, workdir, s3_url, endpoint.pid, [rel for rel, _ in ds.small])
         for _ in range(args.warmup):
             print("warm-up, not counted: " + line(bench.run(builds[0], 0)), flush=True)
         for round_ in range(1, args.rounds + 1):

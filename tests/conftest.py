@@ -92,11 +92,13 @@ class Mount:
 
     def settle(self, timeout: float = 30) -> None:
         """Wait until no prefetch is in flight and every fetched block is written to the cache
-        (both happen behind the reader's back)."""
+        (both happen behind the reader's back). Files a directory walk prefetched stay held
+        for their open: not in flight."""
 
         def idle() -> bool:
             s = self.stats()
-            return s.get("readahead.budget_used_bytes", 0) == 0 and s.get("chain.fill_queue_bytes", 0) == 0
+            in_flight = s.get("readahead.budget_used_bytes", 0) - s.get("readahead.walk_held_bytes", 0)
+            return in_flight == 0 and s.get("chain.fill_queue_bytes", 0) == 0
 
         assert wait_until(idle, timeout)
 

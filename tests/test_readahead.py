@@ -229,3 +229,49 @@ def test_directory_walk_prefetches_the_next_small_files(bucket, put, mount_facto
         stats = m.stats()
         assert stats["readahead.walk_prefetched_bytes"] >= 8 * 8 * K
         assert stats["readahead.walk_used_bytes"] > 0
+
+
+def test_a_walked_file_is_served_from_memory_and_a_cold_one_skips_the_tier1_lookup(
+        bucket, put, mount_factory, s3server):
+    """The files a walk prefetched are held until opened: the open reads neither S3 nor tier 1;
+    those never opened are let go after a while, and are in tier 1 all the same. A cold block's
+    absence from tier 1 is known without a worker thread's lookup."""
+    files = {f"held/f{i:02d}": put(f"held/f{i:02d}", os.urandom(8 * K + i)) for i in range(6)}
+    m = mount_factory(bucket, *SMALL, "--dir-prefetch", "4")
+    os.listdir(m.path / "held")
+    for key in ("held/f00", "held/f01"):
+        assert read_file(m.path / key) == files[key]
+    assert m.stats().get("chain.upper_lookups_threaded", 0) == 0  # cold: tier 1 known empty
+    assert wait_until(lambda: m.stats().get("readahead.walk_held_bytes", 0) >= 4 * 8 * K, 30)
+    before = m.stats()
+    s3server.reset_counts()
+    for key in ("held/f02", "held/f03"):
+        assert read_file(m.path / key) == files[key]
+    after = m.stats()
+    assert s3server.counts()["GET"] == 0
+    assert after.get("chain.hits.local", 0) == before.get("chain.hits.local", 0)
+    assert after["readahead.walk_used_bytes"] >= 2 * 8 * K
+    # f04 and f05 are not opened: an idle daemon lets go of them (walks.HOLD_SECONDS)...
+    assert wait_until(lambda: m.stats().get("readahead.walk_held_bytes", 1) == 0, 60)
+    assert m.stats()["readahead.walk_dropped_bytes"] >= 2 * 8 * K
+    m.settle()
+    # ...and they are in tier 1, written while held.
+    assert read_file(m.path / "held/f04") == files["held/f04"]
+    assert s3server.counts()["GET"] == 0
+    assert m.stats()["chain.hits.local"] > after.get("chain.hits.local", 0)
+
+
+def test_a_walk_begins_at_a_directorys_first_file_not_in_its_middle(bucket, put, mount_factory,
+                                                                    s3server):
+    first = {f"first/f{i}": put(f"first/f{i}", os.urandom(8 * K + i)) for i in range(5)}
+    middle = {f"middle/f{i}": put(f"middle/f{i}", os.urandom(8 * K + i)) for i in range(5)}
+    m = mount_factory(bucket, *SMALL, "--dir-prefetch", "4")
+    assert read_file(m.path / "middle/f2") == middle["middle/f2"]
+    m.settle()
+    assert m.stats().get("readahead.walk_prefetched_bytes", 0) == 0  # one file, mid-directory
+    assert read_file(m.path / "first/f0") == first["first/f0"]
+    assert wait_until(lambda: m.stats().get("readahead.walk_prefetched_bytes", 0) >= 4 * 8 * K, 30)
+    s3server.reset_counts()
+    for key in ("first/f1", "first/f2", "first/f3", "first/f4"):
+        assert read_file(m.path / key) == first[key]
+    assert s3server.counts()["GET"] == 0

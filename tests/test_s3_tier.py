@@ -36,3 +36,15 @@ def test_a_mismatch_is_retried_and_the_same_bytes_twice_mean_etags_are_not_md5s(
     assert not b._md5_checkable("0" * 32, {})
     assert b.counters.get("checksum_mismatches") == 1
 
+
+
+@pytest.mark.parametrize("text", ["2026-12-07T04:05:19.123Z", "2026-12-07T04:05:19.123+00:00",
+                                  "2026-12-07T04:05:19.123", "Mon, 07 Dec 2026 04:05:19 GMT"])
+def test_the_fast_timestamp_parser_agrees_with_botocores(text):
+    """Listings' LastModified go through a parser of our own (botocore's is 400x slower);
+    every form S3 sends must give botocore's instant (no zone: UTC, as botocore takes it)."""
+    from botocore.utils import parse_timestamp
+
+    from tieredfs.tiers.s3 import _timestamp
+
+    assert _timestamp(text).timestamp() == parse_timestamp(text).timestamp()

@@ -129,6 +129,20 @@ _MOUNT_SETTINGS = {
                                     help="seconds a read may wait for a slow cache disk (0: never)"),
     "pack_readahead": click.option("--pack-readahead",
                                    help="pack bytes fetched past a packed file on open (default 16M)"),
+    # The shared directory tier (docs/shared-tier.md).
+    "shared_dir": click.option("--shared-dir", type=click.Path(path_type=Path),
+                               help="block cache directory shared by the cluster's nodes (NFS...)"),
+    "shared_namespace": click.option("--shared-namespace", help="tenant in the shared dir (default: bucket)"),
+    "shared_quota": click.option("--shared-quota", help="bytes the namespace may use (default 100G)"),
+    "shared_mode": click.option("--shared-mode", help="octal mode of files in the shared dir (664)"),
+    "shared_group": click.option("--shared-group", help="group of files in the shared dir"),
+    "shared_timeout": click.option("--shared-timeout", type=float,
+                                   help="seconds a shared-dir call may take before it is bypassed (5)"),
+    "shared_lease_wait": click.option("--shared-lease-wait", type=float,
+                                      help="seconds to wait for another node's fetch (5; 0: no leases)"),
+    "shared_threads": click.option("--shared-threads", type=int, help="threads for the shared dir (8)"),
+    "shared_publish_queue": click.option("--shared-publish-queue",
+                                         help="blocks waiting to be published (default 64M)"),
     "metrics_addr": click.option("--metrics-addr", help="serve Prometheus metrics on HOST:PORT (off by default)"),
     "record": click.option("--record", type=click.Path(path_type=Path),
                            help="write the blocks reads ask for to FILE (tieredfs warmup --replay)"),
@@ -355,4 +369,72 @@ def cache_check(cache_dir, drop):
     report = cache_admin.check(cache_dir, drop)
     click.echo(json.dumps(report, indent=2))
     if report["corrupt"] and not drop:
+        sys.exit(1)
+
+
+@main.group()
+def shared():
+    """Inspect, collect or verify a shared directory tier."""
+
+
+def _shared_layouts(shared_dir: Path, namespace: str | None) -> list:
+    from .tiers.shared_format import Layout, namespaces
+
+    if not (shared_dir / "tieredfs-shared.json").exists():
+        raise ConfigError(f"{shared_dir} is not a tieredfs shared dir (no tieredfs-shared.json)")
+    names = [namespace] if namespace else namespaces(shared_dir)
+    layouts = [Layout(shared_dir, n) for n in names]
+    for layout in layouts:
+        if not layout.blocks.is_dir():
+            raise ConfigError(f"namespace {layout.namespace!r} does not exist in {shared_dir}")
+    return layouts
+
+
+def _shared_options(fn):
+    fn = click.option("--namespace", help="one namespace (default: all)")(fn)
+    return click.option("--shared-dir", required=True, type=click.Path(path_type=Path))(fn)
+
+
+@shared.command("info")
+@_shared_options
+@clear_errors
+def shared_info(shared_dir, namespace):
+    """Blocks and bytes per namespace, from the collector's summary (cheap)."""
+    from .tiers import shared_gc
+
+    click.echo(json.dumps([shared_gc.info(layout) for layout in _shared_layouts(shared_dir, namespace)],
+                          indent=2))
+
+
+@shared.command("gc")
+@_shared_options
+@click.option("--quota", help="evict down to 90% of this (default: the quota the daemons use)")
+@clear_errors
+def shared_gc_cmd(shared_dir, namespace, quota):
+    """One collection pass per namespace; says 'busy' where another collector is running."""
+    from .config import parse_size
+    from .tiers.shared_format import Perms
+    from .tiers.shared_gc import Collector
+
+    out = []
+    for layout in _shared_layouts(shared_dir, namespace):
+        collector = Collector(layout, Perms(), 0)
+        limit = parse_size(quota, "quota") if quota else collector.load_state().get("quota")
+        collector.quota = limit if limit is not None else 0
+        report = collector.run_pass(evict=limit is not None)
+        out.append({"namespace": layout.namespace, **(report or {"busy": True})})
+    click.echo(json.dumps(out, indent=2))
+
+
+@shared.command("check")
+@_shared_options
+@click.option("--drop", is_flag=True, help="remove the blocks that fail verification")
+@clear_errors
+def shared_check(shared_dir, namespace, drop):
+    """Verify every block file (a full walk); exit 1 if any is corrupt and not dropped."""
+    from .tiers import shared_gc
+
+    reports = [shared_gc.check(layout, drop) for layout in _shared_layouts(shared_dir, namespace)]
+    click.echo(json.dumps(reports, indent=2))
+    if any(r["corrupt"] for r in reports) and not drop:
         sys.exit(1)

@@ -90,6 +90,18 @@ class Config:
     # opened, so a directory walk finds its next files in tier 1.
     pack_readahead: int = 16 * MiB  # one request_size: a walk costs one GET per 16 MiB
 
+    # Shared directory tier (tiers/shared.py, docs/shared-tier.md); off without shared_dir.
+    shared_dir: Path | None = None
+    shared_namespace: str | None = None  # default: the bucket
+    shared_quota: int = 100 * GiB  # per namespace, kept by the collector (evicts LRU blocks)
+    shared_mode: str = "664"  # octal permissions of the files it creates (dirs get x too)
+    shared_group: str | None = None  # group (name or number) of the files it creates
+    shared_timeout: float = 5.0  # seconds any call on the shared dir may take, then bypassed
+    shared_lease_wait: float = 5.0  # seconds to wait for another node's fetch; 0 = no leases
+    shared_threads: int = 8  # worker threads for the shared dir (its own pool)
+    # Fetched blocks waiting to be published, in memory; beyond it up to one per 4 KiB of it
+    # more wait by address and are read back from tier 1 when their turn comes.
+    shared_publish_queue: int = 64 * MiB
     # Seeing and steering the cache (issue 23: docs/metrics.md, docs/warmup.md).
     metrics_addr: str | None = None  # HOST:PORT serving Prometheus metrics; off when unset
     record: Path | None = None  # write the blocks that reads ask for to this file, in order
@@ -161,7 +173,53 @@ class Config:
             if opt not in _ALLOWED_FUSE_OPTIONS and not opt.startswith("fsname="):
                 allowed = ", ".join(sorted(_ALLOWED_FUSE_OPTIONS))
                 raise ConfigError(f"mount option {opt!r} is not supported (supported: {allowed}, fsname=...)")
+        if self.shared_dir is not None:
+            self._validate_shared()
         return self
+
+    def _validate_shared(self) -> None:
+        from .tiers.shared_format import check_namespace
+
+        check_namespace(self.effective_shared_namespace)
+        self.shared_perms()
+        if self.shared_quota < 16 * self.block_size:
+            raise ConfigError(f"shared-quota must hold at least 16 blocks of {self.block_size} bytes")
+        if self.shared_timeout <= 0 or not 0 <= self.shared_lease_wait <= 300:
+            raise ConfigError("shared-timeout must be positive, shared-lease-wait 0 to 300 seconds")
+        if self.shared_threads < 1 or self.shared_publish_queue < self.block_size:
+            raise ConfigError("shared-threads must be at least 1, shared-publish-queue one block")
+
+    @property
+    def effective_shared_namespace(self) -> str:
+        return self.shared_namespace or self.bucket
+
+    def shared_perms(self):
+        """How the shared tier creates files: --shared-mode and --shared-group, checked."""
+        from .tiers.shared_format import Perms
+
+        return Perms(mode=self._shared_mode_bits(), gid=self._shared_gid())
+
+    def _shared_mode_bits(self) -> int:
+        try:
+            mode = int(str(self.shared_mode), 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+            raise ConfigError(f"shared-mode {self.shared_mode!r}: octal permissions the owner "
+                              "can read and write, e.g. 664 or 660")
+        return mode
+
+    def _shared_gid(self) -> int | None:
+        if self.shared_group is None:
+            return None
+        import grp
+
+        try:
+            return grp.getgrnam(self.shared_group).gr_gid
+        except KeyError:
+            if self.shared_group.isdigit():
+                return int(self.shared_group)
+            raise ConfigError(f"shared-group {self.shared_group!r}: no such group") from None
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -176,7 +234,7 @@ _ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[\w.\-]+):([1-9]\d{0,4})$")
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
 _SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
                 "small_file_threshold", "kernel_readahead", "cache_write_queue",
-                "pack_readahead"}
+                "pack_readahead", "shared_quota", "shared_publish_queue"}
 
 
 def load_toml(path: Path) -> dict:

@@ -119,13 +119,16 @@ class FileSystem:
         return OpenFile(next(self._fh), node.ino, own)
 
     def _follow_walk(self, node: Node) -> None:
-        """Opening a directory's files in name order: fetch the next ones before they are asked."""
+        """Opening a directory's files in name order: fetch the next ones before they are asked.
+        A walk is taken to begin at a directory's first file: waiting for the second one to
+        confirm it made that second file a cold GET in every directory (169 of 2,000 files in
+        the bench's walk, each a full S3 round trip for its reader)."""
         pos, after = self.namespace.next_siblings(node.ino, self._dir_prefetch)
         last = self._walks.pop(node.parent, None)
         self._walks[node.parent] = pos
         if len(self._walks) > _WALKS_REMEMBERED:
             self._walks.popitem(last=False)
-        if last is not None and 0 < pos - last <= 2:
+        if (pos == 0 and last is None) or (last is not None and 0 < pos - last <= 2):
             self.reader.prefetch_objects([ObjectVersion(self.bucket, n.key, n.etag, n.size)
                                           for n in after if not n.is_dir])
 

@@ -72,6 +72,21 @@ def tune_malloc() -> None:
             log.debug("event=malloc_untuned param=%d", param)
 
 
+def _release_heap() -> None:
+    """Give the heap's free pages back to the system. Blocks under 64 KiB (small files) come
+    from malloc, and the heap returns memory only from its top: after a cold walk of 2,000
+    small files an idle daemon stayed at ~112 MiB of RSS. A few ms, every trim period."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+except (OSError, AttributeError):
+    _libc = None
+
+
 _POOLED_FROM = ALIGNED_FROM  # smaller buffers come from malloc, which reuses them well enough
 _KEEP = 16 << 20
 _exporters: dict[int, type] = {}
@@ -161,6 +176,7 @@ class BufferPool:
                 freed += closed * size
                 self._unused[size] = len(free)
             self._free_bytes -= freed
+        _release_heap()
         return freed
 
     def gauges(self) -> dict[str, int]:

@@ -16,13 +16,11 @@ request), so many readers all make progress and none starves the others.
 
 Demand reads are not limited by the budget: they are bounded by the FUSE worker count.
 
-Directory walks: when files of one directory are opened in name order, the filesystem
-asks for the next few small ones (`prefetch_objects`); they are fetched whole into the
-tiers above S3 (not held here), each at most once while remembered.
+Directory walks (walks.py) share the budget: the small files they fetch ahead are held
+here until opened.
 """
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -31,10 +29,10 @@ from .blocks import BlockRef, ObjectVersion, assemble, block_count
 from .errors import TieredError
 from .stats import Counters
 from .tiers.chain import Claim, TierChain
+from .walks import PackWalk, WalkPrefetch
 
 log = logging.getLogger(__name__)
 
-_REMEMBERED_OBJECTS = 4096  # objects prefetched by directory walks, not yet opened
 # A read starting within this many of its own sizes of the last one's end is sequential
 # even before a window is open.
 _SEQUENTIAL_SLACK = 4
@@ -98,22 +96,31 @@ class ReadaheadEngine:
         self.counters = counters
         self._nursery: trio.Nursery | None = None
         self._sequential: set[int] = set()  # ids of streams with an open window
-        self._walked: OrderedDict[ObjectVersion, None] = OrderedDict()
-        self._walked_blocks: OrderedDict[tuple[ObjectVersion, int], None] = OrderedDict()
+        self.walks = WalkPrefetch(chain, budget, prefetch_slots, counters,
+                                  block_size=settings.block_size, small_object=settings.small_object,
+                                  failed=self._failed)
+        self.pack_walks = PackWalk(chain, budget, prefetch_slots, counters,
+                                   block_size=settings.block_size, failed=self._failed)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Prefetch tasks run in the mount's nursery, so unmount cancels them."""
         self._nursery = nursery
+        self.walks.start(nursery)
+        self.pack_walks.start(nursery)
 
     # --- the Reader's hooks -----------------------------------------------------------------
 
     async def opened(self, f) -> None:
         # A packed file is a range of its pack: its stream starts and ends with the range.
-        f.stream = Stream(f.obj, block_count(f.base + f.size, self.s.block_size),
-                          next_index=f.base // self.s.block_size, last_end=f.base)
-        if f.obj in self._walked:
-            del self._walked[f.obj]
-            self.counters.add("walk_used_bytes", f.obj.size)
+        st = f.stream = Stream(f.obj, block_count(f.base + f.size, self.s.block_size),
+                               next_index=f.base // self.s.block_size, last_end=f.base)
+        blocks = self.walks.take(f.obj)
+        if blocks is not None:
+            # The stream takes the blocks and their share of the budget over; held for its
+            # reads, not prefetch of its own (neither used nor wasted when they go).
+            st.held += f.obj.size
+            st.buffered = dict(enumerate(blocks))
+            st.kept = set(st.buffered)
 
     def released(self, f) -> None:
         st: Stream = f.stream
@@ -328,62 +335,6 @@ class ReadaheadEngine:
             # 2-3 while the budget had room for 8).
             self._schedule(st, st.issued)
 
-    # --- directory walks -------------------------------------------------------------------
-
-    def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
-        """Fetch these small objects whole into the tiers above S3, budget permitting."""
-        if self._nursery is None or not self.chain.upper:
-            return  # nowhere to keep them but memory, and that is what the budget is for
-        for obj in objs:
-            if not 0 < obj.size <= self.s.small_object or obj in self._walked:
-                continue
-            if not self.budget.try_take(obj.size):
-                return
-            self._walked[obj] = None
-            if len(self._walked) > _REMEMBERED_OBJECTS:
-                self._walked.popitem(last=False)
-            refs = [BlockRef(obj, i, self.s.block_size)
-                    for i in range(block_count(obj.size, self.s.block_size))]
-            self._nursery.start_soon(self._into_tiers, obj, self.chain.claim(refs), obj.size,
-                                     "walk_prefetched_bytes")
-
-    def prefetch_range(self, obj: ObjectVersion, start: int, end: int) -> None:
-        """Fetch the blocks of `obj` covering [start, end) into the tiers above S3, each at
-        most once while remembered. A walk of a packed directory reads its pack in order: the
-        next files are in the blocks after this one (docs/packs.md)."""
-        if self._nursery is None or not self.chain.upper:
-            return
-        bs = self.s.block_size
-        first, last = start // bs, block_count(min(end, obj.size), bs)
-        todo = [i for i in range(first, last) if (obj, i) not in self._walked_blocks]
-        if todo and todo[0] > first:
-            if len(todo) < (last - first) // 2:
-                return  # over half the range is on its way: top up later, in one whole request
-            # A whole range's worth past what is claimed: claimed one block per open, a walk
-            # cost one GET per block.
-            last = min(block_count(obj.size, bs), todo[0] + last - first)
-            todo = [i for i in range(todo[0], last) if (obj, i) not in self._walked_blocks]
-        refs = [BlockRef(obj, i, bs) for i in todo]
-        nbytes = sum(r.length for r in refs)
-        if not refs or not self.budget.try_take(nbytes):
-            return
-        for r in refs:
-            self._walked_blocks[(obj, r.index)] = None
-        while len(self._walked_blocks) > _REMEMBERED_OBJECTS:
-            self._walked_blocks.popitem(last=False)
-        self._nursery.start_soon(self._into_tiers, obj, self.chain.claim(refs), nbytes,
-                                 "pack_prefetched_bytes")
-
-    async def _into_tiers(self, obj: ObjectVersion, claim: Claim, nbytes: int, counter: str) -> None:
-        try:
-            await self.chain.complete(claim, self._slots)
-            self.counters.add(counter, nbytes)
-        except Exception as e:
-            self._failed(obj, e)
-        finally:
-            self.chain.release(claim)
-            self.budget.give_back(nbytes)
-
     def _failed(self, obj: ObjectVersion, e: Exception) -> None:
         """A failed prefetch costs nothing but itself: the reader's own read retries and reports."""
         self.counters.add("errors")
@@ -394,4 +345,5 @@ class ReadaheadEngine:
 
     def gauges(self) -> dict[str, int]:
         return {"readahead.budget_used_bytes": self.budget.used,
+                "readahead.walk_held_bytes": self.walks.held,
                 "readahead.sequential_streams": len(self._sequential)}

@@ -64,8 +64,8 @@ class Reader:
 
     def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
         if self.readahead is not None:
-            self.readahead.prefetch_objects(objs)
+            self.readahead.walks.prefetch(objs)
 
     def prefetch_range(self, obj: ObjectVersion, start: int, end: int) -> None:
         if self.readahead is not None:
-            self.readahead.prefetch_range(obj, start, end)
+            self.readahead.pack_walks.prefetch(obj, start, end)

@@ -33,6 +33,10 @@ from .tiers.filler import Filler
 from .tiers.blockfiles import BlockFiles
 from .tiers.local import CacheDir, LocalTier, open_index
 from .tiers.s3 import S3Backend, S3Tier
+from .tiers.shared import SharedTier
+from .tiers.shared_format import Layout
+from .tiers.shared_gc import Collector
+from .tiers.shared_store import SharedStore
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +167,14 @@ class Daemon:
                              max_wait=c.cache_fill_wait, writers=4,
                              limiter=disk, counters=self.registry.counters("chain"))
         self.registry.add_source(self.filler.gauges)
+        self.shared = self._build_shared_tier()
         chain = TierChain(
             self.upper_tiers, S3Tier(self.backend), self.filler,
             disk_limiter=disk,
             s3_limiter=trio.CapacityLimiter(c.s3_max_requests),
             max_span=request_blocks,
-            counters=self.registry.counters("chain"), latency=self.registry.histogram)
+            counters=self.registry.counters("chain"), latency=self.registry.histogram,
+            shared=self.shared)
         settings = ReadaheadSettings(
             block_size=c.block_size, min_window=min(2, c.readahead_max // c.block_size),
             max_window=c.readahead_max // c.block_size, request_blocks=request_blocks,
@@ -191,6 +197,28 @@ class Daemon:
             self.metrics = MetricsServer(c.metrics_addr, Collector(
                 fs.stats, self.registry.histograms, self.capacity))
         return fs, engine
+
+    def _build_shared_tier(self) -> SharedTier | None:
+        """Tier 2 (docs/shared-tier.md). Its directory is touched only in its own workers,
+        first when its task starts: a hung share must not hold up the mount."""
+        c = self.config
+        if c.shared_dir is None:
+            return None
+        layout, perms = Layout(c.shared_dir, c.effective_shared_namespace), c.shared_perms()
+        counters = self.registry.counters("shared")
+        # A dead holder's lease keeps others waiting at most lease_wait; it expires later.
+        store = SharedStore(layout, perms, counters, lease_ttl=max(2 * c.shared_lease_wait, 1.0))
+        tier = SharedTier(store, Collector(layout, perms, c.shared_quota), threads=c.shared_threads,
+                          timeout=c.shared_timeout, lease_wait=c.shared_lease_wait,
+                          publish_queue=c.shared_publish_queue, counters=counters,
+                          readback=self._readback if self.local else None,
+                          latency=self.registry.histogram("shared"))
+        self.registry.add_source(tier.gauges)
+        return tier
+
+    def _readback(self, ref):
+        """A block this node fetched, for the shared tier's publisher (worker thread)."""
+        return self.filler.pending(ref) or self.local.get(ref)
 
     def fuse_options(self) -> set[str]:
         return {"fsname=tieredfs", "subtype=tieredfs", "ro", "default_permissions",
@@ -227,6 +255,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
     # unmount are still written, so a clean restart finds everything that was read.
     async with trio.open_nursery() as writers:
         writers.start_soon(daemon.filler.run)
+        if daemon.shared:
+            writers.start_soon(daemon.shared.run)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(signals.watch, functools.partial(session.drain, nursery.cancel_scope),
@@ -252,6 +282,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
             control.notifier.stopping("unmounted; flushing cache writes")
             with trio.move_on_after(_FLUSH_SECONDS, shield=True):
                 await daemon.filler.flush()
+                if daemon.shared:
+                    await daemon.shared.flush()
             writers.cancel_scope.cancel()
 
 

@@ -57,6 +57,11 @@ def table(snap: dict[str, int]) -> str:
                      f"{get('local.evictions', 0):,} evicted")
     else:
         lines.append("cache        not in use (see the daemon's log)")
+    if any(k.startswith("shared.") for k in snap):  # tier 2 (docs/shared-tier.md)
+        bypassed = " (BYPASSED)" if get("shared.bypassed_reads") or get("shared.bypassed_writes") else ""
+        lines.append(f"shared dir   {get('shared.publishes', 0):,} published, {get('shared.corrupt', 0):,} "
+                     f"corrupt, {get('shared.lease_waits', 0):,} lease waits, "
+                     f"{get('shared.lease_takeovers', 0):,} takeovers{bypassed}")
     lines.append(f"readahead    {human_bytes(get('readahead.budget_used_bytes', 0))} in flight, "
                  f"{human_bytes(get('readahead.prefetched_bytes', 0))} prefetched, "
                  f"{human_bytes(get('readahead.wasted_bytes', 0))} wasted")

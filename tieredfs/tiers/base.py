@@ -1,12 +1,20 @@
 """The one interface every tier offers to the chain.
 
-Calls are blocking and run in worker threads (except peek_part, which never blocks); a tier
-never talks to another tier.
+Calls are blocking and run in worker threads (except peek and peek_part, which never
+block); a tier never talks to another tier.
 """
 
+import enum
 from typing import Protocol
 
 from ..blocks import BlockRef
+
+
+class Peek(enum.Enum):
+    """What a tier can say about a block without blocking, when it cannot give its bytes."""
+
+    ABSENT = "absent"  # not in this tier: no need to ask get() in a worker thread
+    UNKNOWN = "unknown"  # may be there: ask get()
 
 
 class Tier(Protocol):
@@ -17,6 +25,10 @@ class Tier(Protocol):
 
     def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
         """Verified bytes [lo, hi) of the block, or None: then the chain asks for all of it."""
+
+    def peek(self, ref: BlockRef) -> bytes | Peek:
+        """get without blocking, called on the trio thread: the verified block if it costs no
+        wait, else whether get() could find it (a tier that cannot tell says UNKNOWN)."""
 
     def peek_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
         """get_part without blocking, called on the trio thread: None whenever the answer

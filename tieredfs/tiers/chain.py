@@ -12,9 +12,10 @@ import trio
 from ..blocks import BlockRef
 from ..errors import TieredError
 from ..stats import Counters, Registry
-from .base import Tier
+from .base import Peek, Tier
 from .filler import Filler
 from .s3 import S3Tier
+from .shared import HELD, MINE, SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ class Claim:
 class TierChain:
     def __init__(self, upper: list[Tier], s3: S3Tier, filler: Filler, *,
                  disk_limiter: trio.CapacityLimiter, s3_limiter: trio.CapacityLimiter, max_span: int,
-                 counters: Counters, latency=None):
+                 counters: Counters, latency=None, shared: SharedTier | None = None):
         self.upper = upper
+        self.shared = shared
         # latency(tier name) -> the Histogram its calls are timed into (metrics.py exports them).
         self._latency = latency or Registry().histogram
         self.s3 = s3
@@ -172,21 +174,71 @@ class TierChain:
                 flight.done.set()
             else:
                 unwritten.append((ref, flight))
-        refs = [ref for ref, _ in unwritten]
-        if self.upper and refs:
-            found = await trio.to_thread.run_sync(self._from_upper, refs, limiter=self._disk)
-        else:
-            found = [None] * len(refs)
-        misses = []
-        for (ref, flight), data in zip(unwritten, found):
-            if data is not None:
-                flight.data = data
-                flight.done.set()
-            else:
+        misses, unknown = [], []
+        for ref, flight in unwritten:
+            seen = self._peek_upper(ref)
+            if seen is Peek.ABSENT:
                 misses.append((ref, flight))
+            elif seen is Peek.UNKNOWN:
+                unknown.append((ref, flight))
+            else:
+                flight.data = seen
+                flight.done.set()
+        if unknown:
+            found = await trio.to_thread.run_sync(self._from_upper, [ref for ref, _ in unknown],
+                                                  limiter=self._disk)
+            self.counters.add("upper_lookups_threaded", len(unknown))
+            for (ref, flight), data in zip(unknown, found):
+                if data is not None:
+                    flight.data = data
+                    flight.done.set()
+                else:
+                    misses.append((ref, flight))
+        if self.shared is not None and misses:
+            await self._via_shared(misses)
+        else:
+            await self._fetch_spans(misses)
+
+    async def _fetch_spans(self, misses: list[tuple[BlockRef, "_Flight"]]) -> None:
         async with trio.open_nursery() as nursery:
             for span in _spans(misses, self._max_span):
                 nursery.start_soon(self._fetch_span, span)
+
+    async def _via_shared(self, misses: list[tuple[BlockRef, "_Flight"]]) -> None:
+        """Tier 2 before S3: its blocks are served and copied into tier 1. Blocks another
+        node is fetching (it holds their leases) are waited for while this node fetches
+        the rest from S3; those that do not appear in time are fetched too."""
+        found = await self.shared.lookup([ref for ref, _ in misses])
+        hits, held, mine = [], [], []
+        for (ref, flight), got in zip(misses, found):
+            (held if got is HELD else mine if got is MINE else hits).append((ref, flight, got))
+        self._deliver_shared(hits)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fetch_spans, [(ref, flight) for ref, flight, _ in mine])
+            if held:
+                datas = await self.shared.wait_for([ref for ref, _, _ in held])
+                got = [(ref, flight, data) for (ref, flight, _), data in zip(held, datas)]
+                late = [(ref, flight) for ref, flight, data in got if data is None]
+                waited = [item for item in got if item[2] is not None]
+                self._deliver_shared(waited)
+                hits += waited
+                nursery.start_soon(self._fetch_spans, late)
+        with trio.CancelScope(shield=True):  # as in _fetch_span
+            for ref, _, data in hits:
+                await self.filler.offer(ref, data)
+
+    def _peek_upper(self, ref: BlockRef) -> bytes | Peek:
+        """On the trio thread: the block if a tier above has it at no wait, else ABSENT when
+        every tier above knows it has not got it, else UNKNOWN (ask them in a worker)."""
+        answer = Peek.ABSENT
+        for tier in self.upper:
+            seen = tier.peek(ref)
+            if seen is Peek.UNKNOWN:
+                answer = Peek.UNKNOWN
+            elif seen is not Peek.ABSENT:
+                self._served(tier.name, len(seen))
+                return seen
+        return answer
 
     def _from_upper(self, refs: list[BlockRef]) -> list[bytes | None]:
         """Worker thread: each block from the first tier above S3 that has it (one hop for all)."""
@@ -203,8 +255,15 @@ class TierChain:
             found.append(data)
         return found
 
+    def _deliver_shared(self, hits: list) -> None:
+        for ref, flight, data in hits:
+            self._served("shared", len(data))
+            flight.data = data
+            flight.done.set()
+
     async def _fetch_span(self, span: list[tuple[BlockRef, "_Flight"]]) -> None:
         refs = [ref for ref, _ in span]
+        datas = None
         try:
             datas = await trio.to_thread.run_sync(self._fetch, refs, limiter=self._s3)
         except TieredError as e:
@@ -212,6 +271,12 @@ class TierChain:
                 flight.error = e
                 flight.done.set()
             return
+        finally:
+            if self.shared is not None and datas is None:
+                self.shared.abandon(refs)  # failed or cancelled: let other nodes fetch now
+        if self.shared is not None:
+            for ref, data in zip(refs, datas):
+                self.shared.publish(ref, data)
         self.counters.add("hits.s3", len(refs))
         self.counters.add("bytes.s3", sum(len(d) for d in datas))
         for (ref, flight), data in zip(span, datas):

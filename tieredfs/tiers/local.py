@@ -30,6 +30,7 @@ from ..blocks import BlockRef
 from ..errors import CacheError, CacheFormatChanged, CacheLocked
 from ..index import BlockIndex, Removed
 from ..stats import Counters
+from .base import Peek
 from .blockfiles import BlockFiles
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ _HITS_BATCH = 65536  # hits kept in memory before they are written to the index
 _ORPHAN_AGE = 60.0  # a file this young may be a fill whose index entry is being written
 CHUNK = 16 * 1024  # a small read verifies (and reads) only the chunks it covers
 _DISK_READ = 64 * 1024  # ...but one that may have to wait for the disk reads this much around it
+# A whole block up to this size is read and verified on the trio thread when its bytes are in
+# memory (a small file's block); a larger one would hold every other request for too long.
+PEEK_MAX = 256 * 1024
 _ASIDE = ".corrupt-"  # an unreadable index is kept as index.lmdb.corrupt-<time>
 
 
@@ -181,6 +185,29 @@ class LocalTier:
         if chunk_sums(data) != sums:
             return self._drop(block_id, "checksum mismatch")
         self._hit(block_id, len(data), may_flush=True)
+        return data
+
+    def peek(self, ref: BlockRef) -> bytes | Peek:
+        """get() that never blocks. A miss is known from the index alone (its entries are in
+        memory or LMDB's map): a cold read then goes to S3 without a worker thread's round
+        trip to learn it (one of three thread hops per cold small file). A small block whose
+        file is open and whose pages are in memory is read here; anything else, and anything
+        amiss, is left to get()."""
+        block_id = bytes.fromhex(ref.id)
+        known = self.index.checksums(block_id)
+        if known is None:
+            self.counters.add("misses")
+            return Peek.ABSENT
+        length, sums = known
+        if length != ref.length or length > PEEK_MAX:
+            return Peek.UNKNOWN
+        try:
+            data = self.files.read(ref.file, ref.start, length, wait=False)
+        except OSError:
+            return Peek.UNKNOWN
+        if data is None or chunk_sums(data) != sums:
+            return Peek.UNKNOWN
+        self._hit(block_id, length, may_flush=False)
         return data
 
     def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
