@@ -15,8 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from . import (dataset, fio, report, report_short, workloads, workloads_cluster, workloads_files,
-               workloads_packs, workloads_peers)
+from . import (dataset, fio, report, report_short, workloads, workloads_cluster, workloads_dirs,
+               workloads_files, workloads_packs, workloads_peers)
 from .context import MODES, Run
 from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
@@ -33,10 +33,11 @@ WORKLOADS = {
     "mount": workloads_files.mount_ready,
     "restart": workloads_files.restart,
     "bigbucket": workloads_files.big_bucket,
+    "bigdir": workloads_dirs.big_directory,
     "cluster": workloads_cluster.cluster,
     "peers": workloads_peers.peer_rows,  # with --peers (rclone mount, s3fs, JuiceFS)
 }
-_FULL_ONLY = {"restart", "bigbucket"}
+_FULL_ONLY = {"restart", "bigbucket", "bigdir"}
 # Five daemons, ~30 s on the loaded CI machine: tests/test_shared.py covers what it shows.
 _NOT_TINY = {"cluster"}
 RESULTS = Path(__file__).resolve().parent / "results"

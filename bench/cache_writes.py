@@ -22,7 +22,8 @@ from tieredfs.blocks import BlockRef, ObjectVersion
 from tieredfs.memory import receive_buffer
 from tieredfs.stats import Counters
 from tieredfs.tiers.blockfiles import BlockFiles
-from tieredfs.tiers.local import CacheDir, LocalTier, open_index
+from tieredfs.tiers.cachedir import CacheDir, open_index
+from tieredfs.tiers.local import LocalTier
 
 BLOCK = 1 << 20
 BATCH = 8

@@ -71,8 +71,9 @@ def test_a_stalled_cache_disk_costs_one_bounded_wait_then_reads_go_on():
 
     trio.run(main)
     # The first fetch waited about max_wait for a disk that finished nothing; the rest did not wait.
-    assert 0.4 < waits[0] < 5
-    assert all(w < 0.1 for w in waits[1:]), waits
+    # (Counted, not timed: the later offers did not wait at all; 5 s only detects a hang.)
+    assert 0.4 < waits[0] < 5 and all(w < 5 for w in waits[1:]), waits
+    assert counters.get("fill_waits") == 1
     assert counters.get("fill_congested") == 1
     assert counters.get("fill_skipped") == 4
     # What was queued before the stall was written once the disk came back.

@@ -8,11 +8,13 @@ import threading
 import pytest
 
 from tieredfs.blocks import BlockRef, ObjectVersion
-from tieredfs.index import MAIN, SMALL, BlockIndex
+from tieredfs.errors import CacheIndexFull
+from tieredfs.index import MAIN, SMALL, BlockIndex, map_size_for
 from tieredfs.stats import Counters
 from tieredfs.tiers import local as local_mod
 from tieredfs.tiers.blockfiles import BlockFiles
-from tieredfs.tiers.local import CacheDir, LocalTier, open_index
+from tieredfs.tiers.cachedir import CacheDir, open_index
+from tieredfs.tiers.local import LocalTier
 
 BS = 4096
 
@@ -275,7 +277,8 @@ def test_an_error_in_a_batch_keeps_the_blocks_written_before_it(tmp_path, monkey
 def test_min_free_lowers_capacity(tmp_path):
     st = os.statvfs(tmp_path)
     free = st.f_bavail * st.f_frsize
-    tier = make_tier(tmp_path, 100 * BS, min_free=free + BS)  # the disk is "full" for us
+    # The disk is "full" for us; 1 GiB over what is free: other processes share the disk.
+    tier = make_tier(tmp_path, 100 * BS, min_free=free + (1 << 30))
     r = refs(1)[0]
     tier.put(r, os.urandom(BS))
     assert tier.get(r) is None
@@ -359,3 +362,47 @@ def test_consecutive_blocks_of_a_batch_are_written_in_one_system_call(tmp_path, 
     assert calls == [3, 2]
     assert all(tier.get(r) == bytes(d) for r, d in zip(blocks, datas) if r.index != 3)
     tier.close()
+
+
+@pytest.mark.parametrize("block_size", [4 << 20, 64 << 20])
+def test_the_map_holds_a_full_cache_of_large_blocks(tmp_path, block_size):
+    """Issue 18: ~2 KiB per block was the estimate, but a 4 MiB block has 2 KiB of chunk sums
+    alone (64 MiB: 32 KiB), in overflow pages. A cache of 400 blocks, filled twice over
+    (eviction, ghosts), fits the map sized for it; the old estimate's map does not."""
+    blocks = 400
+    sums = bytes(8 * (block_size // (16 << 10)))
+
+    def fill_twice(map_size):
+        idx = BlockIndex(tmp_path / f"i{map_size}", map_size)
+        try:
+            for i in range(2 * blocks):
+                idx.make_room(block_size, blocks * block_size, {})
+                idx.insert(i.to_bytes(16, "big"), block_size, sums, (i % 7).to_bytes(16, "big"), 0)
+            return idx.totals()["blocks"]
+        finally:
+            idx.env.close()
+
+    assert fill_twice(map_size_for(blocks * block_size, block_size, least=0)) == blocks
+    with pytest.raises(CacheIndexFull):
+        fill_twice(blocks * 2048)
+
+
+def test_an_index_that_fails_is_a_miss_and_a_declined_fill(tmp_path, caplog, monkeypatch):
+    """Every LMDB call failing (here: its environment closed under the tier, a real
+    lmdb.Error): lookups miss, fills are declined, the sweep removes nothing, stats still
+    answer; counted, and logged once."""
+    tier = make_tier(tmp_path, 100 * BS)
+    cached, new = refs(2)
+    tier.put(cached, os.urandom(BS))
+    tier.index._sums.clear()  # the in-memory sums would answer without LMDB
+    tier.index.env.close()
+    assert tier.get(cached) is None and tier.get_part(cached, 0, 100) is None
+    assert tier.peek(cached) is local_mod.Peek.ABSENT
+    tier.put(new, os.urandom(BS))
+    monkeypatch.setattr(local_mod, "_ORPHAN_AGE", -1.0)
+    assert tier.sweep_dir(tier.cache.file_path(cached.file).parent) == 0
+    assert tier.cache.file_path(cached.file).exists()
+    assert "local.used_bytes" not in tier.gauges()
+    assert tier.counters.get("index_errors") >= 4
+    assert caplog.text.count("event=cache_index_errors") == 1
+    tier.files.close_all()

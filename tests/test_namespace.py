@@ -4,6 +4,7 @@ The rules under test are written down in docs/namespace.md.
 """
 
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -193,3 +194,13 @@ def test_readdir_continues_from_its_opendir_snapshot(bucket, s3, put, mount_fact
         assert len(os.listdir(m.path / "big")) == 81  # a new opendir sees S3's change
         rest = [e.name for e in it]
     assert [first, *rest] == names  # no entry lost or repeated by the change
+
+
+def test_a_tiny_list_ttl_mounts_and_serves(bucket, put, mount_factory):
+    # Start-up used to stat the mount point on the event loop: with the root's attributes
+    # already expired, the kernel asked that blocked loop, and the daemon hung.
+    put("t.txt", b"tiny ttl")
+    m = mount_factory(bucket, "--list-ttl", "0.001")
+    cat = subprocess.run(["cat", str(m.path / "t.txt")], capture_output=True, timeout=60)
+    assert cat.stdout == b"tiny ttl"
+    assert wait_until(lambda: "event=mounted" in m.log.read_text(), 30)

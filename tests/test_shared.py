@@ -21,7 +21,8 @@ from tieredfs.tiers.shared_format import TEMP_PREFIX, decode
 
 K = 1024
 BS = 64 * K
-SMALL = ("--block-size", "64K")
+# No walk prefetch: each test counts the blocks its own reads fetch and publish.
+SMALL = ("--block-size", "64K", "--dir-prefetch", "0")
 
 
 def node(mount_factory, bucket, shared: Path, *extra: str):

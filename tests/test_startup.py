@@ -135,7 +135,11 @@ def test_local_failures(mode, attempt, s3server, bucket, mount_factory, tmp_path
 
 @pytest.mark.parametrize("args, needle", [
     (["http://bucket"], "expected s3://BUCKET"),
-    (["s3://Bad_Bucket!"], "not a valid bucket name"),
+    (["s3://.."], "not a usable bucket name"),
+    (["s3://bkt", "--block-size", "64M", "--request-size", "64M"],
+     "raise --cache-write-queue to at least --block-size"),
+    (["s3://bkt", "--small-file-threshold", "128M"], "lower --small-file-threshold"),
+    (["s3://bkt", "--file-mode", "0999"], "octal mode"),
     (["s3://bkt", "--block-size", "3K"], "power of two"),
     (["s3://bkt", "--block-size", "lots"], "cannot read 'lots' as a size"),
     (["s3://bkt", "--cache-size", "150%"], "percentage"),
@@ -190,6 +194,8 @@ def test_daemon_mode_is_ready_on_return_and_umounts(attempt, s3server, bucket, p
     assert read_file(a.mnt / "x" / "data.bin") == data
     (daemon,) = a.daemons()
     assert "event=mounted" in (a.cache / "tieredfs.log").read_text()
+    # The log in the cache dir is as private as the cache (issue 18), created so before logging.
+    assert (os.stat(a.cache).st_mode & 0o777, os.stat(a.cache / "tieredfs.log").st_mode & 0o777) == (0o700, 0o600)
 
     done = run_cli("umount", str(a.mnt))
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,8 @@ from pathlib import Path
 from .errors import CacheError, CacheLocked
 from .index import BlockIndex
 from .tiers.blockfiles import BlockFiles
-from .tiers.local import CacheDir, chunk_sums, free_space
+from .tiers.cachedir import CacheDir
+from .tiers.local import chunk_sums, free_space
 
 _MAP_SIZE = 1 << 30
 

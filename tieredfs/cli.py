@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from . import private
 from .config import LOG_LEVELS, build_config, load_toml, log_level_of, normalize
 from .errors import ConfigError, MountError, TieredError
 
@@ -19,7 +20,10 @@ log = logging.getLogger("tieredfs")
 def setup_logging(level: int, log_file: Path | None = None) -> None:
     try:
         if log_file:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
+            # Often in the cache dir, which is private (private.py); the log names keys.
+            if not log_file.parent.is_dir():
+                private.make_dir(log_file.parent)
+            private.touch(log_file)
         handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     except OSError as e:
         raise ConfigError(f"cannot write the log file {log_file}: {e.strerror}") from None
@@ -149,6 +153,15 @@ _MOUNT_SETTINGS = {
     "uid": click.option("--uid", type=int, help="owner shown for files (default: you)"),
     "gid": click.option("--gid", type=int),
     "log_file": click.option("--log-file", type=click.Path(path_type=Path)),
+    # Issue 18 (hardening).
+    "file_mode": click.option("--file-mode", help="permission bits of files in the mount, octal (default 0444)"),
+    "dir_mode": click.option("--dir-mode", help="permission bits of directories, octal (default 0555)"),
+    "addressing_style": click.option("--addressing-style", type=click.Choice(["auto", "path", "virtual"]),
+                                     help="S3 URLs: bucket in the path or in the host (default auto)"),
+    "etag_md5": click.option("--etag-md5/--no-etag-md5", default=None,
+                             help="check whole-object GETs against single-part ETags (default on)"),
+    "cache_index_size": click.option("--cache-index-size",
+                                     help="the cache index's LMDB map (default: sized from --cache-size)"),
     "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
                               help="least severe events logged (default info); SIGHUP re-reads it"),
 }

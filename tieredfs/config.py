@@ -21,7 +21,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]$")
+_ADDRESSING_STYLES = ("auto", "path", "virtual")
 _SIZE_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB, "p": 1024**5}
 
 
@@ -40,8 +40,11 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not url.startswith("s3://"):
         raise ConfigError(f"bad URL {url!r}: expected s3://BUCKET[/PREFIX]")
     bucket, _, prefix = url[len("s3://"):].partition("/")
-    if not _BUCKET_RE.match(bucket) or ".." in bucket:
-        raise ConfigError(f"bad URL {url!r}: {bucket!r} is not a valid bucket name")
+    # Only what would break a path (the cache dir is named after the bucket) or a request
+    # line is refused: S3-compatible stores and old buckets have names that AWS's rules of
+    # today reject, and the server is the judge of its own names.
+    if not bucket or bucket in (".", "..") or any(ch < " " or ch in "\\\x7f" for ch in bucket):
+        raise ConfigError(f"bad URL {url!r}: {bucket!r} is not a usable bucket name")
     prefix = prefix.strip("/")
     return bucket, (prefix + "/" if prefix else "")
 
@@ -110,7 +113,16 @@ class Config:
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     fuse_options: list[str] = field(default_factory=list)
-    max_threads: int = 32
+    max_threads: int = 32  # worker threads for the cache disk
+    # FUSE requests served at once (issue 18, head-of-line blocking). A request waiting on S3
+    # costs a trio task, not a thread; S3 is bounded by s3_max_requests. Kept high so that
+    # reads the cache can serve never queue behind reads waiting on S3.
+    fuse_max_requests: int = 1024
+    # The kernel's own bound on background requests (O_DIRECT reads, readahead) at the daemon,
+    # raised from its default of 12 when root (tieredfs/fusectl.py).
+    fuse_max_background: int = 256
+    # Issue 18: an open file not read for this many seconds gives back its readahead budget.
+    readahead_idle: float = 10.0
     log_file: Path | None = None
     debug: bool = False
 
@@ -118,6 +130,13 @@ class Config:
     # file may also hold the S3 URL (`url = "s3://..."`, see build_config) and `mountpoint`,
     # so that a unit needs only the file.
     log_level: str = "info"
+
+    # Issue 18 (hardening): what the mount shows, how S3 is addressed, the index's map.
+    file_mode: int = 0o444  # permission bits of every file in the mount
+    dir_mode: int = 0o555  # ...and of every directory
+    addressing_style: str = "auto"  # auto, path or virtual (tiers/s3.py addressing_style)
+    cache_index_size: int = 0  # the LMDB map of the cache index; 0: sized from --cache-size
+    etag_md5: bool = True  # a single-part object's ETag is the MD5 of its bytes (checked)
 
     @property
     def effective_cache_dir(self) -> Path:
@@ -144,12 +163,14 @@ class Config:
                 raise ConfigError(f"cache-size {text!r}: percentage must be in (0, 100]")
         elif self.cache_size_bytes(0) < 16 * bs:
             raise ConfigError(f"cache-size {text!r} is smaller than 16 blocks of {bs} bytes")
-        for name in ("s3_max_requests", "s3_max_attempts", "max_threads", "cache_open_files"):
+        for name in ("s3_max_requests", "s3_max_attempts", "max_threads", "cache_open_files",
+                     "fuse_max_requests", "fuse_max_background"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.dir_prefetch <= 256:
             raise ConfigError("dir-prefetch must be between 0 and 256 files")
-        for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl"):
+        for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl",
+                     "readahead_idle"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
         if not 0 <= self.cache_fill_wait <= 60:
@@ -169,6 +190,8 @@ class Config:
             raise ConfigError(f"metrics-addr {self.metrics_addr!r} must be HOST:PORT, e.g. 127.0.0.1:9464")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"log-level {self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+        self._validate_together()
+        self._validate_hardening()
         for opt in self.fuse_options:
             if opt not in _ALLOWED_FUSE_OPTIONS and not opt.startswith("fsname="):
                 allowed = ", ".join(sorted(_ALLOWED_FUSE_OPTIONS))
@@ -176,6 +199,30 @@ class Config:
         if self.shared_dir is not None:
             self._validate_shared()
         return self
+
+    def _validate_together(self) -> None:
+        """Values fine alone that cannot work together: the option to change is named."""
+        bs = self.block_size
+        # Not checked: request-size or readahead-max above readahead-budget (clamped to it).
+        if self.cache_write_queue < bs:
+            raise ConfigError(f"cache-write-queue {self.cache_write_queue} cannot hold one block of "
+                              f"{bs} bytes, so nothing would be cached: raise --cache-write-queue "
+                              "to at least --block-size")
+        if self.small_file_threshold > self.readahead_budget:
+            raise ConfigError(f"small-file-threshold {self.small_file_threshold} is larger than "
+                              f"readahead-budget {self.readahead_budget}: a small file is fetched "
+                              "whole within the budget (lower --small-file-threshold or raise --readahead-budget)")
+
+    def _validate_hardening(self) -> None:
+        for name in ("file_mode", "dir_mode"):
+            if not 0 <= getattr(self, name) <= 0o7777:
+                raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name):o} is not a mode "
+                                  "(octal, e.g. 0444)")
+        if self.addressing_style not in _ADDRESSING_STYLES:
+            raise ConfigError(f"addressing-style {self.addressing_style!r} must be one of "
+                              f"{', '.join(_ADDRESSING_STYLES)}")
+        if self.cache_index_size and self.cache_index_size < 64 * KiB:
+            raise ConfigError("cache-index-size must be 0 (sized from cache-size) or at least 64K")
 
     def _validate_shared(self) -> None:
         from .tiers.shared_format import check_namespace
@@ -231,10 +278,21 @@ def log_level_of(config: Config) -> int:
 
 
 _ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[\w.\-]+):([1-9]\d{0,4})$")
+def parse_mode(text: str | int, what: str = "mode") -> int:
+    """'0640', '640', 0o640 -> 0o640 (octal, as chmod takes it)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    try:
+        return int(str(text).strip(), 8)
+    except ValueError:
+        raise ConfigError(f"{what}: cannot read {text!r} as an octal mode (e.g. 0444)") from None
+
+
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
 _SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
-                "small_file_threshold", "kernel_readahead", "cache_write_queue",
+                "small_file_threshold", "kernel_readahead", "cache_write_queue", "cache_index_size",
                 "pack_readahead", "shared_quota", "shared_publish_queue"}
+_MODE_FIELDS = {"file_mode", "dir_mode"}
 
 
 def load_toml(path: Path) -> dict:
@@ -265,7 +323,10 @@ def normalize(values: dict, source: str = "options") -> dict:
             continue
         if name not in _KINDS or name in ("bucket", "prefix"):  # those come from the URL
             raise ConfigError(f"{source}: unknown setting {key!r}")
-        out[name] = parse_size(value, key) if name in _SIZE_FIELDS else _typed(name, value, key, source)
+        if name in _MODE_FIELDS:
+            out[name] = parse_mode(value, key)
+        else:
+            out[name] = parse_size(value, key) if name in _SIZE_FIELDS else _typed(name, value, key, source)
     return out
 
 

@@ -22,6 +22,7 @@ from collections import Counter
 from .errors import EndpointUnreachable
 
 COUNTS_PATH = "/__tieredfs/counts"
+MOTO_FLOOR = "5.2.5"  # the first moto with MotoRequestHandler; pyproject.toml's floor
 
 
 class CountingApp:
@@ -68,9 +69,14 @@ def serve(port: int, require_auth: bool) -> None:
     if require_auth:
         # moto then checks access keys against its IAM backend: unknown keys get 403.
         os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
-    from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
-                                               create_backend_app)
-    from werkzeug.serving import make_server
+    try:
+        from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
+                                                   create_backend_app)
+        from werkzeug.serving import make_server
+    except ImportError as e:
+        # Said on stdout, where the parent waits for READY: stderr is the server's request log.
+        print(f"ERROR {e}", flush=True)
+        sys.exit(1)
 
     app = CountingApp(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
@@ -106,8 +112,9 @@ class DevS3Server:
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.stop()
-            raise EndpointUnreachable("the embedded S3 server did not start "
-                                      "(is moto[server] installed? pip install 'tieredfs[demo]')")
+            why = line.removeprefix("ERROR ").strip() or "it exited before it was ready"
+            raise EndpointUnreachable(f"the embedded S3 server did not start: {why} (it needs "
+                                      f"moto[server]>={MOTO_FLOOR}: pip install 'tieredfs[demo]')")
         self.port = int(line.split()[1])
         return self
 

@@ -71,12 +71,22 @@ class CacheError(TieredError):
     """The cache directory cannot be used (locked, unwritable, bad index)."""
 
 
+class CacheIndexFull(CacheError):
+    """The index's LMDB map has no room left: the block is not cached."""
+
+
 class CacheLocked(CacheError):
     pass
 
 
 class CacheFormatChanged(CacheError):
     """The index was written by a version of tieredfs that laid the cache out differently."""
+
+
+class UnknownHandle(TieredError):
+    """A file handle the filesystem never gave out, or has released."""
+
+    errno = errno.EBADF
 
 
 # --- packs (docs/packs.md) ---------------------------------------------------------

@@ -1,11 +1,13 @@
 """What the mount does, independent of FUSE: names, handles, reads, stats.
 
-fuse_ops.py only translates between this and pyfuse3. Blocking namespace work
-(listing S3) runs in worker threads.
+fuse_ops.py only translates between this and pyfuse3. Names already listed are
+answered on the trio thread; blocking namespace work (listing S3, freeing a big
+forgotten listing) runs in worker threads.
 """
 
 import itertools
 import json
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -15,14 +17,17 @@ from typing import Callable
 import trio
 
 from .blocks import ObjectVersion
-from .errors import ObjectChanged, ObjectMissing, ReadOnly
+from .errors import ObjectChanged, ObjectMissing, ReadOnly, TieredError, UnknownHandle
 from .namespace import ROOT_INO, Namespace, Node
 from .packs import PackRegistry
 from .reader import OpenFile, Reader
 from .stats import Registry
 
+log = logging.getLogger(__name__)
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _WALKS_REMEMBERED = 1024  # directories whose last opened position is kept
+STALE_GRACE = 2.0  # seconds a request waits for a directory's refresh before a stale answer
 
 
 @dataclass
@@ -50,6 +55,13 @@ class FileSystem:
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, list[Node]] = {}
         self._etag_at_last_open: dict[int, str] = {}
+        self._nursery: trio.Nursery | None = None
+        self._refreshes: dict[int, trio.Event] = {}  # directory -> its refresh under way
+        self._reaping = False
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Background work (freeing forgotten listings) runs in the mount's nursery."""
+        self._nursery = nursery
 
     async def _ns(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._list_limiter)
@@ -57,14 +69,59 @@ class FileSystem:
     # --- names -----------------------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> Node:
-        return await self._ns(self.namespace.lookup, parent, name)
+        # A listed name is answered here, on the trio thread: only a directory that must be
+        # listed first takes a worker thread, so lookups never queue behind S3 listings.
+        return await self._listed(parent, self.namespace.lookup, parent, name)
+
+    async def _listed(self, ino: int, query, *args):
+        """query(*args) answered from directory `ino`'s listing, listing it if need be.
+
+        Past the TTL, one refresh runs in the background and the request waits for it at
+        most STALE_GRACE seconds: a small directory is relisted well within that and the
+        answer is fresh; a big one (100,000 names take seconds) answers from the last
+        listing meanwhile. A name the last listing lacks waits for the refresh."""
+        try:
+            found = query(*args, wait=False)
+        except ObjectMissing:
+            if ino not in self._refreshes:
+                raise
+            found = None  # the last listing lacks it, and a refresh is under way
+        if found is not None:
+            return found
+        if self._nursery is None or not self.namespace.listed(ino):
+            return await self._ns(query, *args)  # nothing to serve meanwhile: wait for S3
+        done = self._refreshes.get(ino)
+        if done is None:
+            done = self._refreshes[ino] = trio.Event()
+            self._nursery.start_soon(self._refresh, ino, done)
+        with trio.move_on_after(STALE_GRACE):
+            await done.wait()
+        try:
+            found = query(*args, wait=False, stale=True)
+        except ObjectMissing:
+            if done.is_set():
+                raise
+            await done.wait()
+            found = query(*args, wait=False, stale=True)
+        # None only if the listing went meanwhile (the kernel forgot the directory).
+        return found if found is not None else await self._ns(query, *args)
+
+    async def _refresh(self, ino: int, done: trio.Event) -> None:
+        try:
+            await self._ns(self.namespace.children, ino)
+        except (TieredError, NotADirectoryError) as e:
+            # The requests waiting answer from the last listing, or see the error themselves.
+            log.debug("event=refresh_failed ino=%d error=%r", ino, str(e))
+        finally:
+            del self._refreshes[ino]
+            done.set()
 
     async def getattr(self, ino: int) -> Node:
         return self.namespace.node(ino)
 
     async def opendir(self, ino: int) -> int:
         """Snapshot the entries so readdir offsets stay valid while S3 changes."""
-        entries = await self._ns(self.namespace.children, ino)
+        entries = await self._listed(ino, self.namespace.children, ino)
         fh = next(self._fh)
         self._dirs[fh] = entries
         return fh
@@ -73,7 +130,9 @@ class FileSystem:
         """emit(entry, offset of the next one) from `start` on, until it returns False (the
         kernel's page is full: a big directory takes many calls). Each entry emitted is one
         more reference the kernel holds (readdirplus)."""
-        entries = self._dirs.get(fh, [])
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise UnknownHandle(f"directory handle {fh} is not open")
         for i in range(max(0, start), len(entries)):
             if not emit(entries[i], i + 1):
                 return
@@ -86,6 +145,20 @@ class FileSystem:
         for ino in self.namespace.forget(inode_counts):
             # The kernel dropped the inode, and its pages with it.
             self._etag_at_last_open.pop(ino, None)
+        if self.namespace.unreaped() and not self._reaping:
+            if self._nursery is None:
+                self.namespace.reap()
+            else:
+                self._reaping = True
+                self._nursery.start_soon(self._reap)
+
+    async def _reap(self) -> None:
+        """Free forgotten listings' names in a worker thread: a big directory's are many."""
+        try:
+            while self.namespace.unreaped():  # also what a forget added while this ran
+                await self._ns(self.namespace.reap)
+        finally:
+            self._reaping = False
 
     # --- files ---------------------------------------------------------------------------
 
@@ -133,7 +206,9 @@ class FileSystem:
                                           for n in after if not n.is_dir])
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        f = self._files[fh]
+        f = self._files.get(fh)
+        if f is None:
+            raise UnknownHandle(f"file handle {fh} is not open")
         start = time.perf_counter()
         try:
             data = await self.reader.read(f, offset, size)
@@ -159,9 +234,6 @@ class FileSystem:
         f = self._files.pop(fh, None)
         if f is not None:
             self.reader.released(f)
-
-    def open_files(self) -> int:
-        return len(self._files)
 
     def stats(self) -> dict[str, int]:
         snap = self._stats()

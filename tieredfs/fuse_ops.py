@@ -12,7 +12,7 @@ import stat
 import pyfuse3
 
 from . import stats
-from .errors import ReadOnly, TieredError, errno_of
+from .errors import ReadOnly, TieredError, UnknownHandle, errno_of
 from .filesystem import FileSystem
 from .namespace import Node
 
@@ -20,8 +20,6 @@ log = logging.getLogger(__name__)
 
 STATS_XATTR, MOUNT_XATTR, ETAG_XATTR = (n.encode() for n in (stats.STATS_XATTR, stats.MOUNT_XATTR,
                                                                stats.ETAG_XATTR))
-_FILE_MODE = stat.S_IFREG | 0o444
-_DIR_MODE = stat.S_IFDIR | 0o555
 
 
 def _errors(fn):
@@ -35,9 +33,8 @@ def _errors(fn):
             raise
         except TieredError as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        except (NotADirectoryError, IsADirectoryError, KeyError) as e:
-            code = {NotADirectoryError: errno.ENOTDIR, IsADirectoryError: errno.EISDIR,
-                    KeyError: errno.EBADF}[type(e)]
+        except (NotADirectoryError, IsADirectoryError) as e:
+            code = {NotADirectoryError: errno.ENOTDIR, IsADirectoryError: errno.EISDIR}[type(e)]
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("event=handler_bug op=%s", fn.__name__)
@@ -52,10 +49,11 @@ async def _refuse_write(self, *args, **kwargs):
 
 class FuseOps(pyfuse3.Operations):
     def __init__(self, fs: FileSystem, *, uid: int, gid: int, attr_timeout: float, block_size: int,
-                 capacity: int):
+                 capacity: int, file_mode: int = 0o444, dir_mode: int = 0o555):
         super().__init__()
         self.fs = fs
         self.uid, self.gid = uid, gid
+        self.file_mode, self.dir_mode = stat.S_IFREG | file_mode, stat.S_IFDIR | dir_mode
         self.attr_timeout = attr_timeout
         self.block_size = block_size
         self.capacity = capacity
@@ -63,7 +61,7 @@ class FuseOps(pyfuse3.Operations):
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
-        a.st_mode = _DIR_MODE if node.is_dir else _FILE_MODE
+        a.st_mode = self.dir_mode if node.is_dir else self.file_mode
         a.st_nlink = 2 if node.is_dir else 1
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_size = node.size
@@ -155,6 +153,7 @@ async def serve(max_tasks: int) -> None:
 
 
 def terminate() -> None:
+    """Stop taking requests (a graceful stop: those in flight still answer)."""
     pyfuse3.terminate()
 
 

@@ -11,8 +11,12 @@ The queue order lives in LMDB too (key = queue + sequence number), so a restart
 needs no scan: the oldest block of each queue is one cursor step away.
 """
 
+import functools
 import logging
+import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +24,8 @@ from pathlib import Path
 
 import lmdb
 
-from .errors import CacheError, CacheFormatChanged
+from . import private
+from .errors import CacheError, CacheFormatChanged, CacheIndexFull
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,39 @@ _SEQ = struct.Struct(">Q")  # ghost order keys: big-endian to sort oldest first
 # of another format starts empty.
 FORMAT = b"4"
 _SUMS_KEPT = 16384  # blocks whose checksums are kept in memory (~4 MiB)
+_CHUNK = 16 * 1024  # the checksummed piece of a block (tiers/local.py CHUNK)
+
+
+def map_size_for(capacity: int, block_size: int, page_size: int = 4096, least: int = 1 << 30) -> int:
+    """A map that holds the index of a full cache of `capacity` bytes in `block_size` blocks.
+
+    Per block: its entry (45 bytes and 8 per 16 KiB chunk: 2 KiB of sums at 4 MiB blocks,
+    32 KiB at 64 MiB) with its key, in a leaf page or, past about half a page, in overflow
+    pages of its own; its queue key; its file's count; a ghost id (two keys). Doubled: B-tree
+    pages are half full after splits, and pages freed by a commit are reused only once no
+    reader holds the snapshot before it. The map is address space, not disk: data.mdb grows
+    as it is used, so a generous map costs nothing.
+    """
+    value = _ENTRY.size + 8 * -(-block_size // _CHUNK)
+    entry = value + 16 + 16  # + key and node header
+    if entry > page_size // 2:
+        entry = -(-(value + 16) // page_size) * page_size + 32  # overflow pages + a leaf node
+    per_block = entry + 4 * 48  # queue key, file count, ghost id and its order key
+    return max(least, capacity // block_size * per_block * 2)
+
+
+def _lmdb_errors(fn):
+    """Every LMDB failure leaves the index as the cache's own error: CacheIndexFull when the
+    map is full, CacheError otherwise. Callers treat either as a miss or a declined fill."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except lmdb.MapFullError:
+            raise CacheIndexFull("cache index map is full") from None
+        except lmdb.Error as e:
+            raise CacheError(f"cache index: {type(e).__name__}: {e}") from None
+    return wrapper
 
 
 @dataclass
@@ -73,14 +111,25 @@ def _unpack(raw: bytes) -> Entry:
 
 
 class BlockIndex:
+    @_lmdb_errors
     def __init__(self, path: Path, map_size: int):
         try:
+            path.mkdir(mode=private.DIR_MODE, exist_ok=True)
             self.env = lmdb.open(str(path), map_size=map_size, max_dbs=6, subdir=True,
-                                 # Block files are checksummed, so losing the last commits in an
-                                 # OS crash costs only cache hits; fsync per insert would cost more.
+                                 mode=private.FILE_MODE,
+                                 # No fsync per commit: a process crash loses nothing, but an OS
+                                 # crash or power loss may lose the last commits or corrupt the
+                                 # database (LMDB's MDB_NOSYNC). Block files are checksummed and
+                                 # open_index (tiers/local.py) moves an unreadable index aside, so
+                                 # either costs cache hits only; fsync per insert would cost more.
                                  sync=False, metasync=False, readahead=False, max_readers=256)
-        except lmdb.Error as e:
+        except (lmdb.Error, OSError) as e:
             raise CacheError(f"cannot open cache index {path}: {e}") from None
+        try:
+            self._check_size(path)
+        except CacheError:
+            self.env.close()
+            raise
         self._blocks = self.env.open_db(b"blocks")
         self._order = self.env.open_db(b"order")
         self._ghosts = self.env.open_db(b"ghosts")
@@ -95,6 +144,16 @@ class BlockIndex:
         self._sums_lock = threading.Lock()
         self._removals = 0
 
+    def _check_size(self, path: Path) -> None:
+        """data.mdb holds every page its last commit names: a file cut short (a crash of the
+        OS before its pages reached the disk, a full disk, a user) would be read through
+        the map past its end, and that is SIGBUS, not an error."""
+        pages = self.env.info()["last_pgno"] + 1
+        need, size = pages * self.env.stat()["psize"], os.path.getsize(path / "data.mdb")
+        if size < need:
+            raise CacheError(f"cache index {path} is truncated: data.mdb has {size} bytes, "
+                             f"its last commit needs {need}")
+
     def _check_format(self, path: Path) -> None:
         with self.env.begin(write=True) as txn:
             found = txn.get(b"format", db=self._meta)
@@ -106,15 +165,20 @@ class BlockIndex:
             raise CacheFormatChanged(f"cache index {path} is of format {(found or b'1').decode()}, "
                                      f"this version uses {FORMAT.decode()}")
 
+    @_lmdb_errors
     def close(self) -> None:
-        self.env.sync(True)
-        self.env.close()
+        try:
+            self.env.sync(True)
+        finally:
+            self.env.close()
 
+    @_lmdb_errors
     def sync(self) -> None:
         self.env.sync(True)
 
     # --- reads -----------------------------------------------------------------------------
 
+    @_lmdb_errors
     def lookup(self, block_id: bytes) -> Entry | None:
         with self.env.begin(db=self._blocks) as txn:
             raw = txn.get(block_id)
@@ -144,11 +208,13 @@ class BlockIndex:
             for block_id in block_ids:
                 self._sums.pop(block_id, None)
 
+    @_lmdb_errors
     def file_in_use(self, file: bytes) -> bool:
         """Some block of this file is indexed."""
         with self.env.begin(db=self._files) as txn:
             return txn.get(file) is not None
 
+    @_lmdb_errors
     def totals(self) -> dict[str, int]:
         with self.env.begin() as txn:
             small, main = self._used(txn, SMALL), self._used(txn, MAIN)
@@ -157,11 +223,13 @@ class BlockIndex:
         return {"used_bytes": small + main, "small_bytes": small, "main_bytes": main,
                 "blocks": count, "ghosts": ghosts}
 
+    @_lmdb_errors
     def oldest_insert(self) -> float | None:
         with self.env.begin() as txn:
             times = [e.inserted for q in (SMALL, MAIN) if (e := self._head(txn, q)[1])]
         return min(times) if times else None
 
+    @_lmdb_errors
     def entries(self):
         """Every (block_id, Entry); a snapshot, for `cache check`."""
         with self.env.begin(db=self._blocks) as txn:
@@ -169,6 +237,7 @@ class BlockIndex:
 
     # --- writes ----------------------------------------------------------------------------
 
+    @_lmdb_errors
     def make_room(self, needed: int, capacity: int, hits: dict[bytes, int]) -> list[Removed]:
         """Evict until used + needed <= capacity; return what was evicted (bytes to free)."""
         evicted: list[Removed] = []
@@ -185,6 +254,7 @@ class BlockIndex:
     def insert(self, block_id: bytes, length: int, chunk_sums: bytes, file: bytes, offset: int) -> None:
         self.insert_many([(block_id, length, chunk_sums, file, offset)])
 
+    @_lmdb_errors
     def insert_many(self, blocks: list[tuple[bytes, int, bytes, bytes, int]]) -> None:
         """(block id, length, chunk sums, file, offset) of each, in one transaction."""
         now = time.time()
@@ -198,6 +268,7 @@ class BlockIndex:
                 self._append(txn, block_id, Entry(length, queue, 0, 0, now, now, file, offset, chunk_sums))
                 self._count_file(txn, file, +1)
 
+    @_lmdb_errors
     def remove(self, block_ids: list[bytes]) -> list[Removed]:
         """Take blocks out of the index; returns those that were in it."""
         with self.env.begin(write=True) as txn:
@@ -205,6 +276,7 @@ class BlockIndex:
         self._removed(block_ids)
         return removed
 
+    @_lmdb_errors
     def clear(self) -> None:
         with self.env.begin(write=True) as txn:
             for db in (self._blocks, self._order, self._ghosts, self._ghost_order, self._files,
@@ -215,6 +287,7 @@ class BlockIndex:
             self._removals += 1
             self._sums.clear()
 
+    @_lmdb_errors
     def apply_hits(self, hits: dict[bytes, int]) -> None:
         with self.env.begin(write=True) as txn:
             self._apply_hits(txn, hits)
@@ -311,3 +384,43 @@ class BlockIndex:
         n = (_U64.unpack(raw)[0] if raw else 0) + 1
         txn.put(name, _U64.pack(n), db=self._meta)
         return n
+
+
+_VERIFY_SECONDS = 600.0
+
+
+def verify_elsewhere(path: Path) -> str | None:
+    """Read every page of the index in a child process; None if all are readable, else what
+    went wrong. In a child because on some damage (zeroed pages) LMDB aborts the process."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "tieredfs.index", str(path)], capture_output=True,
+                              text=True, timeout=_VERIFY_SECONDS)
+    except subprocess.TimeoutExpired:
+        log.warning("event=cache_index_verify_slow seconds=%d action=kept_unverified", _VERIFY_SECONDS)
+        return None
+    if done.returncode == 0:
+        return None
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[-1] if lines else f"the check died (exit status {done.returncode})"
+
+
+def _walk(path: Path) -> int:
+    """Every key and value of every database (overflow pages included); returns how many."""
+    env = lmdb.open(str(path), readonly=True, max_dbs=6, subdir=True, readahead=False)
+    n = 0
+    with env.begin() as txn:
+        names = [bytes(k) for k, _ in txn.cursor()]
+        for name in [None, *names]:
+            db = env.open_db(name, txn=txn, create=False) if name else None
+            for _ in txn.cursor(db=db).iternext(keys=True, values=True):
+                n += 1
+    env.close()
+    return n
+
+
+if __name__ == "__main__":
+    try:
+        print(f"ok entries={_walk(Path(sys.argv[1]))}")
+    except lmdb.Error as e:
+        print(f"{type(e).__name__}: {e}")
+        sys.exit(1)

@@ -17,6 +17,7 @@ empty components (`a//b`, `/a`), `.` and `..`, NUL, names over 255 bytes. When a
 is both a file and a prefix (`a` and `a/b`), the directory wins.
 """
 
+import itertools
 import logging
 import threading
 import time
@@ -53,9 +54,13 @@ class _Dir:
     # Every (name, is_dir, ETag) ever listed here: a key deleted and re-created keeps its inode.
     known: dict[tuple[bytes, bool, str], int] = field(default_factory=dict)
     listed_at: float | None = None
+    # Held by the one worker thread listing this directory, never by the trio thread.
     lock: threading.Lock = field(default_factory=threading.Lock)
-    order: list[int] | None = None  # children's inodes in name order, built when first asked
+    # Built with each listing, off the namespace lock, and replaced whole (never changed in
+    # place): a readdir snapshot is this list, and open() finds its position in O(1).
+    order: list[Node] = field(default_factory=list)
     position: dict[int, int] = field(default_factory=dict)
+    epoch: int = 0  # bumped when the listing is dropped: a listing begun before is discarded
 
 
 def unusable(component: str) -> str | None:
@@ -76,6 +81,11 @@ def unusable(component: str) -> str | None:
 
 
 class Namespace:
+    """Blocking methods (`lookup`, `children` with wait=True, `reap`) may list S3 or do O(n)
+    work and run in worker threads; the rest is quick and safe on the trio thread. The
+    namespace lock is only ever held for a moment: listings are built outside it and
+    swapped in."""
+
     def __init__(self, root_prefix: str, list_dir: Callable[[str], Listing], ttl: float,
                  mount_time_ns: int, clock: Callable[[], float] = time.monotonic,
                  refresh_dir: Callable[[str], Listing] | None = None,
@@ -89,9 +99,10 @@ class Namespace:
         self._nodes: dict[int, Node] = {ROOT_INO: Node(ROOT_INO, ROOT_INO, b"", True, root_prefix,
                                                        mtime_ns=mount_time_ns)}
         self._dirs: dict[int, _Dir] = {ROOT_INO: _Dir()}
-        self._next_ino = ROOT_INO + 1
+        self._inos = itertools.count(ROOT_INO + 1)  # next() is atomic: listings run in threads
         self._mount_time_ns = mount_time_ns
         self._skipped: set[str] = set()
+        self._unreaped: list[_Dir] = []  # listings the kernel forgot, their names still to free
 
     @property
     def ttl(self) -> float:
@@ -101,7 +112,7 @@ class Namespace:
     def ttl(self, seconds: float) -> None:  # a SIGHUP's new list-ttl
         self._ttl = seconds
 
-    # --- queries (blocking: may list S3) -------------------------------------------
+    # --- queries ----------------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
         with self._lock:
@@ -110,9 +121,13 @@ class Namespace:
             except KeyError:
                 raise ObjectMissing(f"inode {ino} is unknown") from None
 
-    def lookup(self, parent: int, name: bytes) -> Node:
-        """The entry, handed to the kernel: it holds a reference until it forgets it."""
-        d = self._fresh_dir(parent)
+    def lookup(self, parent: int, name: bytes, wait: bool = True, stale: bool = False) -> Node | None:
+        """The entry, handed to the kernel: it holds a reference until it forgets it.
+        With wait=False, None when answering needs S3 (a worker thread then asks again);
+        stale=True takes a listing older than the TTL too."""
+        d = self._fresh_dir(parent) if wait else self._usable_dir(parent, stale)
+        if d is None:
+            return None
         with self._lock:
             ino = d.children.get(name)
             if ino is None:
@@ -121,10 +136,11 @@ class Namespace:
             node.lookups += 1
             return node
 
-    def children(self, ino: int) -> list[Node]:
-        d = self._fresh_dir(ino)
-        with self._lock:
-            return [self._nodes[i] for _, i in sorted(d.children.items())]
+    def children(self, ino: int, wait: bool = True, stale: bool = False) -> list[Node] | None:
+        """The entries in name order; the list is never changed afterwards (a snapshot).
+        With wait=False, None when answering needs S3."""
+        d = self._fresh_dir(ino) if wait else self._usable_dir(ino, stale)
+        return None if d is None else d.order
 
     def next_siblings(self, ino: int, count: int) -> tuple[int, list[Node]]:
         """(position of `ino` in its directory's name order, the next `count` entries).
@@ -136,13 +152,10 @@ class Namespace:
             d = self._dirs.get(node.parent) if node is not None else None
             if d is None or node.ino == ROOT_INO:
                 return -1, []
-            if d.order is None:
-                d.order = [i for _, i in sorted(d.children.items())]
-                d.position = {i: n for n, i in enumerate(d.order)}
-            pos = d.position.get(ino, -1)
-            if pos < 0:
-                return -1, []
-            return pos, [self._nodes[i] for i in d.order[pos + 1:pos + 1 + count]]
+            order, pos = d.order, d.position.get(ino, -1)
+        if pos < 0:
+            return -1, []
+        return pos, order[pos + 1:pos + 1 + count]
 
     # --- the kernel's references ----------------------------------------------------------
 
@@ -155,7 +168,8 @@ class Namespace:
 
     def forget(self, inode_counts) -> list[int]:
         """The kernel dropped `count` references to each inode. Returns the inodes it no
-        longer knows; what nothing else needs is freed."""
+        longer knows; what nothing else needs is freed. A forgotten directory's listing is
+        detached at once; the names under it are freed by `reap`, in a worker thread."""
         unknown = []
         with self._lock:
             for ino, count in inode_counts:
@@ -168,35 +182,52 @@ class Namespace:
                     self._unreferenced(node)
         return unknown
 
+    def unreaped(self) -> bool:
+        return bool(self._unreaped)
+
+    def reap(self, chunk: int = 2000) -> None:
+        """Worker thread: free the names of forgotten listings, a chunk per lock hold."""
+        while True:
+            with self._lock:
+                if not self._unreaped:
+                    return
+                d = self._unreaped.pop()
+                for _ in range(min(chunk, len(d.known))):
+                    _, child_ino = d.known.popitem()
+                    child = self._nodes.get(child_ino)
+                    if child is None or child.lookups:
+                        continue  # a name the kernel still holds stays until it forgets it
+                    del self._nodes[child_ino]
+                    sub = self._dirs.pop(child_ino, None)
+                    if sub is not None:
+                        self._detach(sub)
+                if d.known:
+                    self._unreaped.append(d)
+
     def _unreferenced(self, node: Node) -> None:
         """A node the kernel no longer knows. A directory's listing goes (the kernel forgot
         everything below it); the node itself goes unless a current listing names it."""
-        if node.is_dir and self._drop_listing(node.ino):
-            return
+        if node.is_dir:
+            d = self._dirs.get(node.ino)
+            if d is not None and d.known:
+                self._dirs[node.ino] = _Dir(epoch=d.epoch + 1)
+                self._detach(d)
         parent = self._dirs.get(node.parent)
         if parent is None or parent.children.get(node.name) != node.ino:
             self._free(node)
 
-    def _drop_listing(self, ino: int) -> bool:
-        """Free a directory's listing and all below it; True if some name below is still
-        held by the kernel (it should not be: a child pins its parent), and so kept."""
-        d = self._dirs[ino]
-        held = {}
-        for identity, child_ino in d.known.items():
-            child = self._nodes.get(child_ino)
-            if child is None:
-                continue
-            if child.lookups or (child.is_dir and self._drop_listing(child_ino)):
-                held[identity] = child_ino
-            else:
-                self._nodes.pop(child_ino, None)
-                self._dirs.pop(child_ino, None)
-        d.children, d.known, d.order, d.position, d.listed_at = {}, held, None, {}, None
-        return bool(held)
+    def _detach(self, d: _Dir) -> None:
+        """O(1) under the lock: the listing is no longer used; `reap` frees its names."""
+        d.epoch += 1
+        d.listed_at = None
+        d.children, d.order, d.position = {}, [], {}
+        self._unreaped.append(d)
 
     def _free(self, node: Node) -> None:
         self._nodes.pop(node.ino, None)
-        self._dirs.pop(node.ino, None)
+        sub = self._dirs.pop(node.ino, None)
+        if sub is not None and sub.known:
+            self._detach(sub)
         parent = self._dirs.get(node.parent)
         identity = (node.name, node.is_dir, node.etag)
         if parent is not None and parent.known.get(identity) == node.ino:
@@ -217,15 +248,37 @@ class Namespace:
 
     # --- listing -------------------------------------------------------------------------
 
-    def _fresh_dir(self, ino: int) -> _Dir:
-        node = self.node(ino)
-        if not node.is_dir:
-            raise NotADirectoryError(node.name)
-        d = self._dirs[ino]
-        if self._is_fresh(d):
+    def _dir(self, ino: int) -> _Dir:
+        with self._lock:
+            node = self._nodes.get(ino)
+            if node is None:
+                raise ObjectMissing(f"inode {ino} is unknown")
+            if not node.is_dir:
+                raise NotADirectoryError(node.name)
+            return self._dirs[ino]
+
+    def listed(self, ino: int) -> bool:
+        """Whether a listing of this directory exists, fresh or not."""
+        return self._dir(ino).listed_at is not None
+
+    def _usable_dir(self, ino: int, stale: bool = False) -> _Dir | None:
+        """The listing if it may answer now: fresh, or stale while another request is
+        listing the directory again (requests do not queue behind a big relisting), or
+        stale when the caller says so."""
+        d = self._dir(ino)
+        if self._is_fresh(d) or (d.listed_at is not None and (stale or d.lock.locked())):
             return d
-        with d.lock:  # one listing per directory at a time; others wait for its result
+        return None
+
+    def _fresh_dir(self, ino: int) -> _Dir:
+        d = self._usable_dir(ino)
+        if d is not None:
+            return d
+        d = self._dir(ino)
+        with d.lock:  # one listing per directory at a time
             if not self._is_fresh(d):
+                node = self.node(ino)
+                epoch = d.epoch
                 try:
                     listing = (self._list_dir if d.listed_at is None else self._refresh_dir)(node.key)
                 except BackendUnavailable as e:
@@ -236,14 +289,13 @@ class Namespace:
                     log.warning("event=listing_failed prefix=%r error=%r action=serving_last_listing "
                                 "retry_in=%.0fs", node.key, str(e), min(self._ttl, STALE_RETRY))
                     return d
-                self._apply(node, listing)
-                d.listed_at = self._clock()
+                self._apply(node, d, epoch, listing)
         return d
 
     def _is_fresh(self, d: _Dir) -> bool:
         return d.listed_at is not None and self._clock() - d.listed_at < self._ttl
 
-    def _apply(self, parent: Node, listing: Listing) -> None:
+    def _apply(self, parent: Node, d: _Dir, epoch: int, listing: Listing) -> None:
         plen = len(parent.key)
         entries: dict[bytes, tuple[bool, str, int, int, str]] = {}
         packed = False
@@ -267,36 +319,43 @@ class Namespace:
             entries[name] = (False, obj.key, obj.size, obj.mtime_ns, obj.etag)
         if self._on_listed is not None:
             self._on_listed(parent.key, packed)
-        with self._lock:
-            self._replace_children(parent.ino, entries)
+        self._replace_children(parent.ino, d, epoch, entries)
 
-    def _replace_children(self, parent: int, entries: dict) -> None:
-        d = self._dirs.get(parent)
-        if d is None:
-            return  # freed meanwhile: the kernel forgot this directory
-        children = {}
-        for name, (is_dir, key, size, mtime_ns, etag) in entries.items():
+    def _replace_children(self, parent: int, d: _Dir, epoch: int, entries: dict) -> None:
+        """Build the new listing outside the namespace lock (O(n)); swap it in under the
+        lock with work only for the names that came or went."""
+        children: dict[bytes, int] = {}
+        order: list[Node] = []
+        for name in sorted(entries):
+            is_dir, key, size, mtime_ns, etag = entries[name]
             # A new version is a new inode, as a file renamed over another: the kernel keeps
             # the old size for files still open on the old version instead of cutting them.
             ino = d.known.get((name, is_dir, etag))
-            if ino is None:
-                node = Node(self._next_ino, parent, name, is_dir, key)
-                self._next_ino += 1
-                self._nodes[node.ino] = node
-                d.known[(name, is_dir, etag)] = node.ino
-                if is_dir:
-                    self._dirs[node.ino] = _Dir()
-            else:
-                node = self._nodes[ino]
+            node = self._nodes.get(ino) if ino is not None else None
+            if node is None:
+                node = Node(next(self._inos), parent, name, is_dir, key)
             node.size, node.mtime_ns, node.etag = size, mtime_ns, etag
             children[name] = node.ino
-        gone = set(d.children.values()) - set(children.values())
-        d.children = children
-        d.order = None
-        for ino in gone:
-            node = self._nodes.get(ino)
-            if node is not None and node.lookups == 0:
-                self._unreferenced(node)  # a deleted or replaced version nobody holds
+            order.append(node)
+        old = d.children
+        came = [n for n in order if old.get(n.name) != n.ino]
+        gone = [ino for name, ino in old.items() if children.get(name) != ino]
+        position = {n.ino: i for i, n in enumerate(order)}
+        with self._lock:
+            if self._dirs.get(parent) is not d or d.epoch != epoch:
+                return  # the kernel forgot this directory meanwhile: the listing is not kept
+            for node in came:
+                # New, or listed before and freed or about to be: known (again) either way.
+                self._nodes.setdefault(node.ino, node)
+                d.known[(node.name, node.is_dir, node.etag)] = node.ino
+                if node.is_dir and node.ino not in self._dirs:
+                    self._dirs[node.ino] = _Dir()
+            d.children, d.order, d.position = children, order, position
+            d.listed_at = self._clock()
+            for ino in gone:
+                node = self._nodes.get(ino)
+                if node is not None and node.lookups == 0:
+                    self._unreferenced(node)  # a deleted or replaced version nobody holds
 
     def _checked(self, component: str, key: str, consequence: str) -> bytes | None:
         problem = unusable(component)

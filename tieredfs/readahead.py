@@ -14,7 +14,8 @@ never exceed the budget: a prefetch that cannot take its bytes is not issued (co
 hold at most a fair share of the budget (budget / sequential streams, at least one
 request), so many readers all make progress and none starves the others.
 
-Demand reads are not limited by the budget: they are bounded by the FUSE worker count.
+Demand reads are not limited by the budget: what they fetch at once is bounded by the S3
+slots. A stream not read for `idle_seconds` gives back what it holds (`age_out`).
 
 Directory walks (walks.py) share the budget: the small files they fetch ahead are held
 here until opened.
@@ -75,6 +76,7 @@ class Stream:
     kept: set[int] = field(default_factory=set)  # buffered blocks a demand read fetched
     scopes: set = field(default_factory=set)
     closed: bool = False
+    last_read: float = 0.0  # trio clock of the last read: an idle stream gives its budget back
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class ReadaheadSettings:
     max_window: int  # blocks
     request_blocks: int  # blocks per prefetch request
     small_object: int  # bytes: objects up to this size are fetched whole on first read
+    idle_seconds: float = 10.0  # a stream not read for this long drops what it holds
 
 
 class ReadaheadEngine:
@@ -101,19 +104,45 @@ class ReadaheadEngine:
                                   failed=self._failed)
         self.pack_walks = PackWalk(chain, budget, prefetch_slots, counters,
                                    block_size=settings.block_size, failed=self._failed)
+        self._streams: dict[int, Stream] = {}  # every open file's, by id
 
     def start(self, nursery: trio.Nursery) -> None:
         """Prefetch tasks run in the mount's nursery, so unmount cancels them."""
         self._nursery = nursery
         self.walks.start(nursery)
         self.pack_walks.start(nursery)
+        nursery.start_soon(self._age_out_idle)
+
+    # --- idle streams --------------------------------------------------------------------------
+
+    async def _age_out_idle(self) -> None:
+        while True:
+            await trio.sleep(self.s.idle_seconds / 2)
+            self.age_out(trio.current_time())
+
+    def age_out(self, now: float) -> None:
+        """Streams not read since `now - idle_seconds` let go of their prefetches and their
+        window: open files that stopped reading must not deny the budget to the others. A
+        stream read again starts its window anew."""
+        for st in self._streams.values():
+            if (st.held or st.window) and now - st.last_read >= self.s.idle_seconds:
+                self.counters.add("idle_streams_aged")
+                for scope in list(st.scopes):
+                    scope.cancel()
+                st.position += 1  # prefetches still finishing are not kept
+                st.window = 0
+                st.issued = st.next_index
+                self._sequential.discard(id(st))
+                self._drop(st, set(st.buffered))
 
     # --- the Reader's hooks -----------------------------------------------------------------
 
     async def opened(self, f) -> None:
         # A packed file is a range of its pack: its stream starts and ends with the range.
         st = f.stream = Stream(f.obj, block_count(f.base + f.size, self.s.block_size),
-                               next_index=f.base // self.s.block_size, last_end=f.base)
+                               next_index=f.base // self.s.block_size, last_end=f.base,
+                               last_read=trio.current_time())
+        self._streams[id(st)] = st
         blocks = self.walks.take(f.obj)
         if blocks is not None:
             # The stream takes the blocks and their share of the budget over; held for its
@@ -125,6 +154,7 @@ class ReadaheadEngine:
     def released(self, f) -> None:
         st: Stream = f.stream
         st.closed = True
+        self._streams.pop(id(st), None)
         for scope in list(st.scopes):
             scope.cancel()
         self._drop(st, set(st.buffered))
@@ -132,6 +162,7 @@ class ReadaheadEngine:
 
     async def read(self, f, refs: list[BlockRef], offset: int, size: int) -> bytes | memoryview:
         st: Stream = f.stream
+        st.last_read = trio.current_time()
         start = self._follow(st, offset, offset + size, refs[0].index, refs[-1].index)
         small = st.obj.size <= self.s.small_object
         if st.window and not small:
@@ -333,7 +364,10 @@ class ReadaheadEngine:
             # Top the window up now, not at the reader's next read: when every reader waits on
             # a fetch, no read arrives to do it (4 readers at +20 ms: GETs in flight fell to
             # 2-3 while the budget had room for 8).
-            self._schedule(st, st.issued)
+            try:
+                self._schedule(st, st.issued)
+            except Exception as e:  # a bug here must not take the mount's nursery down
+                self._failed(st.obj, e)
 
     def _failed(self, obj: ObjectVersion, e: Exception) -> None:
         """A failed prefetch costs nothing but itself: the reader's own read retries and reports."""

@@ -2,9 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from .blocks import ObjectVersion, assemble, blocks_for_range
+from .blocks import ObjectVersion, blocks_for_range
 from .readahead import ReadaheadEngine
-from .tiers.chain import TierChain
 
 
 @dataclass
@@ -33,9 +32,7 @@ class OpenFile:
 
 
 class Reader:
-    def __init__(self, chain: TierChain, block_size: int, readahead: ReadaheadEngine | None = None,
-                 recorder=None):
-        self.chain = chain
+    def __init__(self, block_size: int, readahead: ReadaheadEngine, recorder=None):
         self.block_size = block_size
         self.readahead = readahead
         self.recorder = recorder  # record.Recorder under --record: notes the blocks reads ask for
@@ -50,22 +47,16 @@ class Reader:
             return b""
         if self.recorder is not None:
             self.recorder.note(refs)
-        if self.readahead is not None:
-            return await self.readahead.read(f, refs, offset, size)
-        return assemble(refs, await self.chain.get_many(refs), offset, size)
+        return await self.readahead.read(f, refs, offset, size)
 
     async def opened(self, f: OpenFile) -> None:
-        if self.readahead is not None:
-            await self.readahead.opened(f)
+        await self.readahead.opened(f)
 
     def released(self, f: OpenFile) -> None:
-        if self.readahead is not None:
-            self.readahead.released(f)
+        self.readahead.released(f)
 
     def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
-        if self.readahead is not None:
-            self.readahead.walks.prefetch(objs)
+        self.readahead.walks.prefetch(objs)
 
     def prefetch_range(self, obj: ObjectVersion, start: int, end: int) -> None:
-        if self.readahead is not None:
-            self.readahead.pack_walks.prefetch(obj, start, end)
+        self.readahead.pack_walks.prefetch(obj, start, end)

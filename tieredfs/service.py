@@ -16,10 +16,11 @@ from typing import Callable
 
 import trio
 
-from . import fuse_ops, signals, stale
+from . import fuse_ops, fusectl, signals, stale
 from .config import Config, build_config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem, ReadMeter
+from .index import map_size_for
 from .memory import BufferPool, tune_malloc
 from .namespace import Namespace
 from .packer import Packer, PackOptions, Summary, VerifyReport, verify as verify_packs
@@ -31,7 +32,8 @@ from .stats import Registry
 from .tiers.chain import TierChain
 from .tiers.filler import Filler
 from .tiers.blockfiles import BlockFiles
-from .tiers.local import CacheDir, LocalTier, open_index
+from .tiers.cachedir import CacheDir, open_index
+from .tiers.local import LocalTier
 from .tiers.s3 import S3Backend, S3Tier
 from .tiers.shared import SharedTier
 from .tiers.shared_format import Layout
@@ -102,7 +104,8 @@ class Daemon:
             c.bucket, endpoint_url=c.endpoint_url, region=c.region, max_requests=c.s3_max_requests,
             connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
-            counters=self.registry.counters("s3"), buffers=self.buffers)
+            counters=self.registry.counters("s3"), buffers=self.buffers,
+            addressing=c.addressing_style, etag_md5=c.etag_md5)
         self.registry.add_source(self.backend.gauges)
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
@@ -126,8 +129,7 @@ class Daemon:
         c = self.config
         st = os.statvfs(self.cache_dir.path)
         capacity = c.cache_size_bytes(st.f_blocks * st.f_frsize)
-        # Room for ~2 KiB of index per block, whatever the cache size; the map is sparse.
-        map_size = max(1 << 30, capacity // c.block_size * 2048)
+        map_size = c.cache_index_size or map_size_for(capacity, c.block_size)
         free = st.f_bavail * st.f_frsize
         try:
             if free < _MIN_FREE_TO_OPEN_INDEX:
@@ -174,17 +176,17 @@ class Daemon:
             s3_limiter=trio.CapacityLimiter(c.s3_max_requests),
             max_span=request_blocks,
             counters=self.registry.counters("chain"), latency=self.registry.histogram,
-            shared=self.shared)
+            shared=self.shared, read_deadline=c.read_deadline)
         settings = ReadaheadSettings(
             block_size=c.block_size, min_window=min(2, c.readahead_max // c.block_size),
             max_window=c.readahead_max // c.block_size, request_blocks=request_blocks,
-            small_object=c.small_file_threshold)
+            small_object=c.small_file_threshold, idle_seconds=c.readahead_idle)
         counters = self.registry.counters("readahead")
         # Demand reads keep a quarter of the S3 slots: prefetch never queues them all behind it.
         engine = ReadaheadEngine(chain, settings, MemoryBudget(c.readahead_budget, counters),
                                  trio.CapacityLimiter(max(1, c.s3_max_requests * 3 // 4)), counters)
         self.registry.add_source(engine.gauges)
-        reader = Reader(chain, c.block_size, engine, recorder=self.recorder)
+        reader = Reader(c.block_size, engine, recorder=self.recorder)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
                         self.registry.snapshot, dir_prefetch=c.dir_prefetch,
                         packs=self.packs,
@@ -244,7 +246,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
     c = daemon.config
     fs, engine = daemon.build_fs()
     ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
-                           block_size=c.block_size, capacity=daemon.capacity)
+                           block_size=c.block_size, capacity=daemon.capacity,
+                           file_mode=c.file_mode, dir_mode=c.dir_mode)
     signals.hold()
     try:
         fuse_ops.mount(ops, str(c.mountpoint), daemon.fuse_options())
@@ -261,15 +264,19 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(signals.watch, functools.partial(session.drain, nursery.cancel_scope),
                                    control, c, functools.partial(_apply, daemon, ops))
-                nursery.start_soon(session.serve, nursery.cancel_scope, c.max_threads)
+                nursery.start_soon(session.serve, nursery.cancel_scope, c.fuse_max_requests)
                 engine.start(nursery)
+                fs.start(nursery)
                 if daemon.recorder:
                     nursery.start_soon(daemon.recorder.run)
                 # Ready only once the mount answers a request.
-                await trio.to_thread.run_sync(os.stat, c.mountpoint)
+                st = await trio.to_thread.run_sync(os.stat, c.mountpoint)
                 session.answered()
                 if c.kernel_readahead:
-                    _tune_kernel_readahead(c.mountpoint, c.kernel_readahead)
+                    # In a worker thread, as the stat: the mount's own requests need the loop.
+                    await trio.to_thread.run_sync(_tune_kernel_readahead, st.st_dev, c.kernel_readahead)
+                await trio.to_thread.run_sync(fusectl.raise_max_background, st.st_dev,
+                                              c.fuse_max_background)
                 log.info("event=mounted bucket=%s prefix=%r mountpoint=%s cache_dir=%s capacity=%d",
                          c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
                 on_ready()
@@ -315,9 +322,8 @@ def _open_block_files_limit(wanted: int) -> int:
     return max(1, usable)
 
 
-def _tune_kernel_readahead(mountpoint: Path, nbytes: int) -> None:
+def _tune_kernel_readahead(dev: int, nbytes: int) -> None:
     """Let the kernel send 1 MiB reads and keep several in flight (its default is 128 KiB)."""
-    dev = os.stat(mountpoint).st_dev
     knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
     try:
         knob.write_text(str(max(4, nbytes // 1024)))
@@ -368,10 +374,15 @@ async def _trim_buffers(buffers: BufferPool, period: float = 30.0) -> None:
 
 
 async def _sweep_orphans(local: LocalTier, first_delay: float = 10.0, period: float = 3600.0) -> None:
-    """Remove files a crash left without an index entry; gently, never at start-up."""
+    """Remove files a crash left without an index entry; gently, never at start-up. A sweep
+    that fails is logged and tried again next period: it must never end the mount."""
     await trio.sleep(first_delay)
     while True:
-        for subdir in await trio.to_thread.run_sync(local.fanout_dirs):
-            await trio.to_thread.run_sync(local.sweep_dir, subdir)
-            await trio.sleep(0.01)
+        try:
+            for subdir in await trio.to_thread.run_sync(local.fanout_dirs):
+                await trio.to_thread.run_sync(local.sweep_dir, subdir)
+                await trio.sleep(0.01)
+        except Exception:
+            local.counters.add("sweep_bugs")
+            log.exception("event=orphan_sweep_failed action=retry_next_period")
         await trio.sleep(period)

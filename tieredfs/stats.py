@@ -1,7 +1,7 @@
 """Counters shared by the components of one daemon.
 
 Each component owns a `Counters` with a prefix; `snapshot()` of the registry is what
-`tieredfs stats` and the bench read (via the .tieredfs-stats file at the mount root).
+`tieredfs stats` and the bench read (via the user.tieredfs.stats xattr of the mount root).
 """
 
 import bisect

@@ -46,6 +46,7 @@ class Rule:
     code: str = "SlowDown"  # error
     seconds: float = 0.0  # latency: added delay; stall(_body): silence before a reset (0: until stop())
     bytes_per_sec: int = 0  # bandwidth
+    at: int | None = None  # flip: this byte every time (a deterministic corruption), else a random one
     used: int = 0
 
 
@@ -136,6 +137,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_request(self):
         self.close_connection = True
+        self.owner._count(f"host.{self.headers.get('Host', '')}")
+        if self.path.startswith("http://"):  # asked as a forward proxy (HTTP_PROXY)
+            self.path = "/" + self.path.split("/", 3)[3] if self.path.count("/") >= 3 else "/"
         path, _, query = self.path.partition("?")
         kind = request_kind({"REQUEST_METHOD": self.command, "PATH_INFO": path, "QUERY_STRING": query})
         length = int(self.headers.get("Content-Length") or 0)
@@ -170,7 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(status, reason, headers, half, len(payload))
         if action == "flip":
             flipped = bytearray(payload)
-            flipped[self.owner._flip_position(len(flipped))] ^= 0x20
+            pos = self.owner._flip_position(len(flipped)) if rule.at is None else rule.at % len(flipped)
+            flipped[pos] ^= 0x20
             return self._send(status, reason, headers, bytes(flipped), len(flipped))
         return self._send(status, reason, headers, payload, len(payload), rule.bytes_per_sec)
 

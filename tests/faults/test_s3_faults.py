@@ -158,7 +158,8 @@ def test_s3_outage_serves_the_cache_and_recovers_without_remount(bucket, put, vi
         while time.monotonic() - began < 7:  # well past the listing TTL
             for k, v in cached.items():
                 got, seconds = timed(read_uncached, mnt.path / k)
-                assert got == v, (k, got)
+                # The daemon's log goes with a failure: this has failed rarely, under load only.
+                assert got == v, (k, got, mnt.log.read_text()[-4000:])
                 cached_s.append(seconds)
             time.sleep(0.3)
     finally:
@@ -195,6 +196,26 @@ def test_flipped_bytes_in_whole_object_gets_are_caught(bucket, put, via_proxy, p
     record("5a flipped bytes, whole-object GETs", gets=proxy.counts()["requests.GET"], flips=flips,
            caught=stats["s3.checksum_mismatches"], retries=stats["s3.retries"],
            max_read_s=max(t for *_, t in results), bytes_verified=sum(map(len, files.values())))
+
+
+def test_a_deterministic_corruption_is_never_served(bucket, put, via_proxy, proxy):
+    """The same byte flipped in every answer: the same wrong MD5 each time is still wrong
+    (until issue 18, two identical mismatches switched MD5 checks off for the process)."""
+    files = random_files(put, "det", [10 * K, 20 * K])
+    mnt = via_proxy(bucket)
+    os.listdir(mnt.path / "det")
+    proxy.add("flip", at=100)
+    for key in files:
+        got, took = timed(read_uncached, mnt.path / key)
+        assert isinstance(got, OSError) and got.errno == errno.EIO, (key, "WRONG BYTES" if got else got)
+        assert took < EIO_BOUND
+    proxy.clear()
+    for key, data in files.items():  # nothing wrong was cached either
+        assert read_uncached(mnt.path / key) == data
+    stats = s3_stats(mnt)
+    assert stats["s3.checksum_mismatches"] == proxy.counts()["faults.flip"] > 2
+    record("5c the same byte flipped in every GET", flips=proxy.counts()["faults.flip"],
+           served_wrong=0)
 
 
 def read_block(path, index: int) -> bytes:
@@ -269,3 +290,23 @@ def test_added_latency_costs_time_not_correctness(bucket, put, via_proxy, proxy)
     record("3d 300 ms added to every GET", gets=proxy.counts()["requests.GET"],
            min_read_s=min(t for *_, t in results), max_read_s=max(t for *_, t in results),
            bytes_verified=sum(map(len, files.values())))
+
+
+@pytest.mark.parametrize("style", ["virtual", "auto"])
+def test_addressing_style_reaches_a_local_server(bucket, s3server, put, mount_factory, proxy, monkeypatch,
+                                                style):
+    """A virtual-hosted request (the bucket in the host name) reaching a local server: the
+    endpoint is a name that resolves nowhere (localhost.test: .test is reserved), and botocore is
+    sent through the fault proxy as its HTTP proxy (HTTP_PROXY), which records each Host
+    header and forwards to moto; moto serves the bucket a Host names (and, for a Host that
+    starts with "localhost", the bucket the path names). `auto` takes path
+    style for such an endpoint."""
+    data = put("dir/f.bin", os.urandom(3 * BS + 5))
+    endpoint = f"http://localhost.test:{s3server.port}"
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "")
+    mnt = mount_factory(bucket, "--addressing-style", style, endpoint=endpoint)
+    assert read_uncached(mnt.path / "dir" / "f.bin") == data
+    hosts = {k.removeprefix("host."): n for k, n in proxy.counts().items() if k.startswith("host.")}
+    expected = f"{bucket}.{endpoint[7:]}" if style == "virtual" else endpoint[7:]
+    assert set(hosts) == {expected}, hosts

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 # O_DIRECT wants buffer, offset and length page-aligned.
+from .. import private
 from ..memory import ALIGNED_FROM, PAGE, BufferPool, address
 
 _LINK_CHECK_SECONDS = 1.0
@@ -220,10 +221,10 @@ class BlockFiles:
     @staticmethod
     def _open_new(path: Path, flags: int) -> int:
         try:
-            return os.open(path, flags, 0o644)
+            return private.open_file(path, flags)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(path, flags, 0o644)
+            path.parent.mkdir(mode=private.DIR_MODE, parents=True, exist_ok=True)
+            return private.open_file(path, flags)
 
     def _write_padded(self, fd: int, offset: int, data) -> None:
         """O_DIRECT of a buffer that is not ready for it: copied into an aligned one."""

@@ -1,7 +1,9 @@
 """Lookup order across tiers, fill-up of the tiers above a hit, and single-flight.
 
-Runs on the trio thread; every tier call goes to a worker thread through a bounded
-limiter. Concurrent requests for the same block share one fetch.
+Runs on the trio thread. Tier calls that may block go to a worker thread through a
+bounded limiter; only `peek` and `peek_part` run on the trio thread (they answer from the
+index and what the page cache already holds, never waiting on the disk). Concurrent requests for the same block share
+one fetch.
 """
 
 import logging
@@ -56,7 +58,8 @@ class Claim:
 class TierChain:
     def __init__(self, upper: list[Tier], s3: S3Tier, filler: Filler, *,
                  disk_limiter: trio.CapacityLimiter, s3_limiter: trio.CapacityLimiter, max_span: int,
-                 counters: Counters, latency=None, shared: SharedTier | None = None):
+                 counters: Counters, latency=None, shared: SharedTier | None = None,
+                 read_deadline: float = float("inf")):
         self.upper = upper
         self.shared = shared
         # latency(tier name) -> the Histogram its calls are timed into (metrics.py exports them).
@@ -66,6 +69,7 @@ class TierChain:
         self._disk = disk_limiter
         self._s3 = s3_limiter
         self._max_span = max_span
+        self._read_deadline = read_deadline
         self.counters = counters
         self._flights: dict[str, _Flight] = {}
 
@@ -262,6 +266,7 @@ class TierChain:
             flight.done.set()
 
     async def _fetch_span(self, span: list[tuple[BlockRef, "_Flight"]]) -> None:
+        started = trio.current_time()
         refs = [ref for ref, _ in span]
         datas = None
         try:
@@ -283,11 +288,16 @@ class TierChain:
             flight.data = data
             flight.done.set()
         # Backpressure from a slow cache disk. Shielded: a fetch whose reader has gone (a
-        # cancelled prefetch, an unmount) still hands its blocks to the cache; the wait is
-        # bounded by the filler's stall detection.
-        with trio.CancelScope(shield=True):
+        # cancelled prefetch, an unmount) still hands its blocks to the cache. The wait is
+        # bounded by the filler's stall detection, and by the read deadline: a disk that
+        # keeps taking writes, slowly, must not hold the read that owns this fetch past it.
+        offered = 0
+        with trio.CancelScope(shield=True, deadline=started + self._read_deadline):
             for ref, data in zip(refs, datas):
                 await self.filler.offer(ref, data)
+                offered += 1
+        if offered < len(refs):
+            self.counters.add("fill_skipped_deadline", len(refs) - offered)
 
     def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
         """Worker thread: consecutive blocks in one ranged GET."""
@@ -303,9 +313,6 @@ class TierChain:
             source, (f"hits.{source}", f"bytes.{source}"))
         self.counters.add(hits)
         self.counters.add(nbytes_name, nbytes)
-
-    def stats(self) -> dict[str, int]:
-        return self.counters.snapshot()
 
 
 def _spans(misses: list[tuple[BlockRef, _Flight]], max_span: int) -> list[list]:

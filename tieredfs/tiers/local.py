@@ -1,7 +1,7 @@
 """Tier 1: blocks on the node's disk, one sparse file per object version (blockfiles.py),
 indexed by LMDB (index.py).
 
-Layout: CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/<32-hex file id>, the
+Layout (cachedir.py): CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/<file id>, the
 block of index i at offset i x block size. Write order is the bytes, then the index entry:
 a block is readable only once both are there, so a crash leaves at most bytes nothing
 points to (a whole orphan file is swept later in the background). Every read is verified
@@ -14,7 +14,6 @@ file is written, so concurrent fills cannot overshoot it.
 """
 
 import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -27,11 +26,12 @@ from pathlib import Path
 import xxhash
 
 from ..blocks import BlockRef
-from ..errors import CacheError, CacheFormatChanged, CacheLocked
+from ..errors import CacheError, CacheIndexFull
 from ..index import BlockIndex, Removed
 from ..stats import Counters
 from .base import Peek
 from .blockfiles import BlockFiles
+from .cachedir import CacheDir, mark_clean
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ _DISK_READ = 64 * 1024  # ...but one that may have to wait for the disk reads th
 # A whole block up to this size is read and verified on the trio thread when its bytes are in
 # memory (a small file's block); a larger one would hold every other request for too long.
 PEEK_MAX = 256 * 1024
-_ASIDE = ".corrupt-"  # an unreadable index is kept as index.lmdb.corrupt-<time>
 
 
 def chunk_sums(data) -> bytes:
@@ -57,90 +56,6 @@ def chunk_sums(data) -> bytes:
         return xxhash.xxh3_64_digest(data)
     view = memoryview(data)
     return b"".join(xxhash.xxh3_64_digest(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK))
-
-
-class CacheDir:
-    """The paths of one cache directory and its single-owner lock."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.blocks = self.path / "blocks"
-        self.index = self.path / "index.lmdb"
-        self.lock_path = self.path / "lock"
-        self._lock_fd: int | None = None
-
-    def file_path(self, file: str) -> Path:
-        # One level of 256 directories: with two (65,536) nearly every block of a new cache
-        # also made a new directory, and ext4 directory creation was ~40% of the fill time.
-        return self.blocks / file[:2] / file
-
-    def create(self) -> None:
-        try:
-            self.blocks.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CacheError(f"cannot create cache dir {self.path}: {e.strerror}") from None
-
-    def lock(self, owner: str) -> None:
-        """Become the one daemon using this cache dir, or say who already is."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheLocked(f"cache dir {self.path} is in use by {self.holder() or 'another process'}")
-        self._lock_fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {owner}\n".encode())
-        except OSError:
-            pass  # a full disk: the flock still protects; only the "who" is missing
-
-    def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    def holder(self) -> str | None:
-        """'tieredfs pid N (mounted at M)' if a live daemon holds the lock, else None."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return None
-            except BlockingIOError:
-                pid, _, mnt = os.read(fd, 4096).decode(errors="replace").strip().partition(" ")
-                return f"tieredfs pid {pid} (mounted at {mnt})"
-        finally:
-            os.close(fd)
-
-    def holder_mountpoint(self) -> str | None:
-        text = self.holder()
-        return text.partition("(mounted at ")[2].rstrip(")") if text else None
-
-
-def open_index(cache: CacheDir, map_size: int) -> BlockIndex:
-    """Open the index; one of an older format is removed, an unreadable one moved aside (the
-    last one only: they are not counted in the cache size), and the cache starts empty. The
-    files it indexed are orphans then, swept in the background."""
-    try:
-        index = BlockIndex(cache.index, map_size)
-        index.totals()
-        return index
-    except CacheFormatChanged as e:
-        log.warning("event=cache_index_format_changed detail=%r action=start_empty", str(e))
-        shutil.rmtree(cache.index)
-    except CacheError as e:
-        if not cache.index.exists():
-            raise  # nothing to move aside: the disk itself refuses (full, read-only)
-        for older in cache.index.parent.glob(f"{cache.index.name}{_ASIDE}*"):
-            shutil.rmtree(older, ignore_errors=True)
-        aside = cache.index.with_name(f"{cache.index.name}{_ASIDE}{int(time.time())}")
-        log.warning("event=cache_index_unreadable error=%r action=start_empty moved_to=%s", str(e), aside)
-        os.rename(cache.index, aside)
-    return BlockIndex(cache.index, map_size)
 
 
 _IN_FLIGHT_SHARE = 4  # fills being written take at most 1/4 of the cache
@@ -171,7 +86,7 @@ class LocalTier:
 
     def get(self, ref: BlockRef) -> bytes | None:
         block_id = bytes.fromhex(ref.id)
-        known = self.index.checksums(block_id)
+        known = self._checksums(block_id)
         if known is None:
             self.counters.add("misses")
             return None
@@ -194,7 +109,7 @@ class LocalTier:
         file is open and whose pages are in memory is read here; anything else, and anything
         amiss, is left to get()."""
         block_id = bytes.fromhex(ref.id)
-        known = self.index.checksums(block_id)
+        known = self._checksums(block_id)  # a failing index: a miss, S3 answers
         if known is None:
             self.counters.add("misses")
             return Peek.ABSENT
@@ -222,7 +137,7 @@ class LocalTier:
 
     def _part(self, ref: BlockRef, lo: int, hi: int, wait: bool):
         block_id = bytes.fromhex(ref.id)
-        known = self.index.checksums(block_id)
+        known = self._checksums(block_id)
         if known is None or known[0] != ref.length:
             return None  # the caller reads the whole block
         length, sums = known
@@ -245,6 +160,21 @@ class LocalTier:
             return self._drop(block_id, "chunk checksum mismatch or short file") if wait else None
         self._hit(block_id, hi - lo, may_flush=wait)
         return memoryview(data)[lo - start:hi - start]
+
+    def _checksums(self, block_id: bytes) -> tuple[int, bytes] | None:
+        """The index's (length, chunk sums) of a block; a failing index is a miss."""
+        try:
+            return self.index.checksums(block_id)
+        except CacheError as e:
+            self._index_failed(e)
+            return None
+
+    def _index_failed(self, e: CacheError) -> None:
+        """An LMDB failure: counted, said once per kind; the read or fill goes on without it."""
+        kind = "index_full" if isinstance(e, CacheIndexFull) else "index_errors"
+        self.counters.add(kind)
+        self._say_once(kind, f"event=cache_{kind} dir={self.cache.path} error={str(e)!r} "
+                             "action=serving_from_lower_tiers (further ones are only counted)")
 
     def _hit(self, block_id: bytes, nbytes: int, may_flush: bool) -> None:
         self.counters.add("hits")
@@ -275,8 +205,7 @@ class LocalTier:
             try:
                 written, error = self._write_blocks(todo)
                 if written:
-                    self.index.insert_many([(bytes.fromhex(r.id), len(d), chunk_sums(d),
-                                             bytes.fromhex(r.file), r.start) for r, d in written])
+                    self._index_written(written)
                     now = time.monotonic()
                     for r, _ in written:
                         self._note_use(bytes.fromhex(r.id), now)
@@ -292,12 +221,27 @@ class LocalTier:
                         self._filling[ref.file] -= 1
                         if not self._filling[ref.file]:
                             del self._filling[ref.file]
-        except (OSError, CacheError) as e:
+        except CacheError as e:
+            self._index_failed(e)
+        except OSError as e:
             code = getattr(e, "errno", None)
             kind = "disk_full" if code in (errno.ENOSPC, errno.EDQUOT) else "write_errors"
             self.counters.add(kind)
             self._say_once(kind, f"event=cache_{kind} dir={self.cache.path} error={e!r} "
                                  "action=serving_from_lower_tiers")
+
+    def _index_written(self, written: list[tuple[BlockRef, bytes]]) -> None:
+        """Index blocks written to disk; if the index refuses, their bytes are given back."""
+        try:
+            self.index.insert_many([(bytes.fromhex(r.id), len(d), chunk_sums(d),
+                                     bytes.fromhex(r.file), r.start) for r, d in written])
+        except CacheError:
+            for ref, data in written:
+                try:
+                    self.files.punch(ref.file, ref.start, len(data))
+                except OSError:
+                    pass  # no holes here: the file goes with the sweep or its last block
+            raise
 
     def _new_blocks(self, items: list[tuple[BlockRef, bytes]]) -> list[tuple[BlockRef, bytes]]:
         """The items of the right length not cached yet, each once, by file and offset."""
@@ -337,7 +281,11 @@ class LocalTier:
         return self.counters.snapshot() | self.gauges()
 
     def gauges(self) -> dict[str, int]:
-        totals = self.index.totals()
+        try:
+            totals = self.index.totals()
+        except CacheError as e:
+            self._index_failed(e)
+            return {}
         gauges = {f"local.{k}": v for k, v in totals.items()}
         if self._free_at is not None:
             # The disk as the cache last saw it (at most once a second, when it made room), and
@@ -403,7 +351,10 @@ class LocalTier:
             self._hits[block_id] = self._hits.get(block_id, 0) + 1
         self._note_use(block_id, now)
         if full:
-            self.index.apply_hits(self._take_hits())
+            try:
+                self.index.apply_hits(self._take_hits())
+            except CacheError as e:
+                self._index_failed(e)  # these hits are lost: only eviction order suffers
 
     def _note_use(self, block_id: bytes, now: float) -> None:
         with self._hits_lock:
@@ -425,7 +376,11 @@ class LocalTier:
                                            "action=space_freed_with_the_whole_file")
 
     def _drop(self, block_id: bytes, why: str) -> None:
-        removed = self.index.remove([block_id])
+        try:
+            removed = self.index.remove([block_id])
+        except CacheError as e:
+            self._index_failed(e)
+            return None
         if not removed:
             return None  # evicted while this read was on its way: a plain miss
         self.counters.add("corrupt")
@@ -472,6 +427,9 @@ class LocalTier:
                     removed += 1
             except (OSError, ValueError):
                 continue
+            except CacheError as e:
+                self._index_failed(e)  # whether a file is an orphan cannot be known: keep them
+                break
         self.counters.add("orphans_swept", removed)
         return removed
 
@@ -490,11 +448,18 @@ class LocalTier:
             return []
 
     def close(self) -> None:
-        hits = self._take_hits()
-        if hits:
-            self.index.apply_hits(hits)
         self.files.close_all()
-        self.index.close()
+        try:
+            hits = self._take_hits()
+            if hits:
+                self.index.apply_hits(hits)
+        except CacheError as e:
+            self._index_failed(e)
+        try:
+            self.index.close()
+            mark_clean(self.cache)
+        except CacheError as e:
+            self._index_failed(e)
 
 
 def free_space(cache: CacheDir, files: BlockFiles, removed: Removed, keep_file: bool = False) -> None:

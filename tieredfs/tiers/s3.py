@@ -4,8 +4,12 @@ Every request goes through one semaphore (bounded concurrency, bounded connectio
 pool) and one retry loop with backoff and a deadline. Every ranged GET is pinned to
 an ETag with If-Match and its body length is checked: botocore does not verify
 ranged bodies, and a short body must become a retry, never wrong bytes. A GET that
-covers a whole single-part object is also checked against its ETag, the MD5 of the
-body; a part of an object has no checksum S3 would send (docs/reliability.md).
+covers a whole object asks for its full-object checksum (ChecksumMode, verified by
+botocore where the object has one) and, for a single-part object stored without
+SSE-KMS or SSE-C, checks the body against its ETag, the MD5 of the body. Whether an ETag
+is an MD5 is decided per object from its form and headers, never from the bytes: a
+mismatch that repeats is a corruption that repeats, and is refused. A part of an object
+has no checksum S3 would send (docs/reliability.md).
 
 When a request has used its whole deadline without reaching S3 (refused, reset, timed
 out), S3 is taken to be down: until a request succeeds again, each one makes a single
@@ -16,11 +20,13 @@ failed read, doubling the wait).
 import base64
 import datetime
 import hashlib
+import ipaddress
 import logging
 import random
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import botocore.config
 import botocore.exceptions
@@ -56,6 +62,26 @@ _BODY_PIECE = 1024 * 1024
 _BODY_CHUNK = 16 * 1024
 _MD5_HEX = frozenset("0123456789abcdef")
 _TRANSIENT = (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
+# Stores that answer only virtual-hosted requests (the bucket in the host name): Alibaba
+# Cloud OSS refuses path-style ones (SecondLevelDomainForbidden), Tencent COS for buckets
+# made since 2024. AWS itself prefers them.
+_VIRTUAL_HOST_SUFFIXES = (".amazonaws.com", ".aliyuncs.com", ".myqcloud.com")
+
+
+def addressing_style(style: str, endpoint_url: str | None) -> str:
+    """'path' or 'virtual' for --addressing-style STYLE; 'auto' is virtual for AWS and the
+    stores that need it, path for any other endpoint (MinIO, Ceph, a local server...)."""
+    if style != "auto":
+        return style
+    if not endpoint_url:
+        return "virtual"
+    host = (urlsplit(endpoint_url).hostname or "").lower()
+    try:
+        ipaddress.ip_address(host)
+        return "path"  # no bucket.IP host name can resolve
+    except ValueError:
+        pass
+    return "virtual" if host.endswith(_VIRTUAL_HOST_SUFFIXES) else "path"
 
 
 def _body_reader(body) -> tuple:
@@ -123,14 +149,14 @@ class S3Backend:
     def __init__(self, bucket: str, *, endpoint_url: str | None, region: str | None,
                  max_requests: int, connect_timeout: float, read_timeout: float,
                  max_attempts: int, deadline: float, counters: Counters,
-                 buffers: BufferPool | None = None):
+                 buffers: BufferPool | None = None, addressing: str = "auto", etag_md5: bool = True):
         self.bucket = bucket
         self.max_attempts = max_attempts
         self._buffers = buffers or BufferPool()  # what bodies are received into
         self.deadline = deadline
         self.counters = counters
         self._down = False  # the last request ran out of deadline; only a success clears it
-        self._etag_is_md5 = True  # until this server proves otherwise
+        self._etag_md5 = etag_md5  # off: this store's single-part ETags are not MD5s (--no-etag-md5)
         self._slots = threading.BoundedSemaphore(max_requests)
         cfg = botocore.config.Config(
             max_pool_connections=max_requests,
@@ -138,7 +164,7 @@ class S3Backend:
             read_timeout=read_timeout,
             retries={"total_max_attempts": 1},  # our own loop retries, including short bodies
             region_name=region or "us-east-1",
-            s3={"addressing_style": "path"} if endpoint_url else None,
+            s3={"addressing_style": addressing_style(addressing, endpoint_url)},
         )
         try:
             # Objects the packer writes carry their MD5 only: rclone serve s3 sends a stored
@@ -226,11 +252,6 @@ class S3Backend:
             Bucket=self.bucket, Key=key, Body=data, ContentMD5=md5))
         return resp.get("ETag", "").strip('"')
 
-    def head(self, key: str) -> ListedObject:
-        resp = self._call("head", lambda _: self._client.head_object(Bucket=self.bucket, Key=key))
-        return ListedObject(key, resp["ContentLength"], int(resp["LastModified"].timestamp() * 1e9),
-                            resp.get("ETag", "").strip('"'))
-
     def get_range(self, obj: ObjectVersion, start: int, length: int) -> bytes:
         """Exactly `length` bytes of version `obj.etag` from `start`, or an exception."""
         return self.get_pieces(obj, start, [length])[0] if length > 0 else b""
@@ -240,11 +261,13 @@ class S3Backend:
         block), so each piece lives and dies on its own: nothing needs copying out of a shared
         body, and a body is not held whole while one of its blocks is still wanted."""
         length = sum(lengths)
-        mismatches: set[str] = set()  # MD5s of bodies that failed the check, across attempts
+        whole = start == 0 and length == obj.size
+        # S3 sends a full-object checksum only for a GET of the whole object, and only if asked.
+        extra = {"ChecksumMode": "ENABLED"} if whole else {}
 
         def attempt(stop_at: float) -> list[memoryview]:
             resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
-                                           Range=f"bytes={start}-{start + length - 1}")
+                                           Range=f"bytes={start}-{start + length - 1}", **extra)
             # Not `with resp["Body"] as body`: that yields the raw urllib3 stream, skipping
             # botocore's Content-Length and x-amz-checksum-* verification.
             body = resp["Body"]
@@ -256,8 +279,8 @@ class S3Backend:
             if got != length or (got_range and not got_range.startswith(f"bytes {start}-")):
                 self.counters.add("short_bodies")
                 raise _Retry(f"asked {length} bytes at {start}, got {got} ({got_range})")
-            if length == obj.size and self._md5_checkable(obj.etag, resp):
-                self._check_md5(obj, pieces, mismatches)
+            if whole and self._md5_checkable(obj.etag, resp):
+                self._check_md5(obj, pieces)
             return pieces
 
         pieces = self._call("get", attempt)
@@ -291,27 +314,22 @@ class S3Backend:
         return pieces, got
 
     def _md5_checkable(self, etag: str, resp: dict) -> bool:
-        """A single-part object's ETag is its MD5, unless SSE-KMS or SSE-C encrypted it."""
-        return (self._etag_is_md5 and len(etag) == 32 and set(etag) <= _MD5_HEX
+        """A single-part object's ETag is its MD5 (32 hex digits; a multipart one ends in
+        -N), unless SSE-KMS or SSE-C encrypted it."""
+        return (self._etag_md5 and len(etag) == 32 and set(etag.lower()) <= _MD5_HEX
                 and resp.get("ServerSideEncryption", "AES256") == "AES256"
                 and "SSECustomerAlgorithm" not in resp)
 
-    def _check_md5(self, obj: ObjectVersion, pieces: list, mismatches: set[str]) -> None:
+    def _check_md5(self, obj: ObjectVersion, pieces: list) -> None:
         md5 = hashlib.md5()
         for piece in pieces:
             md5.update(piece)
         digest = md5.hexdigest()
-        if digest == obj.etag:
+        if digest == obj.etag.lower():
             return
-        if digest in mismatches:
-            # The same bytes twice: this server's ETags are not MD5s (flips are not repeatable).
-            self._etag_is_md5 = False
-            log.warning("event=s3_etag_not_md5 key=%r action=whole_object_gets_no_longer_verified",
-                        obj.key)
-            return
-        mismatches.add(digest)
         self.counters.add("checksum_mismatches")
-        raise _Retry(f"body of {obj.key!r} has MD5 {digest}, its ETag says {obj.etag}")
+        raise _Retry(f"body of {obj.key!r} has MD5 {digest}, its ETag says {obj.etag} (a store "
+                     "whose single-part ETags are not MD5s needs --no-etag-md5)")
 
     # --- the retry loop ------------------------------------------------------------
 
