@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from . import (dataset, fio, report, report_short, workloads, workloads_cluster, workloads_dirs,
-               workloads_files, workloads_peers)
+               workloads_files, workloads_packs, workloads_peers)
 from .context import MODES, Run
 from .mounts import unwind_on_signals
 from .proxy import LatencyProxy
@@ -28,6 +28,7 @@ WORKLOADS = {
     "multi4": workloads.multi_reader,
     "open200": workloads.many_readers,
     "small": workloads_files.small_files,
+    "packed": workloads_packs.packed_small_files,  # rows of `small`: needs it first for ratios
     "ttfb": workloads_files.first_byte,
     "mount": workloads_files.mount_ready,
     "restart": workloads_files.restart,
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode = MODES[args.mode]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tieredfs-bench-", dir="/var/tmp"))
     endpoint = make_endpoint(args.server, args.endpoint_url, workdir,
-                             writable="peers" in selected(args))
+                             writable=bool({"peers", "packed"} & set(selected(args))))
     proxy = None
     run = None
     started, machine = time.time(), report.machine()

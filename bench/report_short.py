@@ -18,6 +18,7 @@ SUMMARY = (
     ("4 KiB random, tier 1, O_DIRECT", "rand4k.tier1", "rand4k.nullfs"),
     ("small files cold (S3)", "small.cold", "small.boto3"),
     ("small files from tier 1", "small.tier1", "small.native"),
+    ("small files cold, packed (S3)", "small.packed", "small.cold"),
     ("first byte, cold", "ttfb.cold", "ttfb.boto3"),
     ("mount ready, empty cache", "mount.empty", "mount.nullfs"),
 )

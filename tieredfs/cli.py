@@ -131,6 +131,8 @@ _MOUNT_SETTINGS = {
                                       help="fetched blocks waiting for the cache disk (default 32M)"),
     "cache_fill_wait": click.option("--cache-fill-wait", type=float,
                                     help="seconds a read may wait for a slow cache disk (0: never)"),
+    "pack_readahead": click.option("--pack-readahead",
+                                   help="pack bytes fetched past a packed file on open (default 16M)"),
     # The shared directory tier (docs/shared-tier.md).
     "shared_dir": click.option("--shared-dir", type=click.Path(path_type=Path),
                                help="block cache directory shared by the cluster's nodes (NFS...)"),
@@ -296,6 +298,40 @@ def warmup(paths, recursive, parallel, replay):
     else:
         plan = warm.plan_paths(list(paths), recursive)
     sys.exit(warm.warm(plan, parallel))
+
+
+@main.command("pack")
+@click.argument("url")
+@click.option("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
+@click.option("--region")
+@click.option("--max-file-size", default="1M", show_default=True, help="objects up to this size are packed")
+@click.option("--pack-size", default="64M", show_default=True, help="bytes per pack object")
+@click.option("--parallel", default=16, show_default=True, type=click.IntRange(1, 256),
+              help="source objects fetched at once")
+@click.option("--dry-run", is_flag=True, help="say what would be packed; write nothing")
+@click.option("--verify", "check", is_flag=True, help="then check every packed file against its source")
+@clear_errors
+def pack_cmd(url, endpoint_url, region, max_file_size, pack_size, parallel, dry_run, check):
+    """Pack the small objects under s3://BUCKET[/PREFIX] for fast reads (docs/packs.md)."""
+    from . import service
+    from .config import parse_size
+    from .errors import PackVerifyFailed
+    from .packer import PackOptions
+
+    setup_logging(False)
+    packs = parse_size(pack_size, "pack-size")
+    # An object bigger than a pack is never packed, whatever --max-file-size says.
+    options = PackOptions(max_file_size=min(packs, parse_size(max_file_size, "max-file-size")),
+                          pack_size=packs, parallel=parallel, dry_run=dry_run)
+    if options.max_file_size < 1:
+        raise ConfigError("max-file-size and pack-size must be at least 1 byte")
+    summary, report = service.pack(url, endpoint_url, region, options, check)
+    click.echo(summary.line())
+    if report is not None:
+        click.echo(report.line())
+        if report.bad:
+            raise PackVerifyFailed(f"{len(report.bad)} packed files differ from their source, "
+                                   f"e.g. {report.bad[0]!r}: re-run tieredfs pack")
 
 
 @main.command()

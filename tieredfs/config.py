@@ -89,6 +89,10 @@ class Config:
     cache_write_queue: int = 32 * MiB  # fetched blocks waiting to be written to the cache
     cache_fill_wait: float = 2.0  # seconds without any cache write finishing = a stalled disk
 
+    # Small-file packs (docs/packs.md): pack bytes fetched past a packed file when it is
+    # opened, so a directory walk finds its next files in tier 1.
+    pack_readahead: int = 16 * MiB  # one request_size: a walk costs one GET per 16 MiB
+
     # Shared directory tier (tiers/shared.py, docs/shared-tier.md); off without shared_dir.
     shared_dir: Path | None = None
     shared_namespace: str | None = None  # default: the bucket
@@ -287,7 +291,7 @@ def parse_mode(text: str | int, what: str = "mode") -> int:
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
 _SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
                 "small_file_threshold", "kernel_readahead", "cache_write_queue", "cache_index_size",
-                "shared_quota", "shared_publish_queue"}
+                "pack_readahead", "shared_quota", "shared_publish_queue"}
 _MODE_FIELDS = {"file_mode", "dir_mode"}
 
 

@@ -89,6 +89,18 @@ class UnknownHandle(TieredError):
     errno = errno.EBADF
 
 
+# --- packs (docs/packs.md) ---------------------------------------------------------
+
+
+class PackIndexUnusable(TieredError):
+    """A pack index or its pointer cannot be read (unknown format, damaged): its packs are
+    not used, and every file is read from its own object."""
+
+
+class PackVerifyFailed(TieredError):
+    """`tieredfs pack --verify` found packed bytes that differ from their source."""
+
+
 class ReadOnly(TieredError):
     errno = errno.EROFS
 

@@ -19,6 +19,7 @@ import trio
 from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, ReadOnly, TieredError, UnknownHandle
 from .namespace import ROOT_INO, Namespace, Node
+from .packs import PackRegistry
 from .reader import OpenFile, Reader
 from .stats import Registry
 
@@ -38,9 +39,12 @@ class Opened:
 class FileSystem:
     def __init__(self, namespace: Namespace, reader: Reader, bucket: str,
                  list_limiter: trio.CapacityLimiter, stats: Callable[[], dict], dir_prefetch: int = 0,
+                 packs: PackRegistry | None = None, pack_readahead: int = 0,
                  meter: "ReadMeter | None" = None):
         self.meter = meter or ReadMeter()
         self.namespace = namespace
+        self.packs = packs
+        self._pack_readahead = pack_readahead
         self.reader = reader
         self.bucket = bucket
         self._dir_prefetch = dir_prefetch
@@ -164,15 +168,28 @@ class FileSystem:
         node = self.namespace.node(ino)
         if node.is_dir:
             raise IsADirectoryError(node.name)
-        f = OpenFile(next(self._fh), ino, ObjectVersion(self.bucket, node.key, node.etag, node.size))
+        f = await self._open_file(node)
         self._files[f.fh] = f
         # The kernel may keep this inode's pages only if they are of the same version.
         keep = self._etag_at_last_open.get(ino) == node.etag
         self._etag_at_last_open[ino] = node.etag
         await self.reader.opened(f)
-        if self._dir_prefetch:
+        if f.own is not None:
+            self.reader.prefetch_range(f.obj, f.base, f.base + f.size + self._pack_readahead)
+        elif self._dir_prefetch and not (self.packs and self.packs.covers(node.key)):
+            # (In a packed prefix the walk's next files come with the pack's blocks.)
             self._follow_walk(node)
         return Opened(f.fh, keep)
+
+    async def _open_file(self, node: Node) -> OpenFile:
+        """The file's own object, or the range of a pack that holds this version of it."""
+        own = ObjectVersion(self.bucket, node.key, node.etag, node.size)
+        if self.packs is not None and node.size and self.packs.covers(node.key):
+            src = await self._ns(self.packs.source, node.key, node.etag)
+            if src is not None:
+                return OpenFile(next(self._fh), node.ino, src.pack, base=src.offset, length=src.size,
+                                own=own)
+        return OpenFile(next(self._fh), node.ino, own)
 
     def _follow_walk(self, node: Node) -> None:
         """Opening a directory's files in name order: fetch the next ones before they are asked.
@@ -198,10 +215,20 @@ class FileSystem:
             self.meter.done(len(data), time.perf_counter() - start)
             return data
         except (ObjectMissing, ObjectChanged):
+            if f.own is not None:
+                return await self._read_unpacked(f, offset, size)
             # S3 moved on: the next open should see the current listing.
             self.namespace.mark_stale(f.ino)
             self._etag_at_last_open.pop(f.ino, None)
             raise
+
+    async def _read_unpacked(self, f: OpenFile, offset: int, size: int) -> bytes:
+        """The pack went away or was replaced: this file's own object has the same bytes."""
+        self.packs.pack_failed(f.obj.key)
+        self.reader.released(f)
+        f.unpack()
+        await self.reader.opened(f)
+        return await self.read(f.fh, offset, size)
 
     def release(self, fh: int) -> None:
         f = self._files.pop(fh, None)

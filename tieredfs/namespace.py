@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import BackendUnavailable, ObjectMissing
+from .packindex import RESERVED
 from .tiers.s3 import Listing
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ class Namespace:
 
     def __init__(self, root_prefix: str, list_dir: Callable[[str], Listing], ttl: float,
                  mount_time_ns: int, clock: Callable[[], float] = time.monotonic,
-                 refresh_dir: Callable[[str], Listing] | None = None):
+                 refresh_dir: Callable[[str], Listing] | None = None,
+                 on_listed: Callable[[str, bool], None] | None = None):
         self._list_dir = list_dir
+        self._on_listed = on_listed  # (prefix, shows the packs' reserved dir): docs/packs.md
         self._refresh_dir = refresh_dir or list_dir
         self._ttl = ttl
         self._clock = clock
@@ -295,7 +298,11 @@ class Namespace:
     def _apply(self, parent: Node, d: _Dir, epoch: int, listing: Listing) -> None:
         plen = len(parent.key)
         entries: dict[bytes, tuple[bool, str, int, int, str]] = {}
+        packed = False
         for prefix in listing.prefixes:
+            if prefix[plen:-1] == RESERVED:
+                packed = True  # packs and their index: not files of the dataset
+                continue
             name = self._checked(prefix[plen:-1], prefix, "; every key under this prefix is hidden")
             if name is not None:
                 entries[name] = (True, prefix, 0, self._mount_time_ns, "")
@@ -310,6 +317,8 @@ class Namespace:
                 self._skip(obj.key, "a directory of the same name hides it")
                 continue
             entries[name] = (False, obj.key, obj.size, obj.mtime_ns, obj.etag)
+        if self._on_listed is not None:
+            self._on_listed(parent.key, packed)
         self._replace_children(parent.ino, d, epoch, entries)
 
     def _replace_children(self, parent: int, d: _Dir, epoch: int, entries: dict) -> None:

@@ -30,7 +30,7 @@ from .blocks import BlockRef, ObjectVersion, assemble, block_count
 from .errors import TieredError
 from .stats import Counters
 from .tiers.chain import Claim, TierChain
-from .walks import WalkPrefetch
+from .walks import PackWalk, WalkPrefetch
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,15 @@ class ReadaheadEngine:
         self.walks = WalkPrefetch(chain, budget, prefetch_slots, counters,
                                   block_size=settings.block_size, small_object=settings.small_object,
                                   failed=self._failed)
+        self.pack_walks = PackWalk(chain, budget, prefetch_slots, counters,
+                                   block_size=settings.block_size, failed=self._failed)
         self._streams: dict[int, Stream] = {}  # every open file's, by id
 
     def start(self, nursery: trio.Nursery) -> None:
         """Prefetch tasks run in the mount's nursery, so unmount cancels them."""
         self._nursery = nursery
         self.walks.start(nursery)
+        self.pack_walks.start(nursery)
         nursery.start_soon(self._age_out_idle)
 
     # --- idle streams --------------------------------------------------------------------------
@@ -135,7 +138,9 @@ class ReadaheadEngine:
     # --- the Reader's hooks -----------------------------------------------------------------
 
     async def opened(self, f) -> None:
-        st = f.stream = Stream(f.obj, block_count(f.obj.size, self.s.block_size),
+        # A packed file is a range of its pack: its stream starts and ends with the range.
+        st = f.stream = Stream(f.obj, block_count(f.base + f.size, self.s.block_size),
+                               next_index=f.base // self.s.block_size, last_end=f.base,
                                last_read=trio.current_time())
         self._streams[id(st)] = st
         blocks = self.walks.take(f.obj)

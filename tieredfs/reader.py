@@ -8,12 +8,27 @@ from .readahead import ReadaheadEngine
 
 @dataclass
 class OpenFile:
-    """One open() of one object version; reads never mix versions."""
+    """One open() of one object version; reads never mix versions.
+
+    A packed file (docs/packs.md) is read as [base, base+length) of its pack: `obj` is then
+    the pack, and `own` the file's own object, read instead if the pack cannot be.
+    """
 
     fh: int
     ino: int
     obj: ObjectVersion
     stream: object = field(default=None)  # readahead state, owned by the readahead engine
+    base: int = 0
+    length: int | None = None
+    own: ObjectVersion | None = None
+
+    @property
+    def size(self) -> int:
+        return self.obj.size if self.length is None else self.length
+
+    def unpack(self) -> None:
+        """Read the file's own object from now on."""
+        self.obj, self.base, self.length, self.own = self.own, 0, None, None
 
 
 class Reader:
@@ -23,6 +38,10 @@ class Reader:
         self.recorder = recorder  # record.Recorder under --record: notes the blocks reads ask for
 
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
+        size = min(size, f.size - offset)  # a packed file ends before its pack does
+        if size <= 0:
+            return b""
+        offset += f.base
         refs = blocks_for_range(f.obj, offset, size, self.block_size)
         if not refs:
             return b""
@@ -38,3 +57,6 @@ class Reader:
 
     def prefetch_objects(self, objs: list[ObjectVersion]) -> None:
         self.readahead.walks.prefetch(objs)
+
+    def prefetch_range(self, obj: ObjectVersion, start: int, end: int) -> None:
+        self.readahead.pack_walks.prefetch(obj, start, end)

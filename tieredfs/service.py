@@ -18,12 +18,14 @@ from typing import Callable
 import trio
 
 from . import fuse_ops, fusectl, signals, stale
-from .config import Config
+from .config import Config, build_config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem, ReadMeter
 from .index import map_size_for
 from .memory import BufferPool, tune_malloc
 from .namespace import Namespace
+from .packer import Packer, PackOptions, Summary, VerifyReport, verify as verify_packs
+from .packs import PackRegistry
 from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from .reader import Reader
 from .record import Recorder
@@ -105,13 +107,17 @@ class Daemon:
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
             counters=self.registry.counters("s3"), buffers=self.buffers,
             addressing=c.addressing_style, etag_md5=c.etag_md5)
-        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
-                                   refresh_dir=functools.partial(self.backend.list_dir, attempts=1))
-        self.registry.add_source(self.namespace.gauges)
         self.registry.add_source(self.backend.gauges)
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))
+        self.packs = PackRegistry(c.bucket, self.backend.get_object, c.effective_cache_dir / "packs",
+                                  c.list_ttl, self.registry.counters("packs"))
+        self.registry.add_source(self.packs.gauges)
+        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
+                                   refresh_dir=functools.partial(self.backend.list_dir, attempts=1),
+                                   on_listed=self.packs.listed)
+        self.registry.add_source(self.namespace.gauges)
         self.capacity = 0
         self.local = self._build_local_tier()
         self.upper_tiers = [self.local] if self.local else []
@@ -184,6 +190,9 @@ class Daemon:
         reader = Reader(c.block_size, engine, recorder=self.recorder)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
                         self.registry.snapshot, dir_prefetch=c.dir_prefetch,
+                        packs=self.packs,
+                        # (half the budget at most: the files being read need their share)
+                        pack_readahead=min(c.pack_readahead, c.readahead_budget // 2),
                         meter=ReadMeter(self.registry.counters("fs"), self.registry.histogram("fuse.read")))
         if c.metrics_addr:
             from .metrics import Collector, MetricsServer  # prometheus_client only when asked for
@@ -302,6 +311,20 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
                 if daemon.shared:
                     await daemon.shared.flush()
             writers.cancel_scope.cancel()
+
+
+def pack(url: str, endpoint_url: str | None, region: str | None, options: PackOptions,
+         check: bool) -> tuple[Summary, VerifyReport | None]:
+    """`tieredfs pack` (docs/packs.md): the packer over its own S3 client."""
+    c = build_config(url, {}, {"endpoint_url": endpoint_url, "region": region})
+    backend = S3Backend(c.bucket, endpoint_url=c.endpoint_url, region=c.region,
+                        max_requests=options.parallel + 2, connect_timeout=c.s3_connect_timeout,
+                        read_timeout=c.s3_read_timeout, max_attempts=c.s3_max_attempts,
+                        deadline=c.read_deadline, counters=Registry().counters("s3"))
+    backend.check_bucket()
+    summary = Packer(backend, c.prefix, options).run()
+    report = verify_packs(backend, c.prefix, options.parallel) if check and not options.dry_run else None
+    return summary, report
 
 
 def _open_block_files_limit(wanted: int) -> int:

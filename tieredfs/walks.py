@@ -8,6 +8,9 @@ thread's round trip and a disk read (tier 1 writes with O_DIRECT, so its blocks 
 the page cache). Held bytes come out of the readahead budget, at most half of it; when
 that is full, newer files are only cached, not held. A held file not opened within
 HOLD_SECONDS is let go (an idle daemon holds nothing).
+
+A walk of a packed directory (docs/packs.md) reads its pack in order: opening a packed file
+fetches the pack's next blocks into the tiers (`PackWalk`), not held in memory.
 """
 
 import logging
@@ -114,3 +117,56 @@ class WalkPrefetch:
             too_old = trio.current_time() - HOLD_SECONDS
             for obj in [o for o, entry in self._walked.items() if entry is not None and entry[1] < too_old]:
                 self._forget(obj, remember=True)
+
+
+class PackWalk:
+    """The blocks of a pack past a packed file being opened, fetched into the tiers above S3,
+    each at most once while remembered."""
+
+    def __init__(self, chain: TierChain, budget, slots: trio.CapacityLimiter, counters: Counters,
+                 *, block_size: int, failed: Callable[[ObjectVersion, Exception], None]):
+        self.chain = chain
+        self.budget = budget
+        self._slots = slots
+        self.counters = counters
+        self.block_size = block_size
+        self._failed = failed
+        self._nursery: trio.Nursery | None = None
+        self._claimed: OrderedDict[tuple[ObjectVersion, int], None] = OrderedDict()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def prefetch(self, obj: ObjectVersion, start: int, end: int) -> None:
+        """The blocks of `obj` covering [start, end), or, when the first of them are on their
+        way already, a whole range's worth past those."""
+        if self._nursery is None or not self.chain.upper:
+            return
+        bs = self.block_size
+        first, last = start // bs, block_count(min(end, obj.size), bs)
+        todo = [i for i in range(first, last) if (obj, i) not in self._claimed]
+        if todo and todo[0] > first:
+            if len(todo) < (last - first) // 2:
+                return  # over half the range is on its way: top up later, in one whole request
+            # Claimed one block per open, a walk cost one GET per block.
+            last = min(block_count(obj.size, bs), todo[0] + last - first)
+            todo = [i for i in range(todo[0], last) if (obj, i) not in self._claimed]
+        refs = [BlockRef(obj, i, bs) for i in todo]
+        nbytes = sum(r.length for r in refs)
+        if not refs or not self.budget.try_take(nbytes):
+            return
+        for r in refs:
+            self._claimed[(obj, r.index)] = None
+        while len(self._claimed) > _REMEMBERED_OBJECTS:
+            self._claimed.popitem(last=False)
+        self._nursery.start_soon(self._fetch, obj, self.chain.claim(refs), nbytes)
+
+    async def _fetch(self, obj: ObjectVersion, claim: Claim, nbytes: int) -> None:
+        try:
+            await self.chain.complete(claim, self._slots)
+            self.counters.add("pack_prefetched_bytes", nbytes)
+        except Exception as e:
+            self._failed(obj, e)
+        finally:
+            self.chain.release(claim)
+            self.budget.give_back(nbytes)

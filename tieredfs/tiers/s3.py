@@ -17,6 +17,7 @@ attempt, so readers get EIO at once instead of one deadline each (the kernel ret
 failed read, doubling the wait).
 """
 
+import base64
 import datetime
 import hashlib
 import ipaddress
@@ -165,6 +166,12 @@ class S3Backend:
             region_name=region or "us-east-1",
             s3={"addressing_style": addressing_style(addressing, endpoint_url)},
         )
+        try:
+            # Objects the packer writes carry their MD5 only: rclone serve s3 sends a stored
+            # CRC32 of the whole object with every ranged GET, which botocore then rejects.
+            cfg = cfg.merge(botocore.config.Config(request_checksum_calculation="when_required"))
+        except TypeError:
+            pass  # botocore < 1.36 adds no checksum to a PUT anyway
         self._client = _s3_session().create_client("s3", endpoint_url=endpoint_url, config=cfg)
 
     def gauges(self) -> dict[str, int]:
@@ -204,13 +211,46 @@ class S3Backend:
                 kwargs["ContinuationToken"] = token
             page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs), attempts)
             listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
-            listing.objects.extend(
-                ListedObject(o["Key"], o["Size"], int(o["LastModified"].timestamp() * 1e9),
-                             o.get("ETag", "").strip('"'))
-                for o in page.get("Contents", ()))
+            listing.objects.extend(_listed(o) for o in page.get("Contents", ()))
             if not page.get("IsTruncated"):
                 return listing
             token = page["NextContinuationToken"]
+
+    def list_all(self, prefix: str) -> list[ListedObject]:
+        """Every object under `prefix`, at any depth (the packer's one walk of a prefix)."""
+        objects, token = [], None
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs))
+            objects.extend(_listed(o) for o in page.get("Contents", ()))
+            if not page.get("IsTruncated"):
+                return objects
+            token = page["NextContinuationToken"]
+
+    def get_object(self, key: str) -> tuple[bytes, str]:
+        """(body, ETag) of the current version of a small object (a pack index pointer)."""
+        def attempt(stop_at: float) -> tuple[bytes, str]:
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = resp["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+            if len(data) != resp["ContentLength"]:
+                raise _Retry(f"asked {resp['ContentLength']} bytes of {key!r}, got {len(data)}")
+            return data, resp.get("ETag", "").strip('"')
+
+        return self._call("get", attempt)
+
+    def put_object(self, key: str, data: bytes) -> str:
+        """Write a whole object (packs, their index, its pointer); returns its ETag. The body's
+        MD5 goes along, so S3 refuses a body damaged on the way."""
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        resp = self._call("put", lambda _: self._client.put_object(
+            Bucket=self.bucket, Key=key, Body=data, ContentMD5=md5))
+        return resp.get("ETag", "").strip('"')
 
     def get_range(self, obj: ObjectVersion, start: int, length: int) -> bytes:
         """Exactly `length` bytes of version `obj.etag` from `start`, or an exception."""
@@ -354,6 +394,11 @@ class S3Backend:
         if code in _AUTH_CODES or status == 403:
             raise CredentialsRefused(f"S3 refused the credentials ({code})")
         raise BackendUnavailable(f"S3 {kind} answered {status} {code}")
+
+
+def _listed(o: dict) -> ListedObject:
+    return ListedObject(o["Key"], o["Size"], int(o["LastModified"].timestamp() * 1e9),
+                        o.get("ETag", "").strip('"'))
 
 
 def _code_status(e: "botocore.exceptions.ClientError") -> tuple[str, int]:

@@ -1,0 +1,192 @@
+"""`tieredfs pack` and reading packed files through a real mount of moto's S3 server."""
+
+import math
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import read_uncached, tieredfs_cmd
+from tieredfs.devserver import wait_until
+
+MiB = 1 << 20
+
+
+def upload(s3, bucket: str, files: dict[str, bytes]) -> None:
+    with ThreadPoolExecutor(10) as pool:  # boto3 keeps 10 connections
+        list(pool.map(lambda kv: s3.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), files.items()))
+
+
+def small_tree(prefix: str, n: int, seed: int) -> dict[str, bytes]:
+    """n files of 1 B to 64 KiB (log-uniform: mostly small, as real trees are), nested dirs."""
+    rnd = random.Random(seed)
+    return {f"{prefix}d{i % 5}/e{i % 3}/f{i:05d}.bin": rnd.randbytes(int(2 ** rnd.uniform(0, 16)))
+            for i in range(n)}
+
+
+def pack(s3server, bucket: str, prefix: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(tieredfs_cmd("pack", f"s3://{bucket}/{prefix}", "--endpoint-url", s3server.url,
+                                       *args), capture_output=True, text=True, timeout=240)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def keys(s3, bucket: str, prefix: str) -> dict[str, int]:
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.update((o["Key"], o["Size"]) for o in page.get("Contents", ()))
+    return out
+
+
+def read_all(root, files: dict[str, bytes], prefix: str, threads: int = 8) -> None:
+    def check(item):
+        key, data = item
+        assert read_uncached(root / key[len(prefix):]) == data, key
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(check, sorted(files.items())))
+
+
+def index_of(s3, bucket: str, prefix: str, tmp_path) -> sqlite3.Connection:
+    import json
+    pointer = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}.tieredfs/index.json")["Body"].read())
+    path = tmp_path / "index.sqlite"
+    path.write_bytes(s3.get_object(Bucket=bucket, Key=f"{prefix}.tieredfs/{pointer['index']}")["Body"].read())
+    return sqlite3.connect(path)
+
+
+def test_packed_tree_reads_right_in_one_get_per_pack_block(s3, s3server, bucket, mount_factory, tmp_path):
+    files = small_tree("data/", 2000, seed=1)
+    upload(s3, bucket, files)
+    out = pack(s3server, bucket, "data", "--pack-size", "4M", "--parallel", "16").stdout
+    assert "packed 2000 files" in out and "index index/" in out
+    stored = keys(s3, bucket, "data/.tieredfs/packs/")
+    pack_blocks = sum(math.ceil(size / MiB) for k, size in stored.items() if k.endswith(".pack"))
+    assert sum(size for k, size in stored.items() if k.endswith(".pack")) == sum(map(len, files.values()))
+    # The sources are untouched.
+    assert {k: v for k, v in keys(s3, bucket, "data/").items() if "/.tieredfs/" not in k} == \
+        {k: len(v) for k, v in files.items()}
+
+    m = mount_factory(bucket)
+    s3server.reset_counts()
+    assert sorted(os.listdir(m.path / "data")) == [f"d{i}" for i in range(5)]  # .tieredfs hidden
+    read_all(m.path, files, "")
+    counts = s3server.counts()
+    # One GET each for the pointer and the index; every other GET is of a pack block.
+    assert counts["GET"] <= pack_blocks + 2, (counts, pack_blocks)
+    assert counts["LIST"] <= 1 + 1 + 5 + 15  # root, data, d*, d*/e*
+    stats = m.stats()
+    assert stats["packs.packed_opens"] == 2000 and stats.get("packs.stale_bypassed", 0) == 0
+
+    # Ten sources overwritten after packing: a mount serves their new bytes, from the sources.
+    changed = {k: b"new bytes of " + k.encode() for k in sorted(files)[::200]}
+    upload(s3, bucket, changed)
+    m.restart()
+    read_all(m.path, changed, "")
+    assert m.stats()["packs.stale_bypassed"] == 10
+    # A re-run packs only those ten.
+    out = pack(s3server, bucket, "data").stdout
+    assert "packed 10 files" in out and "kept 1990" in out and "dropped 10 stale" in out
+
+
+def test_interrupted_pack_resumes_and_never_names_a_missing_pack(s3, s3server, bucket, mount_factory, tmp_path):
+    files = small_tree("p/", 300, seed=2)
+    upload(s3, bucket, files)
+    proc = subprocess.Popen(tieredfs_cmd("pack", f"s3://{bucket}/p", "--endpoint-url", s3server.url,
+                                         "--pack-size", "64K", "--parallel", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        manifests = lambda: [k for k in keys(s3, bucket, "p/.tieredfs/packs/") if k.endswith(".json")]
+        assert wait_until(lambda: len(manifests()) >= 3 or proc.poll() is not None, 120)
+        assert proc.poll() is None, "the packer finished before it could be interrupted"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    interrupted = len(manifests())
+    assert "p/.tieredfs/index.json" not in keys(s3, bucket, "p/.tieredfs/")  # pointer last
+
+    out = pack(s3server, bucket, "p", "--pack-size", "64K", "--verify").stdout
+    adopted = int(out.split("adopted ")[1].split(",")[0])
+    assert adopted >= 3 and "packed" in out and "verified 300 packed files: 0 differ" in out
+    assert interrupted <= len(manifests())
+    # Every pack the index names exists, with the ETag it names.
+    stored = {k: s3.head_object(Bucket=bucket, Key=k)["ETag"].strip('"')
+              for k in keys(s3, bucket, "p/.tieredfs/packs/") if k.endswith(".pack")}
+    db = index_of(s3, bucket, "p/", tmp_path)
+    assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 300
+    for key, etag in db.execute("SELECT key, etag FROM packs"):
+        assert stored[key] == etag
+    m = mount_factory(bucket, prefix="p")
+    read_all(m.path, files, "p/")
+    assert m.stats()["packs.packed_opens"] == 300
+
+    # A pack damaged by someone else (a new ETag): its files are read from their sources.
+    damaged = sorted(stored)[0]
+    s3.put_object(Bucket=bucket, Key=damaged, Body=b"\0" * keys(s3, bucket, damaged)[damaged])
+    m.stop()  # (its tier 1 holds the old pack's blocks, rightly: a block is of one version)
+    m = mount_factory(bucket, prefix="p")
+    read_all(m.path, files, "p/")
+    assert m.stats()["packs.pack_read_failures"] >= 1
+
+
+def test_edge_prefixes_and_awkward_keys(s3, s3server, bucket, mount_factory):
+    # Empty prefix: nothing packed, nothing written.
+    out = pack(s3server, bucket, "empty").stdout
+    assert "packed 0 files" in out and "index unchanged" in out
+    assert keys(s3, bucket, "") == {}
+    # No object small enough.
+    big = {f"big/b{i}": random.randbytes(3000) for i in range(3)}
+    odd = {f"odd/{name}": f"bytes of {name}".encode() * (i + 1) for i, name in enumerate(
+        ["sp ace", "pl+us", "per%25cent", "ha#sh", "qu?est", "émoji 😀", "quo'te\"", "a&b=c", "tab\tname"])}
+    upload(s3, bucket, big | odd)
+    out = pack(s3server, bucket, "big", "--max-file-size", "2K").stdout
+    assert "packed 0 files" in out and not keys(s3, bucket, "big/.tieredfs/")
+    out = pack(s3server, bucket, "odd", "--dry-run").stdout
+    assert "would pack 9 files" in out and not keys(s3, bucket, "odd/.tieredfs/")
+    assert "packed 9 files" in pack(s3server, bucket, "odd").stdout
+    # The bucket root: its own sources, not the packs and index of odd/ below it.
+    assert "packed 12 files" in pack(s3server, bucket, "").stdout
+    # A bad option is one line, not a traceback.
+    bad = pack(s3server, bucket, "odd", "--pack-size", "lots", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "pack-size" in bad.stderr
+
+    m = mount_factory(bucket)
+    read_all(m.path, odd | big, "")
+    assert m.stats()["packs.packed_opens"] == 12
+
+
+def test_pack_written_while_a_node_reads(s3, s3server, bucket, mount_factory):
+    files = small_tree("live/", 300, seed=3)
+    upload(s3, bucket, files)
+    m = mount_factory(bucket, "--list-ttl", "1", prefix="live")
+    errors, rounds, stop = [], [0], threading.Event()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                read_all(m.path, files, "live/", threads=4)
+                rounds[0] += 1
+        except Exception as e:  # reported below, with the test's own assertion
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        pack(s3server, bucket, "live", "--pack-size", "256K")
+        done = rounds[0]
+        # After a listing TTL the mount finds the index and reads from the packs.
+        assert wait_until(lambda: m.stats().get("packs.packed_opens", 0) > 0 and rounds[0] > done + 1
+                          or errors, 120)
+    finally:
+        stop.set()
+        t.join(120)
+    assert not errors, errors[0]
+    assert not os.path.exists(m.path / ".tieredfs")
