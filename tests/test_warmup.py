@@ -7,6 +7,7 @@ daemon drops the kernel's page cache of the file first (read_uncached).
 import json
 import os
 import re
+import stat
 import subprocess
 
 from conftest import read_uncached, tieredfs_cmd
@@ -86,6 +87,7 @@ def test_record_on_one_mount_replay_on_another(bucket, put, mount_factory, s3, s
     for key, data in job.items():
         assert read_uncached(a.path / key) == data
     a.stop()  # the recording is complete once the daemon has stopped
+    assert stat.S_IMODE(rec.stat().st_mode) == 0o600  # it names a private bucket's keys
     lines = [json.loads(line) for line in rec.read_text().splitlines()]
     assert lines[0] == {"tieredfs_record": 1, "bucket": bucket, "prefix": "", "block_size": 64 * K}
     objects = {o["key"]: o for o in lines[1:] if isinstance(o, dict)}

@@ -14,10 +14,12 @@ writes them out once a second.
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import trio
 
+from . import private
 from .blocks import BlockRef
 from .errors import ConfigError
 from .recording import FORMAT_VERSION
@@ -34,7 +36,9 @@ _FLUSH_SECONDS = 1.0
 class Recorder:
     def __init__(self, path: Path, bucket: str, prefix: str, block_size: int, counters: Counters):
         try:
-            self._file = open(path, "w", encoding="utf-8")
+            # 0600, as the cache dir's files: it names the keys of what may be a private bucket.
+            fd = private.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            self._file = open(fd, "w", encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot write the record file {path}: {e.strerror}") from None
         self.path = path
