@@ -5,43 +5,38 @@ import pytest
 
 from tieredfs.blocks import ObjectVersion
 from tieredfs.stats import Counters
-from tieredfs.tiers.s3 import S3Backend, _Retry, addressing_style
+from tieredfs.tiers.s3 import addressing_style
+from tieredfs.tiers.s3_body import Answer, _check_md5, _md5_checkable
+from tieredfs.tiers.s3_retry import Retry
 
 MD5_OF_ABC = "900150983cd24fb0d6963f7d28e17f72"
 
 
-def backend(**kwargs) -> S3Backend:
-    return S3Backend("bkt", endpoint_url="http://127.0.0.1:9", region=None, max_requests=1,
-                     connect_timeout=0.5, read_timeout=0.5, max_attempts=1, deadline=1.0,
-                     counters=Counters("s3"), **kwargs)
-
-
 def test_only_etags_that_can_be_an_md5_are_checked():
-    b = backend()
-    assert b._md5_checkable(MD5_OF_ABC, {})
-    assert b._md5_checkable(MD5_OF_ABC, {"ServerSideEncryption": "AES256"})
-    assert not b._md5_checkable(MD5_OF_ABC[:-2] + "-2", {})  # multipart
-    assert not b._md5_checkable(MD5_OF_ABC, {"ServerSideEncryption": "aws:kms"})
-    assert not b._md5_checkable(MD5_OF_ABC, {"SSECustomerAlgorithm": "AES256"})
+    assert _md5_checkable(True, MD5_OF_ABC, Answer())
+    assert _md5_checkable(True, MD5_OF_ABC, Answer(sse="AES256"))
+    assert not _md5_checkable(True, MD5_OF_ABC[:-2] + "-2", Answer())  # multipart
+    assert not _md5_checkable(True, MD5_OF_ABC, Answer(sse="aws:kms"))
+    assert not _md5_checkable(True, MD5_OF_ABC, Answer(sse_customer=True))
 
 
 def test_a_mismatch_is_refused_however_often_it_repeats():
     """Whether an ETag is an MD5 is decided from the object, never from the bytes: the same
     wrong bytes twice (a deterministic corruption) are refused twice, not taken as proof."""
-    b = backend()
-    b._check_md5(ObjectVersion("bkt", "k", MD5_OF_ABC, 3), [b"ab", b"c"])
-    b._check_md5(ObjectVersion("bkt", "k", MD5_OF_ABC.upper(), 3), [b"abc"])  # OSS: upper case
+    counters = Counters("s3")
+    _check_md5(ObjectVersion("bkt", "k", MD5_OF_ABC, 3), [b"ab", b"c"], counters)
+    _check_md5(ObjectVersion("bkt", "k", MD5_OF_ABC.upper(), 3), [b"abc"], counters)  # OSS: upper case
     odd = ObjectVersion("bkt", "k", "0" * 32, 3)
     for _ in range(3):
-        with pytest.raises(_Retry):
-            b._check_md5(odd, [b"abc"])
-    assert b._md5_checkable("0" * 32, {})
-    assert b.counters.get("checksum_mismatches") == 3
+        with pytest.raises(Retry):
+            _check_md5(odd, [b"abc"], counters)
+    assert _md5_checkable(True, "0" * 32, Answer())
+    assert counters.get("checksum_mismatches") == 3
 
 
 def test_no_etag_md5_is_a_choice_made_at_mount():
-    b = backend(etag_md5=False)
-    assert not b._md5_checkable(MD5_OF_ABC, {})
+    """--no-etag-md5 (Config.etag_md5) reaches the check."""
+    assert not _md5_checkable(False, MD5_OF_ABC, Answer())
 
 
 @pytest.mark.parametrize("style, url, expected", [
@@ -58,6 +53,7 @@ def test_no_etag_md5_is_a_choice_made_at_mount():
 ])
 def test_addressing_style(style, url, expected):
     assert addressing_style(style, url) == expected
+
 
 @pytest.mark.parametrize("text", ["2026-12-07T04:05:19.123Z", "2026-12-07T04:05:19.123+00:00",
                                   "2026-12-07T04:05:19.123", "Mon, 07 Dec 2026 04:05:19 GMT"])

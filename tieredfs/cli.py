@@ -160,6 +160,10 @@ _MOUNT_SETTINGS = {
                                      help="S3 URLs: bucket in the path or in the host (default auto)"),
     "etag_md5": click.option("--etag-md5/--no-etag-md5", default=None,
                              help="check whole-object GETs against single-part ETags (default on)"),
+    # Issue 19: the HTTP client of GETs (tiers/s3.py, docs/s3.md).
+    "http_client": click.option("--http-client", type=click.Choice(["auto", "boto3", "crt"]),
+                                help="client of S3 GETs: auto (awscrt where it wins, if installed)"),
+    "crt_threads": click.option("--crt-threads", type=int, help="awscrt's event-loop threads (default 1)"),
     "cache_index_size": click.option("--cache-index-size",
                                      help="the cache index's LMDB map (default: sized from --cache-size)"),
     "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),

@@ -138,6 +138,11 @@ class Config:
     cache_index_size: int = 0  # the LMDB map of the cache index; 0: sized from --cache-size
     etag_md5: bool = True  # a single-part object's ETag is the MD5 of its bytes (checked)
 
+    # Issue 19 (HTTP client): which client serves GETs (auto: awscrt for the GETs it was
+    # measured to win, when installed; tiers/s3.py) and awscrt's event-loop threads.
+    http_client: str = "auto"
+    crt_threads: int = 1
+
     @property
     def effective_cache_dir(self) -> Path:
         return self.cache_dir or default_cache_dir(self.bucket)
@@ -192,6 +197,9 @@ class Config:
             raise ConfigError(f"log-level {self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
         self._validate_together()
         self._validate_hardening()
+        if self.http_client not in ("auto", "boto3", "crt") or not 1 <= self.crt_threads <= 16:
+            raise ConfigError(f"http-client {self.http_client!r} must be auto, boto3 or crt, "
+                              f"and crt-threads ({self.crt_threads}) between 1 and 16")
         for opt in self.fuse_options:
             if opt not in _ALLOWED_FUSE_OPTIONS and not opt.startswith("fsname="):
                 allowed = ", ".join(sorted(_ALLOWED_FUSE_OPTIONS))

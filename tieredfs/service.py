@@ -106,7 +106,8 @@ class Daemon:
             connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
             max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
             counters=self.registry.counters("s3"), buffers=self.buffers,
-            addressing=c.addressing_style, etag_md5=c.etag_md5)
+            addressing=c.addressing_style, etag_md5=c.etag_md5,
+            http_client=c.http_client, crt_threads=c.crt_threads)
         self.registry.add_source(self.backend.gauges)
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
@@ -156,6 +157,7 @@ class Daemon:
             self.recorder.close()
         if self.local:
             self.local.close()
+        self.backend.close()
         self.cache_dir.unlock()
 
     def check_remote(self) -> None:

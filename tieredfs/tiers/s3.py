@@ -1,30 +1,18 @@
 """Tier 3: S3 through botocore, boto3's core (the only module that imports boto3/botocore).
 
-Every request goes through one semaphore (bounded concurrency, bounded connection
-pool) and one retry loop with backoff and a deadline. Every ranged GET is pinned to
-an ETag with If-Match and its body length is checked: botocore does not verify
-ranged bodies, and a short body must become a retry, never wrong bytes. A GET that
-covers a whole object asks for its full-object checksum (ChecksumMode, verified by
-botocore where the object has one) and, for a single-part object stored without
-SSE-KMS or SSE-C, checks the body against its ETag, the MD5 of the body. Whether an ETag
-is an MD5 is decided per object from its form and headers, never from the bytes: a
-mismatch that repeats is a corruption that repeats, and is refused. A part of an object
-has no checksum S3 would send (docs/reliability.md).
-
-When a request has used its whole deadline without reaching S3 (refused, reset, timed
-out), S3 is taken to be down: until a request succeeds again, each one makes a single
-attempt, so readers get EIO at once instead of one deadline each (the kernel retries a
-failed read, doubling the wait).
+Listings, HEAD, PUTs, credentials and every GET that awscrt does not serve go through one
+botocore client. Whichever client sends a request, it is retried, bounded and classified by
+one RetryLoop (tiers/s3_retry.py), and a GET's body passes the same checks (tiers/s3_body.py).
+Which client serves a GET is --http-client: `auto` gives awscrt (tiers/s3_crt.py) the GETs it
+was measured to serve with less CPU, when it is installed (docs/performance-notes.md).
 """
 
 import base64
 import datetime
 import hashlib
+import importlib.util
 import ipaddress
 import logging
-import random
-import threading
-import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -37,30 +25,20 @@ import botocore.utils
 import urllib3.exceptions
 
 from ..blocks import BlockRef, ObjectVersion
-from ..errors import (
-    BackendUnavailable,
-    BucketMissing,
-    CredentialsRefused,
-    EndpointUnreachable,
-    ObjectChanged,
-    ObjectMissing,
-)
+from ..errors import BackendUnavailable, BucketMissing, ConfigError, CredentialsRefused, EndpointUnreachable
 from ..memory import BufferPool
 from ..stats import Counters
+from .s3_body import Answer, check, read_pieces
+from .s3_retry import AUTH_CODES, Retry, RetryLoop, Unreachable
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "429", "TooManyRequests",
-}
-_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
-               "InvalidToken"}
 # A body is checked against the deadline after every socket read (at most _BODY_PIECE bytes),
 # or, for a body that can only be read in fixed amounts, every _BODY_CHUNK bytes.
 _BODY_PIECE = 1024 * 1024
 _BODY_CHUNK = 16 * 1024
-_MD5_HEX = frozenset("0123456789abcdef")
+# The largest GET awscrt serves under --http-client auto (_crt_serves).
+CRT_MAX_BYTES = 1024 * 1024
 _TRANSIENT = (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 # Stores that answer only virtual-hosted requests (the bucket in the host name): Alibaba
 # Cloud OSS refuses path-style ones (SecondLevelDomainForbidden), Tencent COS for buckets
@@ -127,10 +105,6 @@ def _timestamp(value: str) -> datetime.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
 
 
-class _Retry(Exception):
-    """Internal: this attempt failed in a way another attempt may fix."""
-
-
 @dataclass(frozen=True)
 class ListedObject:
     key: str
@@ -149,22 +123,22 @@ class S3Backend:
     def __init__(self, bucket: str, *, endpoint_url: str | None, region: str | None,
                  max_requests: int, connect_timeout: float, read_timeout: float,
                  max_attempts: int, deadline: float, counters: Counters,
-                 buffers: BufferPool | None = None, addressing: str = "auto", etag_md5: bool = True):
+                 buffers: BufferPool | None = None, addressing: str = "auto", etag_md5: bool = True,
+                 http_client: str = "boto3", crt_threads: int = 1):
         self.bucket = bucket
-        self.max_attempts = max_attempts
         self._buffers = buffers or BufferPool()  # what bodies are received into
-        self.deadline = deadline
         self.counters = counters
-        self._down = False  # the last request ran out of deadline; only a success clears it
         self._etag_md5 = etag_md5  # off: this store's single-part ETags are not MD5s (--no-etag-md5)
-        self._slots = threading.BoundedSemaphore(max_requests)
+        self._loop = RetryLoop(bucket, max_requests=max_requests, max_attempts=max_attempts,
+                               deadline=deadline, counters=counters)
+        style = addressing_style(addressing, endpoint_url)
         cfg = botocore.config.Config(
             max_pool_connections=max_requests,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             retries={"total_max_attempts": 1},  # our own loop retries, including short bodies
             region_name=region or "us-east-1",
-            s3={"addressing_style": addressing_style(addressing, endpoint_url)},
+            s3={"addressing_style": style},
         )
         try:
             # Objects the packer writes carry their MD5 only: rclone serve s3 sends a stored
@@ -172,11 +146,43 @@ class S3Backend:
             cfg = cfg.merge(botocore.config.Config(request_checksum_calculation="when_required"))
         except TypeError:
             pass  # botocore < 1.36 adds no checksum to a PUT anyway
-        self._client = _s3_session().create_client("s3", endpoint_url=endpoint_url, config=cfg)
+        self._session = _s3_session()
+        self._client = self._session.create_client("s3", endpoint_url=endpoint_url, config=cfg)
+        self._crt = None
+        self._crt_all = http_client == "crt"  # else auto: crt for the GETs it wins (_crt_serves)
+        if http_client != "boto3" and importlib.util.find_spec("awscrt") is not None:
+            from .s3_crt import CrtGets  # the only importer of awscrt; imported only if used
+            self._crt = CrtGets(bucket, endpoint_url=self._client.meta.endpoint_url,
+                                region=self._client.meta.region_name, style=style,
+                                credentials=self._credentials, connect_timeout=connect_timeout,
+                                read_timeout=read_timeout, threads=crt_threads, loop=self._loop)
+        elif self._crt_all:
+            raise ConfigError("--http-client crt needs awscrt (pip install awscrt); "
+                              "auto falls back to boto3 without it")
+
+    @property
+    def deadline(self) -> float:
+        return self._loop.deadline
+
+    @property
+    def max_attempts(self) -> int:
+        return self._loop.max_attempts
 
     def gauges(self) -> dict[str, int]:
         """1 while S3 is taken as down (one attempt per request until it answers)."""
-        return {"s3.down": int(self._down)}
+        return {"s3.down": int(self._loop.down)}
+
+    def close(self) -> None:
+        """Let go of awscrt's connections and event-loop threads (unmount)."""
+        if self._crt is not None:
+            self._crt.close()
+
+    def _credentials(self):
+        """botocore's current credentials (refreshed by botocore when temporary), for awscrt."""
+        creds = self._session.get_credentials()
+        if creds is None:
+            raise CredentialsRefused("no AWS credentials found")
+        return creds.get_frozen_credentials()
 
     # --- public operations -----------------------------------------------------
 
@@ -191,7 +197,7 @@ class S3Backend:
             code, status = _code_status(e)
             if status == 404 or code in ("NoSuchBucket", "404"):
                 raise BucketMissing(f"bucket {self.bucket!r} does not exist") from None
-            if code in _AUTH_CODES or status == 403:
+            if code in AUTH_CODES or status == 403:
                 raise CredentialsRefused(f"access to bucket {self.bucket!r} refused ({code}): "
                                          "check the credentials and the bucket policy") from None
             raise BackendUnavailable(f"bucket {self.bucket!r}: S3 answered {status} {code}") from None
@@ -239,7 +245,7 @@ class S3Backend:
             finally:
                 body.close()
             if len(data) != resp["ContentLength"]:
-                raise _Retry(f"asked {resp['ContentLength']} bytes of {key!r}, got {len(data)}")
+                raise Retry(f"asked {resp['ContentLength']} bytes of {key!r}, got {len(data)}")
             return data, resp.get("ETag", "").strip('"')
 
         return self._call("get", attempt)
@@ -262,138 +268,62 @@ class S3Backend:
         body, and a body is not held whole while one of its blocks is still wanted."""
         length = sum(lengths)
         whole = start == 0 and length == obj.size
-        # S3 sends a full-object checksum only for a GET of the whole object, and only if asked.
-        extra = {"ChecksumMode": "ENABLED"} if whole else {}
+        get = self._crt.get if self._crt is not None and (self._crt_all or _crt_serves(length)) \
+            else self._boto_get
 
         def attempt(stop_at: float) -> list[memoryview]:
-            resp = self._client.get_object(Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
-                                           Range=f"bytes={start}-{start + length - 1}", **extra)
-            # Not `with resp["Body"] as body`: that yields the raw urllib3 stream, skipping
-            # botocore's Content-Length and x-amz-checksum-* verification.
-            body = resp["Body"]
-            try:
-                pieces, got = self._read_body(body, lengths, stop_at)
-            finally:
-                body.close()
-            got_range = resp.get("ContentRange", "")
-            if got != length or (got_range and not got_range.startswith(f"bytes {start}-")):
-                self.counters.add("short_bodies")
-                raise _Retry(f"asked {length} bytes at {start}, got {got} ({got_range})")
-            if whole and self._md5_checkable(obj.etag, resp):
-                self._check_md5(obj, pieces)
+            pieces = [self._buffers.take(n) for n in lengths]
+            got, answer = get(obj, start, pieces, whole, stop_at)
+            check(obj, start, pieces, got, answer, self._etag_md5, self.counters)
             return pieces
 
-        pieces = self._call("get", attempt)
+        pieces = self._loop.call("get", attempt)
         self.counters.add("bytes", length)
         return pieces
 
-    def _read_body(self, body, lengths: list[int], stop_at: float) -> tuple[list[memoryview], int]:
-        """The body, unless it trickles in past the deadline: botocore's read timeout is per
-        socket read, so a server sending a little at a time would otherwise hold a read forever.
+    def _boto_get(self, obj: ObjectVersion, start: int, pieces: list[memoryview], whole: bool,
+                  stop_at: float) -> tuple[int, Answer]:
+        # S3 sends a full-object checksum only for a GET of the whole object, and only if asked.
+        extra = {"ChecksumMode": "ENABLED"} if whole else {}
+        length = sum(len(p) for p in pieces)
+        resp = self._boto("get", lambda: self._client.get_object(
+            Bucket=self.bucket, Key=obj.key, IfMatch=f'"{obj.etag}"',
+            Range=f"bytes={start}-{start + length - 1}", **extra))
+        # Not `with resp["Body"] as body`: that yields the raw urllib3 stream, skipping
+        # botocore's Content-Length and x-amz-checksum-* verification.
+        body = resp["Body"]
+        try:
+            got = self._boto("get", lambda: read_pieces(*_body_reader(body), pieces, stop_at, self.counters))
+        finally:
+            body.close()
+        return got, Answer(resp.get("ContentRange", ""), resp.get("ServerSideEncryption", "AES256"),
+                           "SSECustomerAlgorithm" in resp)
 
-        Read into buffers of the expected lengths: a list of socket reads joined at the end
-        held every body twice (bench/: peak RSS of a cold read ~250 MiB, docs/benchmarks.md).
-        Returns the buffers and how many bytes arrived in all.
-        """
-        read, most = _body_reader(body)
-        pieces, got = [self._buffers.take(n) for n in lengths], 0
-        for view in pieces:
-            pos = 0
-            while pos < len(view) and (chunk := read(min(most, len(view) - pos))):
-                view[pos:pos + len(chunk)] = chunk
-                pos += len(chunk)
-                if time.monotonic() > stop_at:
-                    self.counters.add("slow_bodies")
-                    raise _Retry(f"body still arriving at the deadline ({got + pos} bytes)")
-            got += pos
-            if pos < len(view):
-                return pieces, got  # short: the caller retries
-        if read(1):
-            self.counters.add("short_bodies")  # too long: not the range asked for
-            raise _Retry(f"asked {got} bytes, got more")
-        return pieces, got
-
-    def _md5_checkable(self, etag: str, resp: dict) -> bool:
-        """A single-part object's ETag is its MD5 (32 hex digits; a multipart one ends in
-        -N), unless SSE-KMS or SSE-C encrypted it."""
-        return (self._etag_md5 and len(etag) == 32 and set(etag.lower()) <= _MD5_HEX
-                and resp.get("ServerSideEncryption", "AES256") == "AES256"
-                and "SSECustomerAlgorithm" not in resp)
-
-    def _check_md5(self, obj: ObjectVersion, pieces: list) -> None:
-        md5 = hashlib.md5()
-        for piece in pieces:
-            md5.update(piece)
-        digest = md5.hexdigest()
-        if digest == obj.etag.lower():
-            return
-        self.counters.add("checksum_mismatches")
-        raise _Retry(f"body of {obj.key!r} has MD5 {digest}, its ETag says {obj.etag} (a store "
-                     "whose single-part ETags are not MD5s needs --no-etag-md5)")
-
-    # --- the retry loop ------------------------------------------------------------
+    # --- botocore's errors, as the retry loop takes them ------------------------------
 
     def _call(self, kind: str, fn, attempts: int | None = None):
-        stop_at = time.monotonic() + self.deadline
-        last = "no attempt made"
-        unreachable = False  # did the last attempt fail to get any answer from S3?
-        for attempt in range(1 if self._down else attempts or self.max_attempts):
-            if attempt:
-                self.counters.add("retries")
-                pause = min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
-                if time.monotonic() + pause >= stop_at:
-                    break
-                time.sleep(pause)
-            try:
-                with self._slots:
-                    self.counters.add(f"requests.{kind}")
-                    result = fn(stop_at)
-                self.counters.add(f"responses.{kind}.ok")
-                if self._down:
-                    self._down = False
-                    log.info("event=s3_recovered action=retrying_normally")
-                return result
-            except _Retry as e:
-                last, unreachable = str(e), False
-            except botocore.exceptions.ClientError as e:
-                self.counters.add(f"responses.{kind}.{_code_status(e)[1]}")
-                last, unreachable = self._classify(e, kind), False
-            except botocore.exceptions.NoCredentialsError:
-                raise CredentialsRefused("no AWS credentials found") from None
-            except (botocore.exceptions.IncompleteReadError, botocore.exceptions.FlexibleChecksumError) as e:
-                # S3 answered, with a body botocore found short or damaged.
-                self.counters.add("short_bodies" if isinstance(e, botocore.exceptions.IncompleteReadError)
-                                  else "checksum_mismatches")
-                last, unreachable = str(e), False
-            except _TRANSIENT as e:
-                self.counters.add("transport_errors")
-                self.counters.add(f"responses.{kind}.none")  # no answer: reset, timeout
-                last, unreachable = f"{type(e).__name__}: {e}", True
-            if time.monotonic() >= stop_at:
-                break
-        self.counters.add("failures")
-        # Only silence is an outage: an S3 that answers 503 wants backoff and retries.
-        if unreachable and not self._down and attempts is None:
-            self._down = True
-            log.warning("event=s3_unavailable error=%r action=one_attempt_per_request_until_s3_answers",
-                        last)
-        raise BackendUnavailable(f"S3 {kind} failed after retries: {last}")
+        return self._loop.call(kind, lambda stop_at: self._boto(kind, lambda: fn(stop_at)), attempts)
 
-    def _classify(self, e: "botocore.exceptions.ClientError", kind: str) -> str:
-        """Raise for answers another attempt cannot change; return a reason to retry."""
-        code, status = _code_status(e)
-        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
-            self.counters.add("throttled" if code in ("SlowDown", "Throttling", "429") else "server_errors")
-            return f"{status} {code}"
-        if code in ("PreconditionFailed", "InvalidRange") or status in (412, 416):
-            raise ObjectChanged(f"object changed on S3 since it was opened ({code})")
-        if code == "NoSuchBucket":
-            raise BucketMissing(f"bucket {self.bucket!r} no longer exists")
-        if code in ("NoSuchKey", "404") or status == 404:
-            raise ObjectMissing(f"object no longer exists on S3 ({kind})")
-        if code in _AUTH_CODES or status == 403:
-            raise CredentialsRefused(f"S3 refused the credentials ({code})")
-        raise BackendUnavailable(f"S3 {kind} answered {status} {code}")
+    def _boto(self, kind: str, fn):
+        try:
+            return fn()
+        except botocore.exceptions.ClientError as e:
+            raise self._loop.answered(kind, *_code_status(e)) from None
+        except botocore.exceptions.NoCredentialsError:
+            raise CredentialsRefused("no AWS credentials found") from None
+        except (botocore.exceptions.IncompleteReadError, botocore.exceptions.FlexibleChecksumError) as e:
+            # S3 answered, with a body botocore found short or damaged.
+            self.counters.add("short_bodies" if isinstance(e, botocore.exceptions.IncompleteReadError)
+                              else "checksum_mismatches")
+            raise Retry(str(e)) from None
+        except _TRANSIENT as e:
+            raise Unreachable(f"{type(e).__name__}: {e}") from None
+
+
+def _crt_serves(length: int) -> bool:
+    """Under --http-client auto, awscrt serves GETs of up to CRT_MAX_BYTES: there it was
+    measured to cost less CPU per GET than botocore (bench/http_clients.py)."""
+    return length <= CRT_MAX_BYTES
 
 
 def _listed(o: dict) -> ListedObject:

@@ -1,0 +1,265 @@
+"""GETs through awscrt, the AWS Common Runtime's HTTP client (the only module that imports awscrt).
+
+botocore spends ~1.8 ms of CPU on a small GET here; awscrt's C client a fraction of that
+(bench/http_clients.py, docs/performance-notes.md). One GET is one HTTP request on a
+connection of our own bounded pool: no retries, part splitting or buffer pool of awscrt's
+S3Client, so the retry policy, deadline and checks are the ones every GET has
+(tiers/s3_retry.py, tiers/s3_body.py). Only credentials come from botocore: each request is
+signed with botocore's current ones, so temporary credentials botocore refreshes are used
+from the next request on.
+
+awscrt runs its own event-loop threads; they call on_response/on_body, and a worker thread
+(never the trio thread) waits on the request's future, bounded by the read timeout between
+bytes and by the request's deadline. Past either, the connection is closed, which ends the
+request in awscrt.
+"""
+
+import base64
+import hashlib
+import re
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from urllib.parse import quote, urlsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
+
+from awscrt import auth, checksums, exceptions, http, io
+
+from ..blocks import ObjectVersion
+from .s3_body import Answer
+from .s3_retry import Retry, RetryLoop, Unreachable
+
+_ERROR_BODY = 64 * 1024  # an error answer's XML is read up to this much, for its <Code>
+_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+_CLOSE_WAIT = 5.0  # after closing a connection, how long its request may take to end
+# Full-object checksums S3 may send with a whole-object GET (x-amz-checksum-mode: ENABLED).
+_CRCS = {"x-amz-checksum-crc32": (checksums.crc32, 4), "x-amz-checksum-crc32c": (checksums.crc32c, 4)}
+if hasattr(checksums, "crc64nvme"):  # awscrt >= 0.23
+    _CRCS["x-amz-checksum-crc64nvme"] = (checksums.crc64nvme, 8)
+_HASHES = {"x-amz-checksum-sha1": hashlib.sha1, "x-amz-checksum-sha256": hashlib.sha256}
+
+
+class CrtGets:
+    def __init__(self, bucket: str, *, endpoint_url: str, region: str, style: str, credentials,
+                 connect_timeout: float, read_timeout: float, threads: int, loop: RetryLoop):
+        self._loop = loop
+        self._credentials = credentials  # () -> botocore's frozen credentials
+        self._region = region
+        self._read_timeout = read_timeout
+        self._connect_timeout = connect_timeout
+        u = urlsplit(endpoint_url)
+        tls = u.scheme == "https"
+        self._port = u.port or (443 if tls else 80)
+        host = u.hostname
+        if style == "virtual" and _dns_bucket(bucket, tls):
+            host, self._prefix = f"{bucket}.{host}", ""
+        else:
+            self._prefix = f"/{quote(bucket)}"
+        self._host = host
+        self._host_header = host if u.port is None else f"{host}:{u.port}"
+        elg = io.EventLoopGroup(threads)
+        self._bootstrap = io.ClientBootstrap(elg, io.DefaultHostResolver(elg))
+        self._socket = io.SocketOptions()
+        self._socket.connect_timeout_ms = max(1, int(connect_timeout * 1000))
+        self._tls = None
+        if tls:
+            self._tls = io.ClientTlsContext(io.TlsContextOptions()).new_connection_options()
+            self._tls.set_server_name(host)
+        self._proxy = _proxy_for(u.scheme, host)
+        self._idle: list = []  # open connections no request is using (at most max_requests)
+        self._lock = threading.Lock()
+        self._signed_with = None
+        self._signing = None
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def get(self, obj: ObjectVersion, start: int, pieces: list[memoryview], whole: bool,
+            stop_at: float) -> tuple[int, Answer]:
+        """One attempt: a ranged GET pinned to obj.etag, received into `pieces`. Returns the
+        bytes received and what the checks need of the headers; raises Retry, Unreachable or
+        a final error (tiers/s3_retry.py)."""
+        length = sum(len(p) for p in pieces)
+        headers = [("Host", self._host_header), ("If-Match", f'"{obj.etag}"'),
+                   ("Range", f"bytes={start}-{start + length - 1}")]
+        if whole:  # S3 sends a full-object checksum only for a GET of the whole object, if asked
+            headers.append(("x-amz-checksum-mode", "ENABLED"))
+        request = http.HttpRequest("GET", f"{self._prefix}/{quote(obj.key, safe='/~')}", http.HttpHeaders(headers))
+        self._wait(auth.aws_sign_request(request, self._signing_config()), stop_at, "signing")
+        conn = self._connection(stop_at)
+        received = _Received(pieces)
+        try:
+            stream = conn.request(request, on_response=received.on_response, on_body=received.on_body)
+            stream.activate()
+            self._wait_for(stream.completion_future, received, conn, stop_at)
+        except exceptions.AwsCrtError as e:
+            conn.close()
+            raise Unreachable(f"awscrt: {e.name}") from None
+        if received.headers.get("connection", "").lower() == "close" or not conn.is_open():
+            conn.close()
+        else:
+            with self._lock:
+                self._idle.append(conn)
+        if received.status not in (200, 206):
+            match = _CODE.search(received.error)
+            code = match.group(1).decode(errors="replace") if match else str(received.status)
+            raise self._loop.answered("get", code, received.status)
+        if received.overflow:
+            self._loop.counters.add("short_bodies")  # too long: not the range asked for
+            raise Retry(f"asked {length} bytes, got more")
+        h = received.headers
+        if whole and received.got == length:
+            self._check_checksum(obj, h, pieces)
+        return received.got, Answer(h.get("content-range", ""), h.get("x-amz-server-side-encryption", "AES256"),
+                                    "x-amz-server-side-encryption-customer-algorithm" in h)
+
+    def _signing_config(self):
+        """A signing config over botocore's current credentials: remade only when they change
+        (botocore refreshes temporary ones itself, in this worker thread)."""
+        frozen = self._credentials()
+        key = (frozen.access_key, frozen.secret_key, frozen.token)
+        with self._lock:
+            if key != self._signed_with:
+                self._signing = auth.AwsSigningConfig(
+                    algorithm=auth.AwsSigningAlgorithm.V4,
+                    signature_type=auth.AwsSignatureType.HTTP_REQUEST_HEADERS,
+                    credentials_provider=auth.AwsCredentialsProvider.new_static(*key),
+                    region=self._region, service="s3",
+                    use_double_uri_encode=False, should_normalize_uri_path=False,  # S3's rules
+                    signed_body_value=auth.AwsSignedBodyValue.EMPTY_SHA256,
+                    signed_body_header_type=auth.AwsSignedBodyHeaderType.X_AMZ_CONTENT_SHA_256)
+                self._signed_with = key
+            return self._signing
+
+    def _connection(self, stop_at: float):
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.is_open():
+                    return conn
+        future = http.HttpClientConnection.new(
+            host_name=self._host, port=self._port, bootstrap=self._bootstrap, socket_options=self._socket,
+            tls_connection_options=self._tls, proxy_options=self._proxy)
+        try:
+            return self._wait(future, min(stop_at, time.monotonic() + self._connect_timeout + 1.0), "connect")
+        except Unreachable:
+            # A connection made after we gave up is closed as it arrives, never leaked.
+            future.add_done_callback(lambda f: f.exception() is None and f.result().close())
+            raise
+
+    @staticmethod
+    def _wait(future, stop_at: float, what: str):
+        try:
+            return future.result(timeout=max(0.0, stop_at - time.monotonic()))
+        except FutureTimeout:
+            raise Unreachable(f"awscrt: {what} timed out") from None
+        except exceptions.AwsCrtError as e:
+            raise Unreachable(f"awscrt: {what}: {e.name}") from None
+
+    def _wait_for(self, future, received: "_Received", conn, stop_at: float) -> None:
+        """Until the request ends, or nothing arrives for the read timeout, or the deadline
+        passes: then close the connection and wait (bounded) for awscrt to end the request."""
+        while True:
+            limit = min(stop_at, received.last + self._read_timeout)
+            try:
+                future.result(timeout=max(0.0, limit - time.monotonic()))
+                return
+            except FutureTimeout:
+                now = time.monotonic()
+                if now < stop_at and now < received.last + self._read_timeout:
+                    continue  # bytes arrived meanwhile
+            received.abandoned = True
+            conn.close()
+            try:
+                future.result(timeout=_CLOSE_WAIT)
+            except Exception:
+                pass  # the request ended with the connection, as it should
+            if received.status and now >= stop_at:
+                self._loop.counters.add("slow_bodies")
+                raise Retry(f"body still arriving at the deadline ({received.got} bytes)")
+            raise Unreachable("awscrt: read timed out")
+
+    def _check_checksum(self, obj: ObjectVersion, headers: dict, pieces: list[memoryview]) -> None:
+        """Verify the full-object checksum S3 sent, as botocore does for its GETs; a
+        checksum of parts (-N, COMPOSITE) covers no body as a whole and is left alone."""
+        if headers.get("x-amz-checksum-type", "FULL_OBJECT").upper() != "FULL_OBJECT":
+            return
+        for name, value in headers.items():
+            if (name in _CRCS or name in _HASHES) and "-" not in value \
+                    and base64.b64encode(_digest(name, pieces)).decode() != value:
+                self._loop.counters.add("checksum_mismatches")
+                raise Retry(f"body of {obj.key!r} does not match its {name}")
+
+
+def _digest(name: str, pieces: list[memoryview]) -> bytes:
+    if name in _HASHES:
+        h = _HASHES[name]()
+        for piece in pieces:
+            h.update(piece)
+        return h.digest()
+    fn, size = _CRCS[name]
+    crc = 0
+    for piece in pieces:
+        crc = fn(piece, crc)
+    return crc.to_bytes(size, "big")
+
+
+class _Received:
+    """A response as awscrt's event-loop thread hands it over: status, headers, and the body
+    copied straight into the pieces (an error's body kept, bounded, for its code)."""
+
+    def __init__(self, pieces: list[memoryview]):
+        self.pieces = pieces
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.error = bytearray()
+        self.got = 0
+        self.overflow = False
+        self.abandoned = False  # the waiter gave up: later bytes go nowhere
+        self.last = time.monotonic()  # when anything last arrived
+        self._index = self._pos = 0
+
+    def on_response(self, status_code, headers, **_):
+        self.status = status_code
+        self.headers = {k.lower(): v for k, v in headers}
+        self.last = time.monotonic()
+
+    def on_body(self, chunk, **_):
+        self.last = time.monotonic()
+        if self.abandoned:
+            return
+        if self.status not in (200, 206):
+            self.error += chunk[:_ERROR_BODY - len(self.error)]
+            return
+        view = memoryview(chunk)
+        while view:
+            if self._index == len(self.pieces):
+                self.overflow = True
+                return
+            piece = self.pieces[self._index]
+            n = min(len(view), len(piece) - self._pos)
+            piece[self._pos:self._pos + n] = view[:n]
+            self._pos += n
+            self.got += n
+            view = view[n:]
+            if self._pos == len(piece):
+                self._index, self._pos = self._index + 1, 0
+
+
+def _dns_bucket(bucket: str, tls: bool) -> bool:
+    """Can the bucket go in the host name? As botocore decides: a DNS label, and no dots
+    over TLS (a dotted name would not match the certificate)."""
+    return (re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket) is not None
+            and ".." not in bucket and not (tls and "." in bucket))
+
+
+def _proxy_for(scheme: str, host: str):
+    """HTTP(S)_PROXY/NO_PROXY as botocore honours them."""
+    url = getproxies_environment().get(scheme)
+    if not url or proxy_bypass_environment(host):
+        return None
+    p = urlsplit(url if "://" in url else f"http://{url}")
+    return http.HttpProxyOptions(p.hostname, p.port or 80)
