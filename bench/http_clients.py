@@ -1,12 +1,16 @@
-"""Small whole-object GETs/s and CPU per GET: boto3 (threads) against awscrt's S3Client.
+"""GETs/s and CPU per GET of each HTTP client: boto3 (threads) against awscrt.
 
-    python -m bench.http_clients [--files 2000] [--endpoint-url URL --bucket B --prefix P]
+    python -m bench.http_clients [--files 2000] [--big-mib 256] [--endpoint-url URL --bucket B]
 
-Without --endpoint-url it starts `rclone serve s3` on 127.0.0.1 with the bench's small-file
-dataset. CPU is this process's (user + system) over the timed part only, so it is the
-client's cost per GET; the server's is not in it. awscrt is optional: its row says so when
-it is not installed (`pip install awscrt`). Issue 19 asks whether awscrt should serve the
-daemon's whole small-object GETs; docs/performance-notes.md has the numbers.
+Without --endpoint-url it starts `rclone serve s3` on 127.0.0.1 with the bench's dataset
+(small files, and one big object for ranged GETs). CPU is this process's (user + system) over
+the timed part only, so it is the client's cost per GET; the server's is not in it.
+
+Two kinds of rows: the bare clients (boto3's get_object, awscrt's S3Client), and the S3
+tier itself (`tier, boto3` / `tier, crt`: tieredfs's S3Backend.get_pieces with
+--http-client boto3 or crt, with every check and the retry loop) for small whole-object GETs
+and for large ranged GETs. The tier rows decide which client `--http-client auto` gives each
+kind of GET (tiers/s3.py CRT_MAX_BYTES); docs/performance-notes.md has the numbers.
 """
 
 import argparse
@@ -18,8 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tieredfs.blocks import ObjectVersion
+from tieredfs.stats import Counters
+from tieredfs.tiers.s3 import S3Backend
+
 from . import dataset
 from .servers import ACCESS_KEY, SECRET_KEY, RcloneEndpoint, apply_credentials
+
+MiB = 1 << 20
 
 
 def _cpu() -> float:
@@ -83,6 +93,39 @@ def crt_gets(url: str, bucket: str, keys: list[str], in_flight: int) -> dict:
     return row
 
 
+def tier_gets(url: str, objs: list[ObjectVersion], client: str, threads: int, piece: int = 0) -> dict:
+    """GETs through the S3 tier with --http-client `client`: each object whole (piece 0),
+    else every `piece` bytes of each object as one ranged GET, `threads` at a time."""
+    try:
+        b = S3Backend(objs[0].bucket, endpoint_url=url, region=None, max_requests=threads,
+                      connect_timeout=5, read_timeout=10, max_attempts=3, deadline=60,
+                      counters=Counters("s3"), http_client=client)
+    except Exception as e:  # awscrt not installed: the row says so
+        return {"client": f"tier, {client}", "skipped": str(e)}
+    gets = [(o, 0, o.size) for o in objs] if not piece else \
+        [(o, pos, min(piece, o.size - pos)) for o in objs for pos in range(0, o.size, piece)]
+    b.get_range(*gets[0])  # a connection, outside the timing
+
+    def one(get) -> int:
+        return len(b.get_pieces(get[0], get[1], [get[2]])[0])
+
+    t0, c0 = time.perf_counter(), _cpu()
+    with ThreadPoolExecutor(threads) as pool:
+        n = sum(pool.map(one, gets))
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    b.close()
+    what = f"{piece >> 10} KiB ranges" if piece else "whole objects"
+    row = _row(f"tier, {client}, {what}, {threads} threads", n, len(gets), seconds, cpu)
+    row.update(mib_per_s=round(n / MiB / seconds), cpu_ms_per_mib=round(cpu * 1000 / (n / MiB), 3))
+    return row
+
+
+def _objects(url: str, bucket: str, keys: list[str]) -> list[ObjectVersion]:
+    s3 = dataset.client(url)
+    heads = [s3.head_object(Bucket=bucket, Key=k) for k in keys]
+    return [ObjectVersion(bucket, k, h["ETag"].strip('"'), h["ContentLength"]) for k, h in zip(keys, heads)]
+
+
 def _row(client: str, nbytes: int, files: int, seconds: float, cpu: float) -> dict:
     return {"client": client, "files": files, "bytes": nbytes, "gets_per_s": round(files / seconds),
             "cpu_ms_per_get": round(cpu * 1000 / files, 3)}
@@ -93,6 +136,7 @@ def main() -> None:
     p.add_argument("--files", type=int, default=2000)
     p.add_argument("--endpoint-url")
     p.add_argument("--bucket", default=dataset.BUCKET)
+    p.add_argument("--big-mib", type=int, default=256, help="the object of the ranged-GET rows")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     apply_credentials()
@@ -102,15 +146,22 @@ def main() -> None:
         if url is None:
             endpoint = RcloneEndpoint(Path(work) / "s3").start()
             url = endpoint.url
-            ds = dataset.generate(Path(work) / "native", 1 << 20, 1 << 20, args.files)
+            ds = dataset.generate(Path(work) / "native", args.big_mib * MiB, 1 << 20, args.files)
             dataset.publish(ds, url, endpoint.root)
             keys = [rel for rel, _ in ds.small]
         else:
             pages = dataset.client(url).get_paginator("list_objects_v2").paginate(Bucket=args.bucket)
             keys = [o["Key"] for page in pages for o in page.get("Contents", ())][:args.files]
+        small, big = _objects(url, args.bucket, keys), _objects(url, args.bucket, ["big"])
         try:
             for _ in range(args.repeats):
-                for row in (boto3_gets(url, args.bucket, keys, 8), crt_gets(url, args.bucket, keys, 32)):
+                rows = [boto3_gets(url, args.bucket, keys, 8), crt_gets(url, args.bucket, keys, 32)]
+                for client in ("boto3", "crt"):
+                    rows.append(tier_gets(url, small, client, 16))
+                    rows.append(tier_gets(url, big, client, 4, 16 * MiB))
+                    rows.append(tier_gets(url, big, client, 8, 1 * MiB))
+                    rows.append(tier_gets(url, big, client, 16, MiB // 4))
+                for row in rows:
                     print(row, flush=True)
         finally:
             if endpoint is not None:

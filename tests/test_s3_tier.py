@@ -1,11 +1,14 @@
 """The S3 tier's MD5 checks that no fault scenario reaches (which ETags are MD5s, and the
 mount's choice for stores whose ETags are not), and how --addressing-style resolves."""
 
+import sys
+
 import pytest
 
 from tieredfs.blocks import ObjectVersion
+from tieredfs.errors import ConfigError
 from tieredfs.stats import Counters
-from tieredfs.tiers.s3 import addressing_style
+from tieredfs.tiers.s3 import S3Backend, addressing_style
 from tieredfs.tiers.s3_body import Answer, _check_md5, _md5_checkable
 from tieredfs.tiers.s3_retry import Retry
 
@@ -65,3 +68,16 @@ def test_the_fast_timestamp_parser_agrees_with_botocores(text):
     from tieredfs.tiers.s3 import _timestamp
 
     assert _timestamp(text).timestamp() == parse_timestamp(text).timestamp()
+
+
+def test_without_awscrt_auto_is_boto3_and_crt_is_a_clear_error(monkeypatch):
+    """awscrt is a dependency, but a mount must not need it: absent, `auto` sends every GET
+    through botocore and `crt` is refused at start. Absence is made by hiding our awscrt
+    module (importing it raises ImportError, as `import awscrt` would); botocore, which
+    imports awscrt itself when it is installed, is left alone."""
+    monkeypatch.setitem(sys.modules, "tieredfs.tiers.s3_crt", None)
+    kwargs = dict(endpoint_url="http://127.0.0.1:9", region=None, max_requests=1, connect_timeout=0.5,
+                  read_timeout=0.5, max_attempts=1, deadline=1.0, counters=Counters("s3"))
+    assert S3Backend("bkt", http_client="auto", **kwargs)._crt is None
+    with pytest.raises(ConfigError, match="awscrt"):
+        S3Backend("bkt", http_client="crt", **kwargs)

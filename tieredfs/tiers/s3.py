@@ -10,7 +10,6 @@ was measured to serve with less CPU, when it is installed (docs/performance-note
 import base64
 import datetime
 import hashlib
-import importlib.util
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -150,15 +149,18 @@ class S3Backend:
         self._client = self._session.create_client("s3", endpoint_url=endpoint_url, config=cfg)
         self._crt = None
         self._crt_all = http_client == "crt"  # else auto: crt for the GETs it wins (_crt_serves)
-        if http_client != "boto3" and importlib.util.find_spec("awscrt") is not None:
-            from .s3_crt import CrtGets  # the only importer of awscrt; imported only if used
-            self._crt = CrtGets(bucket, endpoint_url=self._client.meta.endpoint_url,
-                                region=self._client.meta.region_name, style=style,
-                                credentials=self._credentials, connect_timeout=connect_timeout,
-                                read_timeout=read_timeout, threads=crt_threads, loop=self._loop)
-        elif self._crt_all:
-            raise ConfigError("--http-client crt needs awscrt (pip install awscrt); "
-                              "auto falls back to boto3 without it")
+        if http_client != "boto3":
+            try:
+                from .s3_crt import CrtGets  # the only importer of awscrt
+            except ImportError:
+                if self._crt_all:
+                    raise ConfigError("--http-client crt needs awscrt (pip install awscrt); "
+                                      "auto falls back to boto3 without it") from None
+            else:
+                self._crt = CrtGets(bucket, endpoint_url=self._client.meta.endpoint_url,
+                                    region=self._client.meta.region_name, style=style,
+                                    credentials=self._credentials, connect_timeout=connect_timeout,
+                                    read_timeout=read_timeout, threads=crt_threads, loop=self._loop)
 
     @property
     def deadline(self) -> float:

@@ -82,6 +82,7 @@ class CrtGets:
         """One attempt: a ranged GET pinned to obj.etag, received into `pieces`. Returns the
         bytes received and what the checks need of the headers; raises Retry, Unreachable or
         a final error (tiers/s3_retry.py)."""
+        self._loop.counters.add("crt_gets")
         length = sum(len(p) for p in pieces)
         headers = [("Host", self._host_header), ("If-Match", f'"{obj.etag}"'),
                    ("Range", f"bytes={start}-{start + length - 1}")]

@@ -1,0 +1,118 @@
+"""Each fault through each HTTP client of the S3 tier (--http-client boto3 and crt).
+
+The mount-level scenarios (test_s3_faults.py) run through whichever client `auto` picks for
+their small objects (awscrt when installed). Here every fault the proxy injects is replayed
+against the S3 tier directly, once per client, so both give the same answers: right bytes
+or our error types, in bounded time. No mount: seconds, not minutes. The last tests check
+that the flag reaches a real mount.
+"""
+
+import errno
+import os
+import time
+
+import pytest
+
+from kit import BS, EIO_BOUND, K, proxy, via_proxy  # noqa: F401 (fixtures)
+from tieredfs.blocks import ObjectVersion
+from tieredfs.errors import BackendUnavailable, CredentialsRefused, ObjectChanged, ObjectMissing
+from tieredfs.stats import Counters
+from tieredfs.tiers.s3 import S3Backend
+from test_cache import read_uncached
+
+pytestmark = pytest.mark.faults
+CLIENTS = ["boto3", pytest.param("crt", marks=pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("awscrt") is None, reason="awscrt is not installed"))]
+DEADLINE = 3.0
+TIMEOUT = 0.5
+
+
+@pytest.fixture(params=CLIENTS)
+def tier(request, s3, bucket, proxy):
+    """(backend through the proxy with --http-client PARAM, obj(key, data) uploading one)."""
+    b = S3Backend(bucket, endpoint_url=proxy.url, region=None, max_requests=4, connect_timeout=TIMEOUT,
+                  read_timeout=TIMEOUT, max_attempts=8, deadline=DEADLINE, counters=Counters("s3"),
+                  http_client=request.param)
+
+    def obj(key: str, data: bytes) -> ObjectVersion:
+        etag = s3.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
+        return ObjectVersion(bucket, key, etag, len(data))
+
+    yield b, obj
+    b.close()
+
+
+def whole(b: S3Backend, o: ObjectVersion) -> bytes:
+    return b"".join(b.get_pieces(o, 0, [BS, o.size - BS]))
+
+
+@pytest.mark.parametrize("fault", [
+    dict(action="error", status=503, code="SlowDown"), dict(action="error", status=500, code="InternalError"),
+    dict(action="reset"), dict(action="outage"), dict(action="short_honest"), dict(action="short_lying"),
+    dict(action="flip"), dict(action="stall", seconds=2 * TIMEOUT), dict(action="stall_body", seconds=2 * TIMEOUT),
+])
+def test_a_fault_is_retried_into_the_right_bytes(tier, proxy, fault):
+    b, obj = tier
+    data = os.urandom(BS + 5 * K)
+    o = obj("k", data)
+    proxy.add(limit=2, **fault)
+    assert whole(b, o) == data  # whole: the MD5 check catches a flipped byte
+    assert bytes(b.get_range(o, 100, 1000)) == data[100:1100]
+    assert b.counters.get("retries") >= 2 and proxy.counts()[f"faults.{fault['action']}"] == 2
+
+
+@pytest.mark.parametrize("fault, error", [
+    (dict(action="error", status=403, code="AccessDenied"), CredentialsRefused),
+    (dict(action="error", status=404, code="NoSuchKey"), ObjectMissing),
+    (dict(action="error", status=412, code="PreconditionFailed"), ObjectChanged),
+])
+def test_an_answer_no_retry_changes_is_its_error_at_once(tier, proxy, fault, error):
+    b, obj = tier
+    o = obj("k", b"abc")
+    proxy.add(**fault)
+    with pytest.raises(error):
+        b.get_range(o, 0, 3)
+    assert proxy.counts()["requests.GET"] == 1
+
+
+def test_a_changed_or_deleted_object_is_never_mixed_bytes(tier, s3, bucket):
+    b, obj = tier
+    o = obj("k", os.urandom(3 * K))
+    new = obj("k", os.urandom(3 * K))
+    with pytest.raises(ObjectChanged):  # If-Match on the ETag opened
+        b.get_range(o, 0, 3 * K)
+    assert bytes(b.get_range(new, 0, 3 * K)) == bytes(b.get_range(new, 0, 3 * K))
+    s3.delete_object(Bucket=bucket, Key="k")
+    with pytest.raises(ObjectMissing):
+        b.get_range(new, 0, 10)
+
+
+@pytest.mark.parametrize("fault", [dict(action="stall"), dict(action="stall_body"),
+                                   dict(action="bandwidth", bytes_per_sec=8 * K)])
+def test_a_stalled_or_trickling_server_gives_an_error_within_the_deadline(tier, proxy, fault):
+    b, obj = tier
+    o = obj("k", os.urandom(BS))
+    proxy.add(**fault)
+    began = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        b.get_range(o, 0, BS)
+    assert time.monotonic() - began < DEADLINE + 2 * TIMEOUT + 2.0
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_the_client_flag_reaches_the_mount(bucket, put, via_proxy, proxy, client):
+    """Through a real mount: right bytes past faults, and a changed object (412) is EIO."""
+    files = {f"d/f{i}": put(f"d/f{i}", os.urandom(n)) for i, n in enumerate([5 * K, BS + 7, 40 * K, 9 * K])}
+    mnt = via_proxy(bucket, "--http-client", client, "--dir-prefetch", "0")
+    os.listdir(mnt.path / "d")
+    proxy.add("short_lying", limit=1)
+    proxy.add("error", limit=1, status=503, code="SlowDown")
+    for k in ("d/f0", "d/f1", "d/f2"):
+        assert read_uncached(mnt.path / k) == files[k]
+    proxy.add("error", status=412, code="PreconditionFailed")
+    began = time.monotonic()
+    with pytest.raises(OSError) as e:
+        read_uncached(mnt.path / "d/f3")
+    assert e.value.errno == errno.EIO and time.monotonic() - began < EIO_BOUND
+    stats = mnt.stats()
+    assert (stats.get("s3.crt_gets", 0) > 0) == (client == "crt"), stats
