@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _BODY_PIECE = 1024 * 1024
 _BODY_CHUNK = 16 * 1024
 # The largest GET awscrt serves under --http-client auto (_crt_serves).
-CRT_MAX_BYTES = 1024 * 1024
+CRT_MAX_BYTES = 256 * 1024
 _TRANSIENT = (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 # Stores that answer only virtual-hosted requests (the bucket in the host name): Alibaba
 # Cloud OSS refuses path-style ones (SecondLevelDomainForbidden), Tencent COS for buckets
