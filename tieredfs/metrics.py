@@ -26,6 +26,7 @@ _PLAIN = {
     "s3.failures": ("s3_failures_total", "counter", "S3 requests that failed after all retries"),
     "s3.throttled": ("s3_throttled_total", "counter", "S3 answers asking to slow down (503 SlowDown, 429)"),
     "s3.bytes": ("s3_received_bytes_total", "counter", "Body bytes received from S3"),
+    "s3.crt_gets": ("s3_crt_gets_total", "counter", "S3 GET attempts sent through awscrt (--http-client)"),
     "local.evictions": ("cache_evictions_total", "counter", "Blocks evicted from the local cache"),
     "local.fill_bytes": ("cache_fill_bytes_total", "counter", "Bytes written into the local cache"),
     "local.corrupt": ("cache_corrupt_total", "counter", "Cached blocks that failed their checksum"),

@@ -116,3 +116,23 @@ def test_the_client_flag_reaches_the_mount(bucket, put, via_proxy, proxy, client
     assert e.value.errno == errno.EIO and time.monotonic() - began < EIO_BOUND
     stats = mnt.stats()
     assert (stats.get("s3.crt_gets", 0) > 0) == (client == "crt"), stats
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("style", ["virtual", "path"])
+def test_both_addressing_styles_reach_a_local_server(s3, bucket, s3server, proxy, monkeypatch, client, style):
+    """As test_s3_faults.py's mount test: the endpoint's name resolves nowhere, the fault proxy
+    is the HTTP proxy and records each Host header; moto serves the bucket the Host names."""
+    etag = s3.put_object(Bucket=bucket, Key="d/k", Body=b"abcdef")["ETag"].strip('"')
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "")
+    endpoint = f"localhost.test:{s3server.port}"
+    b = S3Backend(bucket, endpoint_url=f"http://{endpoint}", region=None, max_requests=2, connect_timeout=TIMEOUT,
+                  read_timeout=TIMEOUT, max_attempts=2, deadline=DEADLINE, counters=Counters("s3"),
+                  http_client=client, addressing=style)
+    try:
+        assert bytes(b.get_range(ObjectVersion(bucket, "d/k", etag, 6), 1, 4)) == b"bcde"
+    finally:
+        b.close()
+    hosts = {k.removeprefix("host.") for k in proxy.counts() if k.startswith("host.")}
+    assert hosts == {f"{bucket}.{endpoint}" if style == "virtual" else endpoint}
