@@ -90,15 +90,7 @@ class CrtGets:
             headers.append(("x-amz-checksum-mode", "ENABLED"))
         request = http.HttpRequest("GET", f"{self._prefix}/{quote(obj.key, safe='/~')}", http.HttpHeaders(headers))
         self._wait(auth.aws_sign_request(request, self._signing_config()), stop_at, "signing")
-        conn = self._connection(stop_at)
-        received = _Received(pieces)
-        try:
-            stream = conn.request(request, on_response=received.on_response, on_body=received.on_body)
-            stream.activate()
-            self._wait_for(stream.completion_future, received, conn, stop_at)
-        except exceptions.AwsCrtError as e:
-            conn.close()
-            raise Unreachable(f"awscrt: {e.name}") from None
+        received, conn = self._exchange(request, pieces, stop_at)
         if received.headers.get("connection", "").lower() == "close" or not conn.is_open():
             conn.close()
         else:
@@ -116,6 +108,24 @@ class CrtGets:
             self._check_checksum(obj, h, pieces)
         return received.got, Answer(h.get("content-range", ""), h.get("x-amz-server-side-encryption", "AES256"),
                                     "x-amz-server-side-encryption-customer-algorithm" in h)
+
+    def _exchange(self, request, pieces: list[memoryview], stop_at: float) -> tuple["_Received", object]:
+        """Send the request and receive its response. A kept-alive connection the server closed
+        while idle fails before any answer: that one is retried at once on a new connection,
+        as urllib3 does, rather than costing an attempt and a backoff."""
+        conn, reused = self._connection(stop_at, fresh=False)
+        while True:
+            received = _Received(pieces)
+            try:
+                stream = conn.request(request, on_response=received.on_response, on_body=received.on_body)
+                stream.activate()
+                self._wait_for(stream.completion_future, received, conn, stop_at)
+                return received, conn
+            except exceptions.AwsCrtError as e:
+                conn.close()
+                if not reused or received.status:
+                    raise Unreachable(f"awscrt: {e.name}") from None
+            conn, reused = self._connection(stop_at, fresh=True)
 
     def _signing_config(self):
         """A signing config over botocore's current credentials: remade only when they change
@@ -135,17 +145,18 @@ class CrtGets:
                 self._signed_with = key
             return self._signing
 
-    def _connection(self, stop_at: float):
+    def _connection(self, stop_at: float, fresh: bool) -> tuple[object, bool]:
+        """(an open connection, whether it was kept from an earlier request)."""
         with self._lock:
-            while self._idle:
+            while self._idle and not fresh:
                 conn = self._idle.pop()
                 if conn.is_open():
-                    return conn
+                    return conn, True
         future = http.HttpClientConnection.new(
             host_name=self._host, port=self._port, bootstrap=self._bootstrap, socket_options=self._socket,
             tls_connection_options=self._tls, proxy_options=self._proxy)
         try:
-            return self._wait(future, min(stop_at, time.monotonic() + self._connect_timeout + 1.0), "connect")
+            return self._wait(future, min(stop_at, time.monotonic() + self._connect_timeout + 1.0), "connect"), False
         except Unreachable:
             # A connection made after we gave up is closed as it arrives, never leaked.
             future.add_done_callback(lambda f: f.exception() is None and f.result().close())
