@@ -180,11 +180,12 @@ class S3Backend:
             self._crt.close()
 
     def _credentials(self):
-        """botocore's current credentials (refreshed by botocore when temporary), for awscrt."""
+        """botocore's current credentials (refreshed by botocore when temporary), for awscrt;
+        a failed refresh is mapped as any botocore error of a GET."""
         creds = self._session.get_credentials()
         if creds is None:
             raise CredentialsRefused("no AWS credentials found")
-        return creds.get_frozen_credentials()
+        return self._boto("get", creds.get_frozen_credentials)
 
     # --- public operations -----------------------------------------------------
 
