@@ -8,6 +8,7 @@ that the flag reaches a real mount.
 """
 
 import errno
+import hashlib
 import os
 import time
 
@@ -136,3 +137,36 @@ def test_both_addressing_styles_reach_a_local_server(s3, bucket, s3server, proxy
         b.close()
     hosts = {k.removeprefix("host.") for k in proxy.counts() if k.startswith("host.")}
     assert hosts == {f"{bucket}.{endpoint}" if style == "virtual" else endpoint}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_requests_are_signed_with_botocores_current_credentials(tmp_path, monkeypatch, client):
+    """rclone serve s3 checks every SigV4 signature (moto does not). Credentials that expire
+    soon (AWS_CREDENTIAL_EXPIRATION) are re-read by botocore before each use: a wrong secret
+    is refused as a credentials error, and the right one, once botocore has it, is used by
+    the next request, through awscrt as through botocore."""
+    from bench.servers import ACCESS_KEY, SECRET_KEY, RcloneEndpoint, rclone_binary
+
+    if rclone_binary() is None:
+        pytest.skip("rclone not installed (the bench extra; scripts/dev.sh installs it)")
+    data = os.urandom(5 * K)
+    (tmp_path / "s3" / "bkt").mkdir(parents=True)
+    (tmp_path / "s3" / "bkt" / "k").write_bytes(data)
+    expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    monkeypatch.setenv("AWS_CREDENTIAL_EXPIRATION", expiry)
+    endpoint = RcloneEndpoint(tmp_path / "s3").start()
+    try:
+        b = S3Backend("bkt", endpoint_url=endpoint.url, region=None, max_requests=2, connect_timeout=TIMEOUT,
+                      read_timeout=2.0, max_attempts=2, deadline=DEADLINE, counters=Counters("s3"),
+                      http_client=client)
+        o = ObjectVersion("bkt", "k", hashlib.md5(data).hexdigest(), len(data))
+        with pytest.raises(CredentialsRefused):
+            b.get_range(o, 0, len(data))
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)  # botocore's next refresh finds it
+        assert bytes(b.get_range(o, 0, len(data))) == data
+        assert b.counters.get("crt_gets") == (2 if client == "crt" else 0)
+        b.close()
+    finally:
+        endpoint.stop()
