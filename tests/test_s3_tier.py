@@ -81,3 +81,13 @@ def test_without_awscrt_auto_is_boto3_and_crt_is_a_clear_error(monkeypatch):
     assert S3Backend("bkt", http_client="auto", **kwargs)._crt is None
     with pytest.raises(ConfigError, match="awscrt"):
         S3Backend("bkt", http_client="crt", **kwargs)
+
+
+@pytest.mark.parametrize("values, named", [({"http_client": "curl"}, "http-client"),
+                                           ({"crt_threads": 0}, "crt-threads"), ({"crt_threads": 17}, "crt-threads")])
+def test_a_bad_client_choice_is_a_config_error(values, named):
+    from tieredfs.config import build_config
+
+    with pytest.raises(ConfigError, match=named):
+        build_config("s3://bkt", {}, values)
+    assert build_config("s3://bkt", {}, {}).http_client == "auto"

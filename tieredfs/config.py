@@ -197,9 +197,10 @@ class Config:
             raise ConfigError(f"log-level {self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
         self._validate_together()
         self._validate_hardening()
-        if self.http_client not in ("auto", "boto3", "crt") or not 1 <= self.crt_threads <= 16:
-            raise ConfigError(f"http-client {self.http_client!r} must be auto, boto3 or crt, "
-                              f"and crt-threads ({self.crt_threads}) between 1 and 16")
+        if self.http_client not in ("auto", "boto3", "crt"):
+            raise ConfigError(f"http-client {self.http_client!r} must be auto, boto3 or crt")
+        if not 1 <= self.crt_threads <= 16:
+            raise ConfigError(f"crt-threads {self.crt_threads} must be between 1 and 16")
         for opt in self.fuse_options:
             if opt not in _ALLOWED_FUSE_OPTIONS and not opt.startswith("fsname="):
                 allowed = ", ".join(sorted(_ALLOWED_FUSE_OPTIONS))
