@@ -160,7 +160,8 @@ class S3Backend:
                 self._crt = CrtGets(bucket, endpoint_url=self._client.meta.endpoint_url,
                                     region=self._client.meta.region_name, style=style,
                                     credentials=self._credentials, connect_timeout=connect_timeout,
-                                    read_timeout=read_timeout, threads=crt_threads, loop=self._loop)
+                                    read_timeout=read_timeout, threads=crt_threads, loop=self._loop,
+                                    ca_bundle=self._session.get_config_variable("ca_bundle"))
 
     @property
     def deadline(self) -> float:

@@ -41,7 +41,8 @@ _HASHES = {"x-amz-checksum-sha1": hashlib.sha1, "x-amz-checksum-sha256": hashlib
 
 class CrtGets:
     def __init__(self, bucket: str, *, endpoint_url: str, region: str, style: str, credentials,
-                 connect_timeout: float, read_timeout: float, threads: int, loop: RetryLoop):
+                 connect_timeout: float, read_timeout: float, threads: int, loop: RetryLoop,
+                 ca_bundle: str | None = None):
         self._loop = loop
         self._credentials = credentials  # () -> botocore's frozen credentials
         self._region = region
@@ -63,7 +64,10 @@ class CrtGets:
         self._socket.connect_timeout_ms = max(1, int(connect_timeout * 1000))
         self._tls = None
         if tls:
-            self._tls = io.ClientTlsContext(io.TlsContextOptions()).new_connection_options()
+            options = io.TlsContextOptions()
+            if ca_bundle:  # AWS_CA_BUNDLE or ca_bundle in the AWS config, as botocore trusts
+                options.override_default_trust_store_from_path(ca_filepath=ca_bundle)
+            self._tls = io.ClientTlsContext(options).new_connection_options()
             self._tls.set_server_name(host)
         self._proxy = _proxy_for(u.scheme, host)
         self._idle: list = []  # open connections no request is using (at most max_requests)
