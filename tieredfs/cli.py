@@ -162,6 +162,9 @@ _MOUNT_SETTINGS = {
                              help="check whole-object GETs against single-part ETags (default on)"),
     "cache_index_size": click.option("--cache-index-size",
                                      help="the cache index's LMDB map (default: sized from --cache-size)"),
+    "persist_listings": click.option("--persist-listings/--no-persist-listings", default=None,
+                                     help="keep directory listings in the cache dir across restarts (on)"),
+    "listings_size": click.option("--listings-size", help="disk bound of the kept listings (default 64M)"),
     "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
                               help="least severe events logged (default info); SIGHUP re-reads it"),
 }

@@ -114,9 +114,11 @@ class Daemon:
         self.packs = PackRegistry(c.bucket, self.backend.get_object, c.effective_cache_dir / "packs",
                                   c.list_ttl, self.registry.counters("packs"))
         self.registry.add_source(self.packs.gauges)
+        # Issue 19: listings kept across restarts (listings_store.py, docs/namespace.md).
+        self.listings = _listing_store(c, self.registry.counters("listings"))
         self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
                                    refresh_dir=functools.partial(self.backend.list_dir, attempts=1),
-                                   on_listed=self.packs.listed)
+                                   on_listed=self.packs.listed, store=self.listings)
         self.registry.add_source(self.namespace.gauges)
         self.capacity = 0
         self.local = self._build_local_tier()
@@ -156,6 +158,8 @@ class Daemon:
             self.recorder.close()
         if self.local:
             self.local.close()
+        if self.listings:
+            self.listings.close()
         self.cache_dir.unlock()
 
     def check_remote(self) -> None:
@@ -325,6 +329,15 @@ def pack(url: str, endpoint_url: str | None, region: str | None, options: PackOp
     summary = Packer(backend, c.prefix, options).run()
     report = verify_packs(backend, c.prefix, options.parallel) if check and not options.dry_run else None
     return summary, report
+
+
+def _listing_store(c: Config, counters):
+    if not c.persist_listings:
+        return None
+    from .listings_store import ListingStore, identity  # sqlite3 only when used
+
+    return ListingStore(c.effective_cache_dir / "listings.sqlite",
+                        identity(c.endpoint_url, c.region, c.bucket), c.listings_size, counters)
 
 
 def _open_block_files_limit(wanted: int) -> int:
