@@ -13,8 +13,11 @@ EncodingType=url so that characters XML cannot carry survive; docs/namespace.md)
 
 import datetime
 import logging
+import weakref
 import xml.etree.ElementTree as ET
 from urllib.parse import unquote_plus
+
+import botocore.handlers
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +26,9 @@ PREFIXES = "TieredfsPrefixes"
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _EMPTY = (b'<?xml version="1.0" encoding="UTF-8"?>'
           b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"></ListBucketResult>')
-_EVENT = "before-parse.s3.ListObjectsV2"
+_EVENT_ALL = "before-parse.s3.*"
+_ID = "tieredfs-lean-list"
+_INSTALLED: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def install(client, make_object) -> None:
@@ -39,7 +44,27 @@ def install(client, make_object) -> None:
         customized_response_dict.update(page)
         response_dict["body"] = _EMPTY
 
-    client.meta.events.register(_EVENT, lean, unique_id="tieredfs-lean-list")
+    if client in _INSTALLED:
+        return
+    _INSTALLED.add(client)
+    events = client.meta.events  # this client's own copy of the session's handlers
+    events.register_first(_EVENT_ALL, _only_lists(lean), unique_id=_ID)
+    # botocore checks every S3 200 answer for an <Error> body by parsing it whole (9 ms a
+    # page here); run after this handler, it sees a read page's empty body instead. An
+    # unreadable page is left as it came, so botocore's check still turns a truncated one
+    # or an <Error> into a retry.
+    check = getattr(botocore.handlers, "_handle_200_error", None)
+    if check is not None:
+        events.unregister(_EVENT_ALL, check)
+        events.register_first(_EVENT_ALL, check)
+
+
+def _only_lists(handler):
+    def on_s3_parse(operation_model, **kwargs):
+        if operation_model.name == "ListObjectsV2":
+            handler(**kwargs)
+
+    return on_s3_parse
 
 
 def parse(body: bytes, make_object) -> dict:
