@@ -12,7 +12,7 @@ import click
 
 from . import private
 from .config import build_config, load_toml, log_level_of, normalize
-from .errors import ConfigError, MountError, TieredError
+from .errors import ConfigError, MountError, TieredError, expected
 from .mount_options import mount_settings
 
 log = logging.getLogger("tieredfs")
@@ -43,14 +43,11 @@ def clear_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except TieredError as e:
-            _fail(e)
-        except BaseExceptionGroup as group:
+        except (TieredError, BaseExceptionGroup) as e:
             # Raised inside the mount's nursery, an expected failure arrives wrapped by trio.
-            expected, rest = group.split(TieredError)
-            if rest is not None:
+            if (error := expected(e)) is None:
                 raise
-            _fail(_first_leaf(expected))
+            _fail(error)
         except KeyboardInterrupt:
             sys.exit(130)
 
@@ -60,12 +57,6 @@ def clear_errors(fn):
 def _fail(e: TieredError) -> None:
     click.echo(f"tieredfs: error: {e}", err=True)
     sys.exit(2 if isinstance(e, ConfigError) else 1)
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
 
 
 class _OneLineGroup(click.Group):
@@ -116,14 +107,17 @@ def mount(url, mountpoint, options, config_file, foreground, **settings):
     import gc
 
     gc.disable()  # start-up allocates for good (imports, S3 models): service.run re-enables it
-    from . import daemon, service
-    from .sdnotify import Notifier
-    from .signals import Control
-
     settings["fuse_options"] = [o for group in options for o in group.split(",") if o] or None
     cli_values = normalize(settings | {"mountpoint": mountpoint})
     reread = functools.partial(_load_config, url, config_file, cli_values)
     config = reread()
+    # Issue 19: the bucket is checked in another process while this one starts the mount.
+    from .bucket_check import BucketCheck, check_bucket
+
+    check = BucketCheck.start(functools.partial(check_bucket, config))
+    from . import daemon, service
+    from .sdnotify import Notifier
+    from .signals import Control
     notifier = Notifier.from_env()
     control = Control(notifier, reread if config_file else None)
 
@@ -133,14 +127,19 @@ def mount(url, mountpoint, options, config_file, foreground, **settings):
 
     if foreground:
         setup_logging(log_level_of(config), config.log_file)
-        service.run(config, ready, control)
+        service.run(config, ready, control, check)
         return
     # Problems a user can fix are reported before detaching, with the terminal still attached.
-    service.check_mountpoint(config.mountpoint)
-    service.check_fuse()
+    try:
+        service.check_mountpoint(config.mountpoint)
+        service.check_fuse()
+    except TieredError:
+        check.close()
+        raise
     log_file = config.log_file or config.effective_cache_dir / "tieredfs.log"
     setup_logging(log_level_of(config), log_file)
-    daemon.run_detached(lambda tell: service.run(config, lambda: ready(tell), control), str(log_file))
+    daemon.run_detached(lambda tell: service.run(config, lambda: ready(tell), control, check),
+                        str(log_file))
 
 
 def _load_config(url: str | None, config_file: Path | None, cli_values: dict):

@@ -143,6 +143,11 @@ class Config:
     http_client: str = "auto"
     crt_threads: int = 1
 
+    # Issue 19: directory listings kept in the cache dir, so a restarted daemon serves cached
+    # files without listing S3 first (listings_store.py, docs/namespace.md).
+    persist_listings: bool = True
+    listings_size: int = 64 * MiB  # the kept listings' bound on disk (oldest go first)
+
     @property
     def effective_cache_dir(self) -> Path:
         return self.cache_dir or default_cache_dir(self.bucket)
@@ -232,6 +237,8 @@ class Config:
                               f"{', '.join(_ADDRESSING_STYLES)}")
         if self.cache_index_size and self.cache_index_size < 64 * KiB:
             raise ConfigError("cache-index-size must be 0 (sized from cache-size) or at least 64K")
+        if self.listings_size < 64 * KiB:
+            raise ConfigError("listings-size must be at least 64K")
 
     def _validate_shared(self) -> None:
         from .tiers.shared_format import check_namespace
@@ -300,7 +307,7 @@ def parse_mode(text: str | int, what: str = "mode") -> int:
 _ALLOWED_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "noatime", "nodev", "nosuid"}
 _SIZE_FIELDS = {"block_size", "cache_min_free", "readahead_max", "readahead_budget", "request_size",
                 "small_file_threshold", "kernel_readahead", "cache_write_queue", "cache_index_size",
-                "pack_readahead", "shared_quota", "shared_publish_queue"}
+                "pack_readahead", "shared_quota", "shared_publish_queue", "listings_size"}
 _MODE_FIELDS = {"file_mode", "dir_mode"}
 
 

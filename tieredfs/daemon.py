@@ -9,7 +9,7 @@ import logging
 import os
 from typing import Callable
 
-from .errors import MountError, TieredError
+from .errors import MountError, expected
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ def _child(start, write_end: int) -> int:
     try:
         start(lambda: pipe.tell("OK"))
         return 0
-    except TieredError as e:
-        log.error("event=start_failed error=%r", str(e))
-        pipe.tell(f"ERR {e}")
-        return 1
     except BaseException as e:
+        if (error := expected(e)) is not None:  # (trio wraps one from inside the mount's tasks)
+            log.error("event=start_failed error=%r", str(error))
+            pipe.tell(f"ERR {error}")
+            return 1
         log.exception("event=daemon_crashed")
         pipe.tell(f"ERR unexpected failure ({type(e).__name__}: {e}), see the log")
         return 1

@@ -114,3 +114,16 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, TieredError):
         return exc.errno
     return errno.EIO
+
+
+def expected(exc: BaseException) -> TieredError | None:
+    """The TieredError that `exc` is, or that a trio nursery wrapped it in a group of only
+    such errors (a failure inside the mount's tasks); None for anything else (a bug)."""
+    if isinstance(exc, BaseExceptionGroup):
+        ours, rest = exc.split(TieredError)
+        if rest is not None or ours is None:
+            return None
+        exc = ours
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+    return exc if isinstance(exc, TieredError) else None

@@ -57,6 +57,7 @@ class FileSystem:
         self._etag_at_last_open: dict[int, str] = {}
         self._nursery: trio.Nursery | None = None
         self._refreshes: dict[int, trio.Event] = {}  # directory -> its refresh under way
+        self._kept: set[int] = set()  # directories answered from a kept listing until refreshed
         self._reaping = False
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -79,7 +80,8 @@ class FileSystem:
         Past the TTL, one refresh runs in the background and the request waits for it at
         most STALE_GRACE seconds: a small directory is relisted well within that and the
         answer is fresh; a big one (100,000 names take seconds) answers from the last
-        listing meanwhile. A name the last listing lacks waits for the refresh."""
+        listing meanwhile. A name the last listing lacks waits for the refresh. A directory
+        not listed yet by this daemon may have a listing kept on disk (Namespace.restore)."""
         try:
             found = query(*args, wait=False)
         except ObjectMissing:
@@ -88,14 +90,26 @@ class FileSystem:
             found = None  # the last listing lacks it, and a refresh is under way
         if found is not None:
             return found
-        if self._nursery is None or not self.namespace.listed(ino):
-            return await self._ns(query, *args)  # nothing to serve meanwhile: wait for S3
+        if self._nursery is None:
+            return await self._ns(query, *args)
+        if not self.namespace.listed(ino):
+            if not await self._ns(self.namespace.restore, ino):
+                return await self._ns(query, *args)  # nothing to serve meanwhile: wait for S3
+            # A listing kept from before (a restart): its answers come at once, also when it
+            # is older than the TTL, while one refresh runs (docs/namespace.md).
+            if self.namespace.fresh(ino):
+                found = query(*args, wait=False)
+                return found if found is not None else await self._ns(query, *args)
+            self._kept.add(ino)
+        # A kept listing answers at once until its refresh is done.
+        grace = 0.0 if ino in self._kept else STALE_GRACE
         done = self._refreshes.get(ino)
         if done is None:
             done = self._refreshes[ino] = trio.Event()
             self._nursery.start_soon(self._refresh, ino, done)
-        with trio.move_on_after(STALE_GRACE):
-            await done.wait()
+        if grace:
+            with trio.move_on_after(grace):
+                await done.wait()
         try:
             found = query(*args, wait=False, stale=True)
         except ObjectMissing:
@@ -114,6 +128,7 @@ class FileSystem:
             log.debug("event=refresh_failed ino=%d error=%r", ino, str(e))
         finally:
             del self._refreshes[ino]
+            self._kept.discard(ino)
             done.set()
 
     async def getattr(self, ino: int) -> Node:

@@ -84,6 +84,9 @@ MOUNT_SETTINGS = {
                                         help="kernel's queue of background requests, raised at mount (256)"),
     "readahead_idle": click.option("--readahead-idle", type=float,
                                    help="seconds before an idle file's prefetched data is dropped (10)"),
+    "persist_listings": click.option("--persist-listings/--no-persist-listings", default=None,
+                                     help="keep directory listings in the cache dir across restarts (on)"),
+    "listings_size": click.option("--listings-size", help="disk bound of the kept listings (default 64M)"),
     "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
                               help="least severe events logged (default info); SIGHUP re-reads it"),
 }

@@ -22,11 +22,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import BackendUnavailable, ObjectMissing
 from .packindex import RESERVED
 from .tiers.s3 import Listing
+
+if TYPE_CHECKING:
+    from .listings_store import ListingStore
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +92,10 @@ class Namespace:
     def __init__(self, root_prefix: str, list_dir: Callable[[str], Listing], ttl: float,
                  mount_time_ns: int, clock: Callable[[], float] = time.monotonic,
                  refresh_dir: Callable[[str], Listing] | None = None,
-                 on_listed: Callable[[str, bool], None] | None = None):
+                 on_listed: Callable[[str, bool], None] | None = None,
+                 store: "ListingStore | None" = None):
         self._list_dir = list_dir
+        self._store = store  # listings kept across restarts (listings_store.py), or None
         self._on_listed = on_listed  # (prefix, shows the packs' reserved dir): docs/packs.md
         self._refresh_dir = refresh_dir or list_dir
         self._ttl = ttl
@@ -242,8 +247,11 @@ class Namespace:
         """Forget a directory's listing so the next lookup sees S3's current state."""
         with self._lock:
             node = self._nodes.get(ino)
-            d = self._dirs.get(ino if node is None or node.is_dir else node.parent)
+            dir_ino = ino if node is None or node.is_dir else node.parent
+            d, dir_node = self._dirs.get(dir_ino), self._nodes.get(dir_ino)
             if d is not None:
+                if self._store is not None and dir_node is not None:
+                    self._store.forget(dir_node.key)  # nor may the copy kept on disk answer
                 d.listed_at = None
 
     # --- listing -------------------------------------------------------------------------
@@ -260,6 +268,29 @@ class Namespace:
     def listed(self, ino: int) -> bool:
         """Whether a listing of this directory exists, fresh or not."""
         return self._dir(ino).listed_at is not None
+
+    def fresh(self, ino: int) -> bool:
+        return self._is_fresh(self._dir(ino))
+
+    def restore(self, ino: int) -> bool:
+        """Worker thread: give a directory without a listing the one kept on disk (by this
+        daemon or one before it), as old as it is: fresh for the rest of its TTL, else stale,
+        to be refreshed (docs/namespace.md, "Listings kept across restarts"). Whether the
+        directory now has a listing."""
+        if self._store is None:
+            return False
+        d = self._dir(ino)
+        with d.lock:
+            if d.listed_at is None:
+                node = self.node(ino)
+                epoch = d.epoch
+                kept = self._store.load(node.key)
+                if kept is None:
+                    return False
+                listing, age = kept
+                # A clock set back since makes it look younger than it is: stale, to be sure.
+                self._apply(node, d, epoch, listing, age if 0 <= age else self._ttl)
+        return d.listed_at is not None
 
     def _usable_dir(self, ino: int, stale: bool = False) -> _Dir | None:
         """The listing if it may answer now: fresh, or stale while another request is
@@ -279,6 +310,7 @@ class Namespace:
             if not self._is_fresh(d):
                 node = self.node(ino)
                 epoch = d.epoch
+                started = time.time()
                 try:
                     listing = (self._list_dir if d.listed_at is None else self._refresh_dir)(node.key)
                 except BackendUnavailable as e:
@@ -290,12 +322,14 @@ class Namespace:
                                 "retry_in=%.0fs", node.key, str(e), min(self._ttl, STALE_RETRY))
                     return d
                 self._apply(node, d, epoch, listing)
+                if self._store is not None:
+                    self._store.save(node.key, listing, started)
         return d
 
     def _is_fresh(self, d: _Dir) -> bool:
         return d.listed_at is not None and self._clock() - d.listed_at < self._ttl
 
-    def _apply(self, parent: Node, d: _Dir, epoch: int, listing: Listing) -> None:
+    def _apply(self, parent: Node, d: _Dir, epoch: int, listing: Listing, age: float = 0.0) -> None:
         plen = len(parent.key)
         entries: dict[bytes, tuple[bool, str, int, int, str]] = {}
         packed = False
@@ -319,9 +353,9 @@ class Namespace:
             entries[name] = (False, obj.key, obj.size, obj.mtime_ns, obj.etag)
         if self._on_listed is not None:
             self._on_listed(parent.key, packed)
-        self._replace_children(parent.ino, d, epoch, entries)
+        self._replace_children(parent.ino, d, epoch, entries, age)
 
-    def _replace_children(self, parent: int, d: _Dir, epoch: int, entries: dict) -> None:
+    def _replace_children(self, parent: int, d: _Dir, epoch: int, entries: dict, age: float) -> None:
         """Build the new listing outside the namespace lock (O(n)); swap it in under the
         lock with work only for the names that came or went."""
         children: dict[bytes, int] = {}
@@ -351,7 +385,7 @@ class Namespace:
                 if node.is_dir and node.ino not in self._dirs:
                     self._dirs[node.ino] = _Dir()
             d.children, d.order, d.position = children, order, position
-            d.listed_at = self._clock()
+            d.listed_at = self._clock() - age
             for ino in gone:
                 node = self._nodes.get(ino)
                 if node is not None and node.lookups == 0:

@@ -4,6 +4,7 @@ Nothing else constructs its own collaborators. Start-up checks run before the
 mount exists, so a failure leaves nothing mounted.
 """
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -13,7 +14,7 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import trio
 
@@ -21,10 +22,10 @@ from . import fuse_ops, fusectl, signals, stale
 from .config import Config, build_config
 from .errors import CacheError, MountError
 from .filesystem import FileSystem, ReadMeter
+from .bucket_check import BucketCheck, LazyBackend, make_backend
 from .index import map_size_for
 from .memory import BufferPool, tune_malloc
 from .namespace import Namespace
-from .packer import Packer, PackOptions, Summary, VerifyReport, verify as verify_packs
 from .packs import PackRegistry
 from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from .reader import Reader
@@ -35,11 +36,11 @@ from .tiers.filler import Filler
 from .tiers.blockfiles import BlockFiles
 from .tiers.cachedir import CacheDir, open_index
 from .tiers.local import LocalTier
-from .tiers.s3 import S3Backend, S3Tier
-from .tiers.shared import SharedTier
-from .tiers.shared_format import Layout
-from .tiers.shared_gc import Collector
-from .tiers.shared_store import SharedStore
+from .tiers.s3 import S3Tier
+
+if TYPE_CHECKING:
+    from .packer import PackOptions, Summary, VerifyReport
+    from .tiers.shared import SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,10 @@ class Daemon:
         self.buffers = BufferPool(keep=c.readahead_budget + c.cache_write_queue,
                                   counters=self.registry.counters("memory"))
         self.registry.add_source(self.buffers.gauges)
-        self.backend = S3Backend(
-            c.bucket, endpoint_url=c.endpoint_url, region=c.region, max_requests=c.s3_max_requests,
-            connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
-            max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
-            counters=self.registry.counters("s3"), buffers=self.buffers,
-            addressing=c.addressing_style, etag_md5=c.etag_md5,
-            http_client=c.http_client, crt_threads=c.crt_threads)
+        # Issue 19: the client is made on first use (bucket_check.py, start-up time).
+        s3_counters = self.registry.counters("s3")
+        self.backend = LazyBackend(functools.partial(make_backend, c, s3_counters, self.buffers),
+                                   c.bucket, s3_counters)
         self.registry.add_source(self.backend.gauges)
         self.cache_dir = CacheDir(c.effective_cache_dir)
         self.cache_dir.create()
@@ -115,9 +113,11 @@ class Daemon:
         self.packs = PackRegistry(c.bucket, self.backend.get_object, c.effective_cache_dir / "packs",
                                   c.list_ttl, self.registry.counters("packs"))
         self.registry.add_source(self.packs.gauges)
+        # Issue 19: listings kept across restarts (listings_store.py, docs/namespace.md).
+        self.listings = _listing_store(c, self.registry.counters("listings"))
         self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
                                    refresh_dir=functools.partial(self.backend.list_dir, attempts=1),
-                                   on_listed=self.packs.listed)
+                                   on_listed=self.packs.listed, store=self.listings)
         self.registry.add_source(self.namespace.gauges)
         self.capacity = 0
         self.local = self._build_local_tier()
@@ -158,6 +158,8 @@ class Daemon:
         if self.local:
             self.local.close()
         self.backend.close()
+        if self.listings:
+            self.listings.close()
         self.cache_dir.unlock()
 
     def check_remote(self) -> None:
@@ -203,12 +205,18 @@ class Daemon:
                 fs.stats, self.registry.histograms, self.capacity))
         return fs, engine
 
-    def _build_shared_tier(self) -> SharedTier | None:
+    def _build_shared_tier(self) -> "SharedTier | None":
         """Tier 2 (docs/shared-tier.md). Its directory is touched only in its own workers,
         first when its task starts: a hung share must not hold up the mount."""
         c = self.config
         if c.shared_dir is None:
             return None
+        # Imported only when configured: start-up time (issue 19).
+        from .tiers.shared import SharedTier
+        from .tiers.shared_format import Layout
+        from .tiers.shared_gc import Collector
+        from .tiers.shared_store import SharedStore
+
         layout, perms = Layout(c.shared_dir, c.effective_shared_namespace), c.shared_perms()
         counters = self.registry.counters("shared")
         # A dead holder's lease keeps others waiting at most lease_wait; it expires later.
@@ -230,12 +238,14 @@ class Daemon:
                 *self.config.fuse_options}
 
 
-def run(config: Config, on_ready: Callable[[], None], control: signals.Control | None = None) -> None:
-    """Check, mount, serve until unmounted or signalled, clean up."""
+def run(config: Config, on_ready: Callable[[], None], control: signals.Control | None = None,
+        check: BucketCheck | None = None) -> None:
+    """Check, mount, serve until unmounted or signalled, clean up. With `check` (a bucket
+    check begun in another process), the mount is made meanwhile and ready once it says yes."""
     control = control or signals.Control()
     gc.disable()  # until ready: see _collect_from_now_on
     try:
-        _run(config, on_ready, control)
+        _run(config, on_ready, control, check)
     finally:
         gc.enable()
 
@@ -248,20 +258,27 @@ def _collect_from_now_on() -> None:
     gc.enable()
 
 
-def _run(config: Config, on_ready: Callable[[], None], control: signals.Control) -> None:
-    check_mountpoint(config.mountpoint)
-    check_fuse()
-    tune_malloc()
-    daemon = Daemon(config)
+def _run(config: Config, on_ready: Callable[[], None], control: signals.Control,
+         check: BucketCheck | None) -> None:
     try:
-        control.notifier.status(f"checking s3://{config.bucket}")
-        daemon.check_remote()
-        trio.run(_serve, daemon, on_ready, control)
+        check_mountpoint(config.mountpoint)
+        check_fuse()
+        tune_malloc()
+        daemon = Daemon(config)
+        try:
+            control.notifier.status(f"checking s3://{config.bucket}")
+            if check is None:
+                daemon.check_remote()
+            trio.run(_serve, daemon, on_ready, control, check)
+        finally:
+            daemon.close()
     finally:
-        daemon.close()
+        if check is not None:
+            check.close()
 
 
-async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.Control) -> None:
+async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.Control,
+                 check: BucketCheck | None = None) -> None:
     c = daemon.config
     fs, engine = daemon.build_fs()
     ops = fuse_ops.FuseOps(fs, uid=c.uid, gid=c.gid, attr_timeout=min(c.list_ttl, 60.0),
@@ -292,6 +309,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
                 # Ready only once the mount answers a request.
                 st = await trio.to_thread.run_sync(os.stat, c.mountpoint)
                 session.answered()
+                if check is not None and not await trio.to_thread.run_sync(check.result):
+                    await trio.to_thread.run_sync(daemon.check_remote)  # the checker was lost
                 if c.kernel_readahead:
                     # In a worker thread, as the stat: the mount's own requests need the loop.
                     await trio.to_thread.run_sync(_tune_kernel_readahead, st.st_dev, c.kernel_readahead)
@@ -301,12 +320,15 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
                          c.bucket, c.prefix, c.mountpoint, daemon.cache_dir.path, daemon.capacity)
                 _collect_from_now_on()
                 on_ready()
+                session.ready = True
+                nursery.start_soon(trio.to_thread.run_sync, daemon.backend.real)  # S3 client, soon
                 nursery.start_soon(_trim_buffers, daemon.buffers)
                 if daemon.local:
                     nursery.start_soon(_sweep_orphans, daemon.local)
         finally:
             fuse_ops.close(unmount=not session.ended_by_kernel)
-            log.info("event=unmounted mountpoint=%s", c.mountpoint)
+            # A mount undone before it was ready (the bucket check said no) is the error's line.
+            (log.info if session.ready else log.debug)("event=unmounted mountpoint=%s", c.mountpoint)
             control.notifier.stopping("unmounted; flushing cache writes")
             with trio.move_on_after(_FLUSH_SECONDS, shield=True):
                 await daemon.filler.flush()
@@ -315,18 +337,32 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
             writers.cancel_scope.cancel()
 
 
-def pack(url: str, endpoint_url: str | None, region: str | None, options: PackOptions,
-         check: bool) -> tuple[Summary, VerifyReport | None]:
+def pack(url: str, endpoint_url: str | None, region: str | None, options: "PackOptions",
+         check: bool) -> "tuple[Summary, VerifyReport | None]":
     """`tieredfs pack` (docs/packs.md): the packer over its own S3 client."""
+    from .packer import Packer, verify as verify_packs  # (tqdm with it) not needed to mount
+
     c = build_config(url, {}, {"endpoint_url": endpoint_url, "region": region})
-    backend = S3Backend(c.bucket, endpoint_url=c.endpoint_url, region=c.region,
-                        max_requests=options.parallel + 2, connect_timeout=c.s3_connect_timeout,
-                        read_timeout=c.s3_read_timeout, max_attempts=c.s3_max_attempts,
-                        deadline=c.read_deadline, counters=Registry().counters("s3"))
-    backend.check_bucket()
-    summary = Packer(backend, c.prefix, options).run()
-    report = verify_packs(backend, c.prefix, options.parallel) if check and not options.dry_run else None
+    # The sources are small GETs: the same client choice as a mount's (awscrt where it wins).
+    backend = make_backend(dataclasses.replace(c, s3_max_requests=options.parallel + 2),
+                           Registry().counters("s3"))
+    try:
+        backend.check_bucket()
+        summary = Packer(backend, c.prefix, options).run()
+        report = (verify_packs(backend, c.prefix, options.parallel)
+                  if check and not options.dry_run else None)
+    finally:
+        backend.close()
     return summary, report
+
+
+def _listing_store(c: Config, counters):
+    if not c.persist_listings:
+        return None
+    from .listings_store import ListingStore, identity  # sqlite3 only when used
+
+    return ListingStore(c.effective_cache_dir / "listings.sqlite",
+                        identity(c.endpoint_url, c.region, c.bucket), c.listings_size, counters)
 
 
 def _open_block_files_limit(wanted: int) -> int:
@@ -354,6 +390,7 @@ def _tune_kernel_readahead(dev: int, nbytes: int) -> None:
 
 class _Session:
     ended_by_kernel = False
+    ready = False
     draining = False
     _stop_scope: trio.CancelScope | None = None
     _answered = False

@@ -23,6 +23,7 @@ import botocore.session
 import botocore.utils
 import urllib3.exceptions
 
+from . import s3_listing
 from ..blocks import BlockRef, ObjectVersion
 from ..errors import BackendUnavailable, BucketMissing, ConfigError, CredentialsRefused, EndpointUnreachable
 from ..memory import BufferPool
@@ -213,6 +214,7 @@ class S3Backend:
 
     def list_dir(self, prefix: str, attempts: int | None = None) -> Listing:
         """One directory level under `prefix` (all pages), each page in at most `attempts`."""
+        s3_listing.install(self._client, ListedObject)  # pages parsed leanly (once per client)
         listing = Listing([], [])
         token = None
         while True:
@@ -220,21 +222,23 @@ class S3Backend:
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs), attempts)
-            listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
-            listing.objects.extend(_listed(o) for o in page.get("Contents", ()))
+            prefixes, objects = s3_listing.entries(page, _listed)
+            listing.prefixes.extend(prefixes)
+            listing.objects.extend(objects)
             if not page.get("IsTruncated"):
                 return listing
             token = page["NextContinuationToken"]
 
     def list_all(self, prefix: str) -> list[ListedObject]:
         """Every object under `prefix`, at any depth (the packer's one walk of a prefix)."""
+        s3_listing.install(self._client, ListedObject)
         objects, token = [], None
         while True:
             kwargs = {"Bucket": self.bucket, "Prefix": prefix}
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs))
-            objects.extend(_listed(o) for o in page.get("Contents", ()))
+            objects.extend(s3_listing.entries(page, _listed)[1])
             if not page.get("IsTruncated"):
                 return objects
             token = page["NextContinuationToken"]
