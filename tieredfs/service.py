@@ -112,10 +112,12 @@ class Daemon:
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))
         self.packs = PackRegistry(c.bucket, self.backend.get_object, c.effective_cache_dir / "packs",
-                                  c.list_ttl, self.registry.counters("packs"))
+                                  c.list_ttl, self.registry.counters("packs"), root=c.prefix,
+                                  listing_from_index=c.listing_from_index)
         self.registry.add_source(self.packs.gauges)
-        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
-                                   refresh_dir=functools.partial(self.backend.list_dir, attempts=1),
+        self.namespace = Namespace(c.prefix, self.packs.list_dir(self.backend.list_dir), c.list_ttl,
+                                   time.time_ns(),
+                                   refresh_dir=self.packs.list_dir(self.backend.list_dir, attempts=1),
                                    on_listed=self.packs.listed)
         self.registry.add_source(self.namespace.gauges)
         self.capacity = 0
