@@ -203,8 +203,11 @@ class PackWalk:
             self.counters.add("pack_prefetched_bytes", nbytes)
             now = trio.current_time()
             for ref, data in zip(claim.refs, blocks):
-                if self.held_bytes + len(data) > self.budget.limit // _HOLD_SHARE:
-                    break
+                # The walk is ahead of its readers: the least recently read go first.
+                while self._held and self.held_bytes + len(data) > self.budget.limit // _HOLD_SHARE:
+                    self._drop(next(iter(self._held)))
+                if (obj, ref.index) in self._held or len(data) > self.budget.limit // _HOLD_SHARE:
+                    continue
                 self._held[(obj, ref.index)] = (data, now)
                 self.held_bytes += len(data)
                 kept += len(data)
