@@ -190,3 +190,51 @@ def test_pack_written_while_a_node_reads(s3, s3server, bucket, mount_factory):
         t.join(120)
     assert not errors, errors[0]
     assert not os.path.exists(m.path / ".tieredfs")
+
+
+def walk(root) -> dict[str, bytes]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, root)] = read_uncached(p)
+    return out
+
+
+def test_mount_below_a_packed_prefix_and_listing_from_index(s3, s3server, bucket, mount_factory):
+    files = small_tree("data/", 240, seed=4)
+    files["data/d1/big.bin"] = random.randbytes(3000)  # over --max-file-size: listed, not packed
+    files["data/d1/empty"] = b""  # 0 bytes: never packed
+    upload(s3, bucket, files)
+    pack(s3server, bucket, "data", "--max-file-size", "2K")
+    packed = {k for k, v in files.items() if 0 < len(v) <= 2048}
+    below = {k: v for k, v in files.items() if k.startswith("data/d1/")}
+
+    # A mount below the packed prefix finds its packs through the pointer above its root.
+    m = mount_factory(bucket, prefix="data/d1")
+    assert walk(m.path) == {k[len("data/d1/"):]: v for k, v in below.items()}
+    assert m.stats()["packs.packed_opens"] == len(below.keys() & packed) > 0
+    m.stop()
+
+    # Listed from the index: no LIST below the packed prefix, every object (packed or not).
+    added = {"data/d1/e0/added-after-pack": b"new"}
+    upload(s3, bucket, added)
+    s3server.reset_counts()
+    m = mount_factory(bucket, "--listing-from-index")
+    assert walk(m.path / "data") == {k[len("data/"):]: v for k, v in files.items()}
+    counts = s3server.counts()
+    assert counts["LIST"] <= 2, counts  # the bucket root, and data/ (where .tieredfs/ shows)
+    assert m.stats()["packs.index_listings"] == 5 + 15  # d*, d*/e*
+    assert m.stats()["packs.packed_opens"] == len(packed)
+    # The trade: an object added since the pack is not seen until the next pack...
+    assert not os.path.exists(m.path / "data/d1/e0/added-after-pack")
+    out = pack(s3server, bucket, "data", "--max-file-size", "2K").stdout
+    assert "packed 1 files" in out
+    m.restart()  # (a new pointer is also seen after a listing TTL)
+    assert read_uncached(m.path / "data/d1/e0/added-after-pack") == b"new"
+
+    # Mounted below the packed prefix with --listing-from-index: no LIST at all.
+    s3server.reset_counts()
+    m2 = mount_factory(bucket, "--listing-from-index", prefix="data/d1")
+    assert walk(m2.path) == {k[len("data/d1/"):]: v for k, v in (below | added).items()}
+    assert s3server.counts()["LIST"] == 0
