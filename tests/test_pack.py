@@ -238,3 +238,51 @@ def test_mount_below_a_packed_prefix_and_listing_from_index(s3, s3server, bucket
     m2 = mount_factory(bucket, "--listing-from-index", prefix="data/d1")
     assert walk(m2.path) == {k[len("data/d1/"):]: v for k, v in (below | added).items()}
     assert s3server.counts()["LIST"] == 0
+
+
+def test_gc_keeps_what_a_node_may_still_read_and_deletes_the_rest(s3, s3server, bucket, mount_factory,
+                                                                  tmp_path):
+    files = small_tree("g/", 60, seed=5)
+    upload(s3, bucket, files)
+    pack(s3server, bucket, "g", "--pack-size", "64K")
+    m = mount_factory(bucket, "--list-ttl", "3600", prefix="g")  # keeps the first index
+    read_all(m.path, files, "g/")
+    changed = sorted(files)[:10]
+    for round_ in (1, 2):  # the same ten twice: the second run's pack replaces the first's
+        files.update({k: f"round {round_} of {k}".encode() for k in changed})
+        upload(s3, bucket, {k: files[k] for k in changed})
+        assert "packed 10 files" in pack(s3server, bucket, "g", "--pack-size", "64K").stdout
+    orphan = "g/.tieredfs/packs/29991231T000000-deadbeef-00000.pack"  # a packer still running
+    s3.put_object(Bucket=bucket, Key=orphan, Body=b"x")
+    stored = lambda: keys(s3, bucket, "g/.tieredfs/")
+    before = stored()
+    versions_before = sorted(k for k in before if k.endswith(".sqlite"))
+    versions = lambda: sorted(k for k in stored() if k.endswith(".sqlite"))
+    assert len(versions()) == 3
+    named = {k for (k,) in index_of(s3, bucket, "g/", tmp_path).execute("SELECT key FROM packs")}
+    unneeded = {k for k in before if k.endswith(".pack")} - named
+    assert orphan in unneeded and len(unneeded) >= 2  # at least the first round's pack
+
+    # Within the grace period nothing a node may hold goes, nor the running packer's pack.
+    out = pack(s3server, bucket, "g", "--gc", "--keep-versions", "0").stdout
+    assert "gc: deleted 0 index versions and 0 packs" in out and stored() == before
+    time.sleep(1)  # Last-Modified is in whole seconds (maybe rounded up): let "grace 0" pass
+    out = pack(s3server, bucket, "g", "--gc", "--keep-versions", "0", "--gc-grace", "0", "--dry-run").stdout
+    assert f"gc: would delete 2 index versions and {len(unneeded)} packs" in out and stored() == before
+    out = pack(s3server, bucket, "g", "--gc", "--keep-versions", "0", "--gc-grace", "0").stdout
+    assert f"gc: deleted 2 index versions and {len(unneeded)} packs" in out, out
+    assert len(versions()) == 1
+    # Each unneeded pack went with its manifest (the orphan has none); the rest stayed.
+    after = stored()
+    assert {k for k in before if k not in after} == \
+        unneeded | {k[:-5] + ".json" for k in unneeded - {orphan}} | set(versions_before[:2])
+
+    # The node still on the first index (and its hour-old listing) reads the files that did
+    # not change, and a new node reads every file from the packs the current index names.
+    read_all(m.path, {k: v for k, v in files.items() if k not in changed}, "g/")
+    fresh = mount_factory(bucket, prefix="g")
+    read_all(fresh.path, files, "g/")
+    stats = fresh.stats()
+    assert stats["packs.packed_opens"] == 60 and stats.get("packs.pack_read_failures", 0) == 0
+    bad = pack(s3server, bucket, "g", "--gc", "--gc-grace", "soon", check=False)
+    assert bad.returncode == 2 and "gc-grace" in bad.stderr and bad.stderr.count("\n") == 1

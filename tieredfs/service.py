@@ -25,6 +25,7 @@ from .index import map_size_for
 from .memory import BufferPool, tune_malloc
 from .namespace import Namespace
 from .packer import Packer, PackOptions, Summary, VerifyReport, verify as verify_packs
+from .packgc import collect as collect_packs
 from .packs import PackRegistry
 from .readahead import MemoryBudget, ReadaheadEngine, ReadaheadSettings
 from .reader import Reader
@@ -316,8 +317,9 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
 
 
 def pack(url: str, endpoint_url: str | None, region: str | None, options: PackOptions,
-         check: bool) -> tuple[Summary, VerifyReport | None]:
-    """`tieredfs pack` (docs/packs.md): the packer over its own S3 client."""
+         check: bool, gc: tuple[int, float] | None = None):
+    """`tieredfs pack` (docs/packs.md): the packer over its own S3 client; then, with `gc`
+    (versions kept, grace seconds), the garbage collection of packgc.py."""
     c = build_config(url, {}, {"endpoint_url": endpoint_url, "region": region})
     backend = S3Backend(c.bucket, endpoint_url=c.endpoint_url, region=c.region,
                         max_requests=options.parallel + 2, connect_timeout=c.s3_connect_timeout,
@@ -326,7 +328,8 @@ def pack(url: str, endpoint_url: str | None, region: str | None, options: PackOp
     backend.check_bucket()
     summary = Packer(backend, c.prefix, options).run()
     report = verify_packs(backend, c.prefix, options.parallel) if check and not options.dry_run else None
-    return summary, report
+    collected = collect_packs(backend, c.prefix, *gc, dry_run=options.dry_run) if gc else None
+    return summary, report, collected
 
 
 def _open_block_files_limit(wanted: int) -> int:
