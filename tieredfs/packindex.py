@@ -42,7 +42,6 @@ CREATE TABLE others (path TEXT PRIMARY KEY, etag NOT NULL, size INTEGER NOT NULL
                      mtime_ns INTEGER) WITHOUT ROWID;
 """
 _PAGE = 512  # rows per query of a directory listing
-_PAST = "\U0010ffff"  # sorts after any path under a directory (SQLite compares UTF-8 bytes)
 _MD5_HEX = frozenset("0123456789abcdef")
 
 
@@ -188,19 +187,22 @@ class PackIndex:
                 ("others", "path, etag, size, mtime_ns", self._other)):
             if table == "others" and not self.lists_all:
                 continue
-            after = rel
+            # Every path under "x/" sorts before "x0" ('0' follows '/'): a directory's
+            # names are [rel, rel[:-1] + "0"), and a subtree is skipped by starting at "sub0".
+            lo, end = rel, ((rel[:-1] + "0",) if rel else ())
             while True:
-                rows = self._query(f"SELECT {columns} FROM {table} WHERE path > ? AND path < ? "
-                                   f"ORDER BY path LIMIT {_PAGE}", (after, rel + _PAST))
+                rows = self._query(f"SELECT {columns} FROM {table} WHERE path >= ?"
+                                   f"{' AND path < ?' if end else ''} ORDER BY path LIMIT {_PAGE}",
+                                   (lo, *end))
                 for row in rows:
                     rest = row[0][len(rel):]
                     if "/" in rest:
                         sub = rest.split("/", 1)[0]
                         dirs.add(sub)
-                        after = f"{rel}{sub}/{_PAST}"  # past the whole subtree, in one step
+                        lo = f"{rel}{sub}0"  # past the whole subtree, in one step
                         break
                     files.append(make(*row))
-                    after = row[0]
+                    lo = row[0] + "\0"  # the next path after this one
                 else:
                     if len(rows) < _PAGE:
                         break
