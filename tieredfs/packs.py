@@ -218,6 +218,8 @@ class PackRegistry:
             log.debug("event=pack_preload_failed prefix=%r error=%r", prefix, str(e))
             return
         found = {packed + f.path: f for f in files if isinstance(f, Entry)}
+        if len(found) > _PRELOADED_FILES:
+            return  # a huge directory's opens look their file up one by one instead
         with self._lock:
             if self._covering_now(prefix) is not index:
                 return  # replaced meanwhile
