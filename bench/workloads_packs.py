@@ -32,7 +32,11 @@ def packed_small_files(run: Run) -> None:
         with run.tiered(run.fresh_cache("packed")).start() as m:
             row = run.measure(m, w, "packed", "tieredfs cold, packed (S3, incl. listings, index)",
                               "files/s", lambda: files_per_s(m.path, rels), vs=f"{w}.cold")
-        for r in (row, *(r for r in run.rows if r["id"] == f"{w}.cold")):
+        with run.tiered(run.fresh_cache("packed_index"), "--listing-from-index").start() as m:
+            listed = run.measure(m, w, "packed_index", "tieredfs cold, packed, --listing-from-index "
+                                 "(no LIST below the packed prefix)", "files/s",
+                                 lambda: files_per_s(m.path, rels), vs=f"{w}.cold")
+        for r in (row, listed, *(r for r in run.rows if r["id"] == f"{w}.cold")):
             r["gets_per_1000_files"] = r["daemon"]["s3_get"] * 1000 / len(rels)
     finally:
         _unpack(run.s3_url)

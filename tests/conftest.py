@@ -97,7 +97,8 @@ class Mount:
 
         def idle() -> bool:
             s = self.stats()
-            in_flight = s.get("readahead.budget_used_bytes", 0) - s.get("readahead.walk_held_bytes", 0)
+            in_flight = (s.get("readahead.budget_used_bytes", 0) - s.get("readahead.walk_held_bytes", 0)
+                         - s.get("readahead.pack_held_bytes", 0))
             return in_flight == 0 and s.get("chain.fill_queue_bytes", 0) == 0
 
         assert wait_until(idle, timeout)

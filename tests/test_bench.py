@@ -19,7 +19,7 @@ EXPECTED = {
     "rand4k.tier1", "rand4k.page_cache", "rand4k.cold", "multi4.native", "multi4.nullfs",
     "multi4.cold", "multi4.tier1", "small.native", "small.native_pc", "small.boto3", "small.cold",
     "small.page_cache", "small.tier1", "ttfb.native", "ttfb.boto3", "ttfb.cold", "ttfb.tier1",
-    "mount.nullfs", "mount.empty", "mount.warm", "small.pack", "small.packed",
+    "mount.nullfs", "mount.empty", "mount.warm", "small.pack", "small.packed", "small.packed_index",
 }
 
 
@@ -77,6 +77,9 @@ def test_daemon_and_server_counts_agree_and_tiers_behave(result):
     # Packed: the pointer, the index, and at most one GET per 1 MiB pack block.
     assert by_id["small.packed"]["server"]["GET"] <= 2 + ds["small_bytes"] // (1 << 20) + 1
     assert by_id["small.packed"]["bytes"] == ds["small_bytes"]
+    # Listed from the index: the bucket root and the packed prefix itself are the only LISTs.
+    assert by_id["small.packed_index"]["server"]["LIST"] <= 2
+    assert by_id["small.packed_index"]["bytes"] == ds["small_bytes"]
     for row in by_id.values():
         if row["kind"] == "tieredfs":
             assert 10 << 20 < row["peak_rss_bytes"] < 2 << 30, row["id"]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tieredfs.errors import PackIndexUnusable
 from tieredfs.packer import Packer, PackOptions, walk_order
-from tieredfs.packindex import (Entry, Pack, PackIndex, checksum, index_name_of, pointer_bytes,
+from tieredfs.packindex import (Entry, Other, Pack, PackIndex, checksum, index_name_of, pointer_bytes,
                                 write_index)
 from tieredfs.tiers.s3 import ListedObject
 
@@ -76,3 +76,22 @@ def test_groups_fill_packs_in_order(sizes, pack_size):
     assert all(sum(o.size for o in g) <= pack_size for g in groups)
     # A pack is closed only when the next object would not fit.
     assert all(sum(o.size for o in a) + b[0].size > pack_size for a, b in zip(groups, groups[1:]))
+
+
+def test_directory_lists_files_and_subdirectories(tmp_path):
+    pack = Pack("p/.tieredfs/packs/r-00000.pack", "e" * 32, 1 << 20)
+    paths = ["a", "b/x", "b/y/z", "b/y0", "b/yy/q", "b0/k", "c/d/e/f", "é/x", "b/\U0010ffffz"]
+    entries = [Entry(p, "e", 1, pack, i, 0, mtime_ns=i) for i, p in enumerate(paths)]
+    others = [Other("b/big", "f", 5000, 7), Other("b/y/w", "f", 0, 8), Other("z", "f", 9)]
+    write_index(tmp_path / "i.sqlite", "p/", entries, others)
+    index = PackIndex(tmp_path / "i.sqlite")
+    try:
+        files, dirs = index.directory("")
+        assert [f.path for f in files] == ["a", "z"] and dirs == ["b", "b0", "c", "é"]
+        files, dirs = index.directory("b/")
+        assert [f.path for f in files] == ["b/big", "b/x", "b/y0", "b/\U0010ffffz"]
+        assert [type(f) for f in files] == [Other, Entry, Entry, Entry] and dirs == ["y", "yy"]
+        assert files[1].mtime_ns == 1 and index.directory("c/d/") == ([], ["e"])
+        assert index.directory("nothing/") == ([], [])
+    finally:
+        index.close()

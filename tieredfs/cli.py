@@ -235,12 +235,19 @@ def warmup(paths, recursive, parallel, replay):
               help="source objects fetched at once")
 @click.option("--dry-run", is_flag=True, help="say what would be packed; write nothing")
 @click.option("--verify", "check", is_flag=True, help="then check every packed file against its source")
+@click.option("--gc", is_flag=True, help="then delete index versions and packs no current index needs")
+@click.option("--keep-versions", default=2, show_default=True, type=click.IntRange(0),
+              help="with --gc: index versions kept before the current one")
+@click.option("--gc-grace", default="1h", show_default=True,
+              help="with --gc: keep what was superseded or written less than this ago (s, m, h, d)")
 @clear_errors
-def pack_cmd(url, endpoint_url, region, max_file_size, pack_size, parallel, dry_run, check):
+def pack_cmd(url, endpoint_url, region, max_file_size, pack_size, parallel, dry_run, check, gc,
+             keep_versions, gc_grace):
     """Pack the small objects under s3://BUCKET[/PREFIX] for fast reads (docs/packs.md)."""
     from . import service
     from .config import parse_size
     from .errors import PackVerifyFailed
+    from .packgc import parse_grace
     from .packer import PackOptions
 
     setup_logging(False)
@@ -250,8 +257,11 @@ def pack_cmd(url, endpoint_url, region, max_file_size, pack_size, parallel, dry_
                           pack_size=packs, parallel=parallel, dry_run=dry_run)
     if options.max_file_size < 1:
         raise ConfigError("max-file-size and pack-size must be at least 1 byte")
-    summary, report = service.pack(url, endpoint_url, region, options, check)
+    collect = (keep_versions, parse_grace(gc_grace)) if gc else None
+    summary, report, collected = service.pack(url, endpoint_url, region, options, check, collect)
     click.echo(summary.line())
+    if collected is not None:
+        click.echo(collected.line())
     if report is not None:
         click.echo(report.line())
         if report.bad:

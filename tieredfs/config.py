@@ -92,6 +92,8 @@ class Config:
     # Small-file packs (docs/packs.md): pack bytes fetched past a packed file when it is
     # opened, so a directory walk finds its next files in tier 1.
     pack_readahead: int = 16 * MiB  # one request_size: a walk costs one GET per 16 MiB
+    # Issue 21: list packed prefixes from their index, with no LIST (new objects unseen).
+    listing_from_index: bool = False
 
     # Shared directory tier (tiers/shared.py, docs/shared-tier.md); off without shared_dir.
     shared_dir: Path | None = None

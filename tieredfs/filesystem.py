@@ -19,7 +19,7 @@ import trio
 from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, ReadOnly, TieredError, UnknownHandle
 from .namespace import ROOT_INO, Namespace, Node
-from .packs import PackRegistry
+from .packs import UNKNOWN, PackRegistry
 from .reader import OpenFile, Reader
 from .stats import Registry
 
@@ -200,7 +200,9 @@ class FileSystem:
         """The file's own object, or the range of a pack that holds this version of it."""
         own = ObjectVersion(self.bucket, node.key, node.etag, node.size)
         if self.packs is not None and node.size and self.packs.covers(node.key):
-            src = await self._ns(self.packs.source, node.key, node.etag)
+            src = self.packs.source_now(node.key, node.etag)  # looked up when listed
+            if src is UNKNOWN:
+                src = await self._ns(self.packs.source, node.key, node.etag)
             if src is not None:
                 return OpenFile(next(self._fh), node.ino, src.pack, base=src.offset, length=src.size,
                                 own=own)

@@ -44,6 +44,9 @@ MOUNT_SETTINGS = {
                                     help="seconds a read may wait for a slow cache disk (0: never)"),
     "pack_readahead": click.option("--pack-readahead",
                                    help="pack bytes fetched past a packed file on open (default 16M)"),
+    "listing_from_index": click.option("--listing-from-index/--no-listing-from-index", default=None,
+                                       help="list packed prefixes from their index, without LIST "
+                                            "(objects added since the pack are not seen)"),
     # The shared directory tier (docs/shared-tier.md).
     "shared_dir": click.option("--shared-dir", type=click.Path(path_type=Path),
                                help="block cache directory shared by the cluster's nodes (NFS...)"),

@@ -19,15 +19,15 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, PackIndexUnusable
-from .packindex import (FORMAT, POINTER, RESERVED, Entry, Pack, PackIndex, checksum, index_name_of,
-                        pointer_bytes, reserved_prefix, write_index)
+from .packindex import (FORMAT, POINTER, RESERVED, Entry, Other, Pack, PackIndex, checksum,
+                        index_name_of, pointer_bytes, reserved_prefix, write_index)
 from .tiers.s3 import ListedObject, S3Backend
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class _State:
     entries: dict[str, Entry] = field(default_factory=dict)
     indexed_packs: set[str] = field(default_factory=set)
     dropped: int = 0
+    others: set[Other] | None = None  # the last index's unpacked objects (None: no index)
 
 
 class Packer:
@@ -108,8 +109,10 @@ class Packer:
             summary.bytes = sum(o.size for o in todo)
         else:
             self._pack_all(groups, state, summary)
-            if summary.files or summary.adopted or summary.dropped:
-                summary.index = self._publish(list(state.entries.values()))
+            others = self._others(state)
+            if (summary.files or summary.adopted or summary.dropped
+                    or (state.others is not None and set(others) != state.others)):
+                summary.index = self._publish(state, others)
         summary.seconds = time.monotonic() - t0
         return summary
 
@@ -131,6 +134,7 @@ class Packer:
                 else:
                     state.dropped += 1
             state.indexed_packs = {p.key for p in index.packs.values()}
+            state.others = set(index.others())  # none in an index of before they were listed
         finally:
             index.close()
             index.path.unlink(missing_ok=True)
@@ -234,12 +238,20 @@ class Packer:
         pack = Pack(key + ".pack", etag, len(body))
         return [Entry(*row[:3], pack, *row[3:]) for row in rows]
 
-    def _publish(self, entries: list[Entry]) -> str:
+    @staticmethod
+    def _others(state: _State) -> list[Other]:
+        """The prefix's objects not packed: the index lists them too (--listing-from-index)."""
+        return [Other(path, o.etag, o.size, o.mtime_ns) for path, o in state.sources.items()
+                if path not in state.entries]
+
+    def _publish(self, state: _State, others: list[Other]) -> str:
         """The index version, then the pointer naming it (last: the only overwrite)."""
         name = f"index/{self.run_id}.sqlite"
+        # Each entry with its source's Last-Modified, so a listing from the index shows it.
+        entries = [replace(e, mtime_ns=state.sources[e.path].mtime_ns) for e in state.entries.values()]
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "index.sqlite"
-            packs = write_index(path, self.prefix, entries)
+            packs = write_index(path, self.prefix, entries, others)
             self.s3.put_object(self.reserved + name, path.read_bytes())
         self.s3.put_object(self.reserved + POINTER, pointer_bytes(name, len(entries), packs))
         return name

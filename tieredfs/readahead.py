@@ -380,4 +380,5 @@ class ReadaheadEngine:
     def gauges(self) -> dict[str, int]:
         return {"readahead.budget_used_bytes": self.budget.used,
                 "readahead.walk_held_bytes": self.walks.held,
+                "readahead.pack_held_bytes": self.pack_walks.held_bytes,
                 "readahead.sequential_streams": len(self._sequential)}

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from .blocks import ObjectVersion, blocks_for_range
+from .blocks import ObjectVersion, assemble, blocks_for_range
 from .readahead import ReadaheadEngine
 
 
@@ -47,6 +47,8 @@ class Reader:
             return b""
         if self.recorder is not None:
             self.recorder.note(refs)
+        if f.own is not None and (held := self.readahead.pack_walks.held(refs)) is not None:
+            return assemble(refs, held, offset, size)  # a packed file's blocks, in memory
         return await self.readahead.read(f, refs, offset, size)
 
     async def opened(self, f: OpenFile) -> None:

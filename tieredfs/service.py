@@ -111,12 +111,14 @@ class Daemon:
         self.cache_dir.create()
         self.cache_dir.lock(str(c.mountpoint))
         self.packs = PackRegistry(c.bucket, self.backend.get_object, c.effective_cache_dir / "packs",
-                                  c.list_ttl, self.registry.counters("packs"))
+                                  c.list_ttl, self.registry.counters("packs"), root=c.prefix,
+                                  listing_from_index=c.listing_from_index)
         self.registry.add_source(self.packs.gauges)
         # Issue 19: listings kept across restarts (listings_store.py, docs/namespace.md).
         self.listings = _listing_store(c, self.registry.counters("listings"))
-        self.namespace = Namespace(c.prefix, self.backend.list_dir, c.list_ttl, time.time_ns(),
-                                   refresh_dir=functools.partial(self.backend.list_dir, attempts=1),
+        self.namespace = Namespace(c.prefix, self.packs.list_dir(self.backend.list_dir), c.list_ttl,
+                                   time.time_ns(),
+                                   refresh_dir=self.packs.list_dir(self.backend.list_dir, attempts=1),
                                    on_listed=self.packs.listed, store=self.listings)
         self.registry.add_source(self.namespace.gauges)
         self.capacity = 0
@@ -338,9 +340,11 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
 
 
 def pack(url: str, endpoint_url: str | None, region: str | None, options: "PackOptions",
-         check: bool) -> "tuple[Summary, VerifyReport | None]":
-    """`tieredfs pack` (docs/packs.md): the packer over its own S3 client."""
+         check: bool, gc: tuple[int, float] | None = None):
+    """`tieredfs pack` (docs/packs.md): the packer over its own S3 client; then, with `gc`
+    (versions kept, grace seconds), the garbage collection of packgc.py."""
     from .packer import Packer, verify as verify_packs  # (tqdm with it) not needed to mount
+    from .packgc import collect as collect_packs
 
     c = build_config(url, {}, {"endpoint_url": endpoint_url, "region": region})
     # The sources are small GETs: the same client choice as a mount's (awscrt where it wins).
@@ -351,9 +355,10 @@ def pack(url: str, endpoint_url: str | None, region: str | None, options: "PackO
         summary = Packer(backend, c.prefix, options).run()
         report = (verify_packs(backend, c.prefix, options.parallel)
                   if check and not options.dry_run else None)
+        collected = collect_packs(backend, c.prefix, *gc, dry_run=options.dry_run) if gc else None
     finally:
         backend.close()
-    return summary, report
+    return summary, report, collected
 
 
 def _listing_store(c: Config, counters):

@@ -9,8 +9,8 @@ the page cache). Held bytes come out of the readahead budget, at most half of it
 that is full, newer files are only cached, not held. A held file not opened within
 HOLD_SECONDS is let go (an idle daemon holds nothing).
 
-A walk of a packed directory (docs/packs.md) reads its pack in order: opening a packed file
-fetches the pack's next blocks into the tiers (`PackWalk`), not held in memory.
+A walk of a packed directory (docs/packs.md) reads its pack: opening a packed file fetches
+the pack's chunks from there into the tiers, and holds their blocks in memory (`PackWalk`).
 """
 
 import logging
@@ -120,8 +120,16 @@ class WalkPrefetch:
 
 
 class PackWalk:
-    """The blocks of a pack past a packed file being opened, fetched into the tiers above S3,
-    each at most once while remembered."""
+    """A packed directory's walk (docs/packs.md): opening a packed file fetches the aligned
+    chunks of its pack from the file on (one ranged GET each, each at most once while
+    remembered), and the blocks fetched are held in memory for the files in them.
+
+    Chunks are aligned to the readahead size, so walkers that open files all over a pack
+    (8 readers, directories in any order) ask for the same chunks, not overlapping ranges
+    that leave gaps to be filled by small GETs. Held blocks are served on the trio thread
+    (`held`): from tier 1 each file's read cost a worker thread's round trip and a disk read
+    of its part of the block. They are at most half the readahead budget, least recently
+    read let go first, and not past HOLD_SECONDS unread (an idle daemon holds nothing)."""
 
     def __init__(self, chain: TierChain, budget, slots: trio.CapacityLimiter, counters: Counters,
                  *, block_size: int, failed: Callable[[ObjectVersion, Exception], None]):
@@ -132,41 +140,91 @@ class PackWalk:
         self.block_size = block_size
         self._failed = failed
         self._nursery: trio.Nursery | None = None
-        self._claimed: OrderedDict[tuple[ObjectVersion, int], None] = OrderedDict()
+        self._claimed: OrderedDict[tuple[ObjectVersion, int, int], None] = OrderedDict()
+        self._held: OrderedDict[tuple[ObjectVersion, int], tuple[bytes, float]] = OrderedDict()
+        self.held_bytes = 0
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        nursery.start_soon(self._let_go_of_old)
+
+    def held(self, refs: list[BlockRef]) -> list | None:
+        """On the trio thread: the blocks if all are held, else None."""
+        out = []
+        for r in refs:
+            entry = self._held.get((r.obj, r.index))
+            if entry is None:
+                return None
+            out.append(entry[0])
+        now = trio.current_time()
+        for r in refs:
+            key = (r.obj, r.index)
+            self._held[key] = (self._held[key][0], now)
+            self._held.move_to_end(key)
+        self.counters.add("pack_held_hits")
+        return out
 
     def prefetch(self, obj: ObjectVersion, start: int, end: int) -> None:
-        """The blocks of `obj` covering [start, end), or, when the first of them are on their
-        way already, a whole range's worth past those."""
+        """The aligned chunks of `obj` that [start, end) touches; a chunk is the largest power
+        of two of blocks within end - start (the readahead past a file)."""
         if self._nursery is None or not self.chain.upper:
             return
         bs = self.block_size
-        first, last = start // bs, block_count(min(end, obj.size), bs)
-        todo = [i for i in range(first, last) if (obj, i) not in self._claimed]
-        if todo and todo[0] > first:
-            if len(todo) < (last - first) // 2:
-                return  # over half the range is on its way: top up later, in one whole request
-            # Claimed one block per open, a walk cost one GET per block.
-            last = min(block_count(obj.size, bs), todo[0] + last - first)
-            todo = [i for i in range(todo[0], last) if (obj, i) not in self._claimed]
-        refs = [BlockRef(obj, i, bs) for i in todo]
-        nbytes = sum(r.length for r in refs)
-        if not refs or not self.budget.try_take(nbytes):
-            return
-        for r in refs:
-            self._claimed[(obj, r.index)] = None
-        while len(self._claimed) > _REMEMBERED_OBJECTS:
-            self._claimed.popitem(last=False)
-        self._nursery.start_soon(self._fetch, obj, self.chain.claim(refs), nbytes)
+        n = block_count(end - start, bs)
+        chunk = 1 << (n.bit_length() - 1) if n else 1
+        for c in range(start // bs // chunk, (block_count(min(end, obj.size), bs) - 1) // chunk + 1):
+            key = (obj, c, chunk)
+            if key in self._claimed:
+                continue
+            first, last = c * chunk, min(block_count(obj.size, bs), (c + 1) * chunk)
+            refs = [BlockRef(obj, i, bs) for i in range(first, last)
+                    if (obj, i) not in self._held]
+            nbytes = sum(r.length for r in refs)
+            if refs and not self._make_room(nbytes):
+                return
+            self._claimed[key] = None
+            while len(self._claimed) > _REMEMBERED_OBJECTS:
+                self._claimed.popitem(last=False)
+            if refs:
+                self._nursery.start_soon(self._fetch, obj, self.chain.claim(refs), nbytes)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Take `nbytes` of the budget, letting go of held blocks (oldest first) if need be."""
+        while not self.budget.try_take(nbytes):
+            if not self._held:
+                return False
+            self._drop(next(iter(self._held)))
+        return True
 
     async def _fetch(self, obj: ObjectVersion, claim: Claim, nbytes: int) -> None:
+        kept = 0
         try:
-            await self.chain.complete(claim, self._slots)
+            blocks = await self.chain.complete(claim, self._slots)
             self.counters.add("pack_prefetched_bytes", nbytes)
+            now = trio.current_time()
+            for ref, data in zip(claim.refs, blocks):
+                # The walk is ahead of its readers: the least recently read go first.
+                while self._held and self.held_bytes + len(data) > self.budget.limit // _HOLD_SHARE:
+                    self._drop(next(iter(self._held)))
+                if (obj, ref.index) in self._held or len(data) > self.budget.limit // _HOLD_SHARE:
+                    continue
+                self._held[(obj, ref.index)] = (data, now)
+                self.held_bytes += len(data)
+                kept += len(data)
         except Exception as e:
             self._failed(obj, e)
         finally:
             self.chain.release(claim)
-            self.budget.give_back(nbytes)
+            self.budget.give_back(nbytes - kept)
+
+    def _drop(self, key: tuple[ObjectVersion, int]) -> None:
+        data, _ = self._held.pop(key)
+        self.held_bytes -= len(data)
+        self.budget.give_back(len(data))
+
+    async def _let_go_of_old(self) -> None:
+        while True:
+            await trio.sleep(HOLD_SECONDS / 2)
+            too_old = trio.current_time() - HOLD_SECONDS
+            for key in [k for k, (_, used) in self._held.items() if used < too_old]:
+                self._drop(key)
