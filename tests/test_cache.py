@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import read_uncached, tieredfs_cmd
-from tieredfs.tiers.local import CORRELATION_WINDOW
+from tieredfs.tiers.local_usage import CORRELATION_WINDOW
 
 K = 1024
 BS = 64 * K
