@@ -55,6 +55,59 @@ class Claim:
         self.joined: list[tuple[int, _Flight]] = []
 
 
+class _Batch:
+    __slots__ = ("refs", "found", "done")
+
+    def __init__(self):
+        self.refs: list[BlockRef] = []
+        self.found: list = []
+        self.done = trio.Event()
+
+
+class UpperBatches:
+    """Lookups in the tiers above S3 that need a worker thread, gathered: the requests of
+    one pass of the event loop share one thread hop (and tier 1 reads consecutive blocks
+    of them in one system call). A directory walk's first open fetches its next files as
+    separate tasks, and 8 readers open files side by side: each took a hop of its own, and
+    a hop (three thread switches and as many waits for the GIL) cost more than its disk
+    read (docs/performance-notes.md, "Warm reads, round 3")."""
+
+    MAX_BLOCKS = 64  # per hop: a batch's reads are bounded, and so is its first reader's wait
+
+    def __init__(self, lookup, limiter: trio.CapacityLimiter, counters: Counters):
+        self._lookup = lookup  # worker thread: refs -> data or None each
+        self._limiter = limiter
+        self._counters = counters
+        self._open: _Batch | None = None  # the batch still taking requests
+
+    async def lookup(self, refs: list[BlockRef]) -> list:
+        batch = self._open
+        if batch is not None and len(batch.refs) + len(refs) <= self.MAX_BLOCKS:
+            at = len(batch.refs)
+            batch.refs.extend(refs)
+            await batch.done.wait()
+            return batch.found[at:at + len(refs)]
+        batch = self._open = _Batch()
+        batch.refs.extend(refs)
+        # Shielded: the other requests of the batch wait on this task. The hop cannot be
+        # cancelled anyway (to_thread), and a read of the cache disk is bounded.
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # the others of this pass join
+                if self._open is batch:
+                    self._open = None
+                self._counters.add("upper_hops")
+                batch.found = await trio.to_thread.run_sync(self._lookup, batch.refs, limiter=self._limiter)
+            except BaseException:
+                batch.found = [None] * len(batch.refs)  # each asks below, as on a miss
+                raise
+            finally:
+                if self._open is batch:
+                    self._open = None
+                batch.done.set()
+        return batch.found[:len(refs)]
+
+
 class TierChain:
     def __init__(self, upper: list[Tier], s3: S3Tier, filler: Filler, *,
                  disk_limiter: trio.CapacityLimiter, s3_limiter: trio.CapacityLimiter, max_span: int,
@@ -72,6 +125,7 @@ class TierChain:
         self._read_deadline = read_deadline
         self.counters = counters
         self._flights: dict[str, _Flight] = {}
+        self._upper = UpperBatches(self._from_upper, disk_limiter, self.counters)
 
     async def get(self, ref: BlockRef) -> bytes:
         return (await self.get_many([ref]))[0]
@@ -189,8 +243,7 @@ class TierChain:
                 flight.data = seen
                 flight.done.set()
         if unknown:
-            found = await trio.to_thread.run_sync(self._from_upper, [ref for ref, _ in unknown],
-                                                  limiter=self._disk)
+            found = await self._upper.lookup([ref for ref, _ in unknown])
             self.counters.add("upper_lookups_threaded", len(unknown))
             for (ref, flight), data in zip(unknown, found):
                 if data is not None:
