@@ -26,7 +26,7 @@ from .servers import apply_credentials, default_server, make_endpoint
 THREADS = 8
 # Counters whose change each measurement prints: where the bytes came from, buffers made new.
 _SHOWN = ("memory.pool_new", "memory.pool_reused", "local.hits", "local.corrupt",
-          "chain.upper_lookups_threaded", "chain.part_reads_inline", "chain.part_reads_threaded",
+          "chain.upper_lookups_threaded", "chain.upper_hops", "chain.part_reads_inline", "chain.part_reads_threaded",
           "readahead.walk_prefetched_bytes", "s3.requests.get", "s3.requests.list")
 
 
