@@ -46,6 +46,11 @@ _DISK_READ = 64 * 1024  # ...but one that may have to wait for the disk reads th
 # A whole block up to this size is read and verified on the trio thread when its bytes are in
 # memory (a small file's block); a larger one would hold every other request for too long.
 PEEK_MAX = 256 * 1024
+# Bytes one read system call may take for several blocks. Not more: one preadv of 16 blocks
+# of 1 MiB cost 3-9x the CPU per MiB of 16 preadvs now and then on this VM (2 of 8 runs;
+# the 16 never did), and a warm sequential read through the mount then took 1.0-1.3 ms of
+# daemon CPU per MiB against 0.7-0.9 (docs/performance-notes.md, "Warm reads, round 3").
+READ_CALL = 1 << 20
 
 
 def chunk_sums(data) -> bytes:
@@ -76,8 +81,9 @@ class LocalTier:
         return self.get_many([ref])[0]
 
     def get_many(self, refs: list[BlockRef]) -> list[bytes | None]:
-        """get() of each block; consecutive blocks of one file are read in one system call
-        (each call lets the GIL go and waits to get it back), and each is verified alone."""
+        """get() of each block; consecutive small blocks of one file are read in one system
+        call of up to READ_CALL bytes (each call lets the GIL go and waits to get it back),
+        and each block is verified alone."""
         found: dict[str, bytes | None] = {}
         known = []
         for ref in refs:
@@ -89,7 +95,8 @@ class LocalTier:
                 known.append((ref, sums))
         known.sort(key=lambda item: (item[0].file, item[0].start))
         for run in consecutive(known):
-            found.update(self._read_run(run))
+            for piece in _pieces(run, READ_CALL):
+                found.update(self._read_run(piece))
         return [found[ref.id] for ref in refs]
 
     def _read_run(self, run: list[tuple[BlockRef, tuple[int, bytes]]]) -> dict[str, bytes | None]:
@@ -326,3 +333,18 @@ class LocalTier:
             mark_clean(self.cache)
         except CacheError as e:
             self.index_failed(e)
+
+
+def _pieces(run: list, limit: int) -> list[list]:
+    """A run of (ref, (length, sums)) cut into pieces of at most `limit` bytes (at least
+    one block each)."""
+    pieces: list[list] = []
+    size = limit
+    for item in run:
+        length = item[1][0]
+        if size + length > limit:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(item)
+        size += length
+    return pieces
