@@ -11,7 +11,7 @@ import time
 
 import trio
 
-from ..blocks import BlockRef
+from ..blocks import BlockRef, in_pieces
 from ..errors import TieredError
 from ..stats import Counters, Registry
 from .base import Peek, Tier
@@ -256,18 +256,29 @@ class TierChain:
                 flight.data = seen
                 flight.done.set()
         if unknown:
-            found = await self._upper.lookup([ref for ref, _ in unknown])
             self.counters.add("upper_lookups_threaded", len(unknown))
-            for (ref, flight), data in zip(unknown, found):
-                if data is not None:
-                    flight.data = data
-                    flight.done.set()
-                else:
-                    misses.append((ref, flight))
+            pieces = in_pieces(unknown, UpperBatches.MAX_BYTES, lambda item: item[0].length)
+            if len(pieces) == 1:
+                await self._from_upper_into(pieces[0], misses)
+            else:
+                # A prefetch of many blocks: read side by side, each piece handed over as it
+                # comes (a reader waiting on its first block need not wait for the last).
+                async with trio.open_nursery() as nursery:
+                    for piece in pieces:
+                        nursery.start_soon(self._from_upper_into, piece, misses)
         if self.shared is not None and misses:
             await self._via_shared(misses)
         else:
             await self._fetch_spans(misses)
+
+    async def _from_upper_into(self, unknown: list[tuple[BlockRef, "_Flight"]], misses: list) -> None:
+        found = await self._upper.lookup([ref for ref, _ in unknown])
+        for (ref, flight), data in zip(unknown, found):
+            if data is not None:
+                flight.data = data
+                flight.done.set()
+            else:
+                misses.append((ref, flight))
 
     async def _fetch_spans(self, misses: list[tuple[BlockRef, "_Flight"]]) -> None:
         async with trio.open_nursery() as nursery:
@@ -397,3 +408,4 @@ def _spans(misses: list[tuple[BlockRef, _Flight]], max_span: int) -> list[list]:
         else:
             spans.append([(ref, flight)])
     return spans
+

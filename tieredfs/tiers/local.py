@@ -27,7 +27,7 @@ from pathlib import Path
 
 import xxhash
 
-from ..blocks import BlockRef
+from ..blocks import BlockRef, in_pieces
 from ..errors import CacheError, CacheIndexFull
 from ..index import BlockIndex
 from ..stats import Counters
@@ -95,7 +95,7 @@ class LocalTier:
                 known.append((ref, sums))
         known.sort(key=lambda item: (item[0].file, item[0].start))
         for run in consecutive(known):
-            for piece in _pieces(run, READ_CALL):
+            for piece in in_pieces(run, READ_CALL, lambda item: item[1][0]):
                 found.update(self._read_run(piece))
         return [found[ref.id] for ref in refs]
 
@@ -334,17 +334,3 @@ class LocalTier:
         except CacheError as e:
             self.index_failed(e)
 
-
-def _pieces(run: list, limit: int) -> list[list]:
-    """A run of (ref, (length, sums)) cut into pieces of at most `limit` bytes (at least
-    one block each)."""
-    pieces: list[list] = []
-    size = limit
-    for item in run:
-        length = item[1][0]
-        if size + length > limit:
-            pieces.append([])
-            size = 0
-        pieces[-1].append(item)
-        size += length
-    return pieces
