@@ -11,7 +11,7 @@ import time
 
 import trio
 
-from ..blocks import BlockRef, in_pieces
+from ..blocks import BlockRef
 from ..errors import TieredError
 from ..stats import Counters, Registry
 from .base import Peek, Tier
@@ -257,15 +257,10 @@ class TierChain:
                 flight.done.set()
         if unknown:
             self.counters.add("upper_lookups_threaded", len(unknown))
-            pieces = in_pieces(unknown, UpperBatches.MAX_BYTES, lambda item: item[0].length)
-            if len(pieces) == 1:
-                await self._from_upper_into(pieces[0], misses)
-            else:
-                # A prefetch of many blocks: read side by side, each piece handed over as it
-                # comes (a reader waiting on its first block need not wait for the last).
-                async with trio.open_nursery() as nursery:
-                    for piece in pieces:
-                        nursery.start_soon(self._from_upper_into, piece, misses)
+            # One hop for all of them, however many: read in 1 MiB pieces side by side, a
+            # prefetch of 16 MiB cost more CPU per MiB (1.1-1.3 against 0.7-1.2 ms) and was
+            # no faster (docs/performance-notes.md, "Warm reads, round 3").
+            await self._from_upper_into(unknown, misses)
         if self.shared is not None and misses:
             await self._via_shared(misses)
         else:
