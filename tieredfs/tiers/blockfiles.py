@@ -195,8 +195,8 @@ class BlockFiles:
         A piece past the end of the file comes back short or empty.
 
         One call, not one per block: each call lets the GIL go and waits to get it back,
-        behind the trio thread's replies to the kernel (docs/performance-notes.md, "Warm
-        reads, round 3")."""
+        behind the trio thread's replies to the kernel. The caller keeps calls to ~1 MiB
+        (tiers/local.py, READ_CALL)."""
         handle = self._acquire(name, may_open=True)
         try:
             bufs = [self.buffers.take(n) for n in sizes]

@@ -67,16 +67,17 @@ class _Batch:
 
 class UpperBatches:
     """Lookups in the tiers above S3 that need a worker thread, gathered: the requests of
-    one pass of the event loop share one thread hop (and tier 1 reads consecutive blocks
-    of them in one system call). A directory walk's first open fetches its next files as
+    one pass of the event loop share one thread hop (and tier 1 reads consecutive small
+    blocks of them together). A directory walk's first open fetches its next files as
     separate tasks, and 8 readers open files side by side: each took a hop of its own, and
-    a hop (three thread switches and as many waits for the GIL) cost more than its disk
-    read (docs/performance-notes.md, "Warm reads, round 3").
+    a hop (~64 us here, idle: thread switches and waits for the GIL) costs more than a
+    small file's read (~23 us for 34 KiB in the page cache; docs/performance-notes.md,
+    "Warm reads, round 3").
 
     Only small reads are gathered: a batch takes no more once it holds MAX_BYTES. Merged,
-    two 16 MiB prefetches of a sequential reader were read one after the other in one
-    thread instead of side by side, and its reads waited for both (a warm sequential
-    read fell from 0.7-1.0 to 1.0-1.6 ms of daemon CPU per MiB, 480-1,020 to 380-720 MiB/s).
+    two 16 MiB prefetches of a sequential reader would be read one after the other in one
+    thread instead of side by side, and its reads would wait for both; a hop's cost is
+    small beside a MiB's read.
     """
 
     MAX_BYTES = 1 << 20
@@ -318,7 +319,7 @@ class TierChain:
 
     def _from_upper(self, refs: list[BlockRef]) -> list[bytes | None]:
         """Worker thread: each block from the first tier above S3 that has it (one hop for
-        all, and one call per tier: tier 1 reads consecutive blocks in one system call)."""
+        all, and one call per tier: tier 1 reads consecutive small blocks together)."""
         found: list[bytes | None] = [None] * len(refs)
         todo = list(range(len(refs)))
         for tier in self.upper:
