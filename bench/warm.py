@@ -24,6 +24,7 @@ from .mounts import TieredMount, drop_file_cache, drop_tree_cache, unwind_on_sig
 from .servers import apply_credentials, default_server, make_endpoint
 
 THREADS = 8
+_VERBOSE = False
 # Counters whose change each measurement prints: where the bytes came from, buffers made new.
 _SHOWN = ("memory.pool_new", "memory.pool_reused", "local.hits", "local.corrupt",
           "chain.upper_lookups_threaded", "chain.upper_hops", "chain.part_reads_inline", "chain.part_reads_threaded",
@@ -58,7 +59,9 @@ def _measure(m: TieredMount, what: str, rels: list[str], server_pid) -> str:
             value, unit, per = n / (time.perf_counter() - t0), "files/s", "file"
     after = m.stats()
     reqs = _requests(before, after)
-    moved = {k: after[k] - before.get(k, 0) for k in _SHOWN if after.get(k, 0) - before.get(k, 0)}
+    shown = after if _VERBOSE else _SHOWN
+    moved = {k: after[k] - before.get(k, 0) for k in shown
+             if isinstance(after.get(k), int) and after.get(k, 0) - before.get(k, 0)}
     daemon_ms = used.result.get("daemon_s", 0) * 1000 / n
     per_unit = " ".join(f"{op}={c / n:.2f}" for op, c in sorted(reqs.items()))
     return (f"{what:6} {value:9,.0f} {unit:8} daemon CPU {daemon_ms:.3f} ms/{per}  "
@@ -73,8 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--opts", default="", help="extra `tieredfs mount` options")
     p.add_argument("--only", default="seq,small,rand4k")
     p.add_argument("--server", choices=["rclone", "moto"], default=default_server())
+    p.add_argument("--verbose", action="store_true", help="print every counter that moved")
     p.add_argument("--profile", type=Path, help="py-spy record the daemon during the rounds (.txt: collapsed stacks)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    global _VERBOSE
+    _VERBOSE = args.verbose
     unwind_on_signals()
     apply_credentials()
     workdir = Path(tempfile.mkdtemp(prefix="tieredfs-warm-", dir="/var/tmp"))
