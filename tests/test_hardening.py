@@ -50,3 +50,19 @@ def test_a_cache_dir_others_can_read_is_warned_about(bucket, put, mount_factory,
     os.chmod(cache, 0o755)
     m = mount_factory(bucket, cache_dir=cache)
     assert "event=cache_dir_not_private" in m.log.read_text()
+
+
+def test_fuse_queue_flags_reach_the_kernel_and_the_config(bucket, put, mount_factory):
+    from tieredfs.devserver import wait_until
+    from tieredfs.fusectl import CONNECTIONS
+
+    data = put("f", os.urandom(1000))
+    m = mount_factory(bucket, "--fuse-max-background", "77", "--fuse-max-requests", "64",
+                      "--readahead-idle", "3")
+    st = os.stat(m.path)
+    knob = CONNECTIONS / str((os.major(st.st_dev) << 20) | os.minor(st.st_dev)) / "max_background"
+    # Raised in a worker thread once the mount answers: wait for it, bounded.
+    assert wait_until(lambda: knob.read_text().strip() == "77", timeout=10), knob.read_text()
+    assert read_uncached(m.path / "f") == data
+    config = build_config("s3://b", {}, normalize({"fuse_max_requests": 64, "readahead_idle": 3.0}))
+    assert (config.fuse_max_requests, config.readahead_idle) == (64, 3.0)

@@ -49,6 +49,9 @@ def test_metrics_move_by_what_reads_did(bucket, put, mount_factory, s3server):
     assert moved(before, cold, "tieredfs_tier_bytes_total", tier="s3") == len(data)
     assert moved(before, cold, "tieredfs_fuse_read_bytes_total") == len(data)
     assert moved(before, cold, "tieredfs_fuse_read_seconds_count") >= 1
+    assert (moved(before, cold, "tieredfs_fuse_requests_total", op="read")
+            == moved(before, cold, "tieredfs_fuse_read_seconds_count"))
+    assert moved(before, cold, "tieredfs_fuse_requests_total", op="open") == 1
     assert moved(before, cold, "tieredfs_tier_get_seconds_count", tier="s3") == gets
     assert cold[("tieredfs_cache_used_bytes", ())] == len(data)
     assert cold[("tieredfs_cache_capacity_bytes", ())] > len(data)

@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from . import private
-from .config import LOG_LEVELS, build_config, load_toml, log_level_of, normalize
+from .config import build_config, load_toml, log_level_of, normalize
 from .errors import ConfigError, MountError, TieredError
+from .mount_options import mount_settings
 
 log = logging.getLogger("tieredfs")
 
@@ -96,81 +97,6 @@ class _OneLineGroup(click.Group):
 @click.version_option(package_name="tieredfs")
 def main():
     """tieredfs: mount S3 through local and shared block caches."""
-
-
-_MOUNT_SETTINGS = {
-    "endpoint_url": click.option("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000"),
-    "region": click.option("--region"),
-    "cache_dir": click.option("--cache-dir", type=click.Path(path_type=Path),
-                              help="local block cache (default ~/.cache/tieredfs/BUCKET)"),
-    "cache_size": click.option("--cache-size", help="hard cap, bytes (20G) or % of the cache disk"),
-    "cache_min_free": click.option("--cache-min-free", help="keep this much of the cache disk free"),
-    "block_size": click.option("--block-size", help="block size, a power of two (default 1M)"),
-    "list_ttl": click.option("--list-ttl", type=float, help="seconds a directory listing is trusted"),
-    "s3_max_requests": click.option("--s3-max-requests", type=int, help="concurrent S3 requests"),
-    "read_deadline": click.option("--read-deadline", type=float,
-                                  help="seconds before a read that S3 cannot serve fails with EIO"),
-    "s3_connect_timeout": click.option("--s3-connect-timeout", type=float,
-                                       help="seconds to open a connection to S3 (per attempt)"),
-    "s3_read_timeout": click.option("--s3-read-timeout", type=float,
-                                    help="seconds S3 may stay silent mid-request before a retry"),
-    "s3_max_attempts": click.option("--s3-max-attempts", type=int,
-                                    help="attempts per S3 request within the read deadline"),
-    "readahead_max": click.option("--readahead-max", help="largest readahead window per file"),
-    "readahead_budget": click.option("--readahead-budget", help="readahead memory for all files"),
-    "request_size": click.option("--request-size", help="bytes per prefetch GET (default 16M)"),
-    "small_file_threshold": click.option("--small-file-threshold",
-                                         help="objects up to this size are fetched whole (default 1M)"),
-    "kernel_readahead": click.option("--kernel-readahead",
-                                     help="the kernel's readahead on the mount, 0 = leave (default 1M)"),
-    "dir_prefetch": click.option("--dir-prefetch", type=int,
-                                 help="small files fetched ahead of an in-order directory walk (0: off)"),
-    "cache_open_files": click.option("--cache-open-files", type=int,
-                                     help="tier-1 files kept open between reads (default 1024)"),
-    "cache_write_queue": click.option("--cache-write-queue",
-                                      help="fetched blocks waiting for the cache disk (default 32M)"),
-    "cache_fill_wait": click.option("--cache-fill-wait", type=float,
-                                    help="seconds a read may wait for a slow cache disk (0: never)"),
-    "pack_readahead": click.option("--pack-readahead",
-                                   help="pack bytes fetched past a packed file on open (default 16M)"),
-    # The shared directory tier (docs/shared-tier.md).
-    "shared_dir": click.option("--shared-dir", type=click.Path(path_type=Path),
-                               help="block cache directory shared by the cluster's nodes (NFS...)"),
-    "shared_namespace": click.option("--shared-namespace", help="tenant in the shared dir (default: bucket)"),
-    "shared_quota": click.option("--shared-quota", help="bytes the namespace may use (default 100G)"),
-    "shared_mode": click.option("--shared-mode", help="octal mode of files in the shared dir (664)"),
-    "shared_group": click.option("--shared-group", help="group of files in the shared dir"),
-    "shared_timeout": click.option("--shared-timeout", type=float,
-                                   help="seconds a shared-dir call may take before it is bypassed (5)"),
-    "shared_lease_wait": click.option("--shared-lease-wait", type=float,
-                                      help="seconds to wait for another node's fetch (5; 0: no leases)"),
-    "shared_threads": click.option("--shared-threads", type=int, help="threads for the shared dir (8)"),
-    "shared_publish_queue": click.option("--shared-publish-queue",
-                                         help="blocks waiting to be published (default 64M)"),
-    "metrics_addr": click.option("--metrics-addr", help="serve Prometheus metrics on HOST:PORT (off by default)"),
-    "record": click.option("--record", type=click.Path(path_type=Path),
-                           help="write the blocks reads ask for to FILE (tieredfs warmup --replay)"),
-    "uid": click.option("--uid", type=int, help="owner shown for files (default: you)"),
-    "gid": click.option("--gid", type=int),
-    "log_file": click.option("--log-file", type=click.Path(path_type=Path)),
-    # Issue 18 (hardening).
-    "file_mode": click.option("--file-mode", help="permission bits of files in the mount, octal (default 0444)"),
-    "dir_mode": click.option("--dir-mode", help="permission bits of directories, octal (default 0555)"),
-    "addressing_style": click.option("--addressing-style", type=click.Choice(["auto", "path", "virtual"]),
-                                     help="S3 URLs: bucket in the path or in the host (default auto)"),
-    "etag_md5": click.option("--etag-md5/--no-etag-md5", default=None,
-                             help="check whole-object GETs against single-part ETags (default on)"),
-    "cache_index_size": click.option("--cache-index-size",
-                                     help="the cache index's LMDB map (default: sized from --cache-size)"),
-    "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
-                              help="least severe events logged (default info); SIGHUP re-reads it"),
-}
-
-
-def mount_settings(fn):
-    for opt in reversed(_MOUNT_SETTINGS.values()):
-        fn = opt(fn)
-    return fn
 
 
 @main.command()

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def translate(args: list[str]) -> tuple[list[str], bool]:
     """mount(8)'s helper arguments -> (`tieredfs mount ...` arguments, fake)."""
-    from .cli import _MOUNT_SETTINGS
+    from .mount_options import MOUNT_SETTINGS
 
     positional, options, sloppy, fake = [], [], False, False
     it = iter(args)
@@ -66,7 +66,7 @@ def translate(args: list[str]) -> tuple[list[str], bool]:
             continue
         if opt in _FUSE or key == "fsname":
             fuse.append(opt)
-        elif eq and (name in _MOUNT_SETTINGS or name in _OWN):
+        elif eq and (name in MOUNT_SETTINGS or name in _OWN):
             command += [f"--{name.replace('_', '-')}", value]
         elif not sloppy:
             raise click.UsageError(f"unknown mount option {opt!r} (settings are written "

@@ -48,6 +48,8 @@ _LABELLED = [
     (re.compile(r"(\w+)\.misses$"), "tier_misses_total", "Block lookups a tier did not have", ("tier",)),
     (re.compile(r"s3\.responses\.(\w+)\.(\w+)$"), "s3_requests_total",
      "S3 requests by type and outcome (ok, an HTTP status, none: no answer)", ("type", "status")),
+    (re.compile(r"fuse\.requests\.(\w+)$"), "fuse_requests_total",
+     "FUSE requests the daemon answered, by operation", ("op",)),
 ]
 
 
