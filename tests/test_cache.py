@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import read_uncached, tieredfs_cmd
-from tieredfs.tiers.local import CORRELATION_WINDOW
+from tieredfs.tiers.local_usage import CORRELATION_WINDOW
 
 K = 1024
 BS = 64 * K
@@ -338,3 +338,47 @@ def test_small_reads_of_cached_pages_skip_the_worker_thread(bucket, put, mount_f
     threaded = stats.get("chain.part_reads_threaded", 0) - before.get("chain.part_reads_threaded", 0)
     inline = stats.get("chain.part_reads_inline", 0) - before.get("chain.part_reads_inline", 0)
     assert threaded <= 4 and inline >= 36, (threaded, inline)
+
+
+def test_a_warm_read_of_many_blocks_refetches_only_a_damaged_one(bucket, put, mount_factory, s3server):
+    """A sequential re-read from tier 1 whose prefetches span many blocks (read by tier 1
+    in calls of 1 MiB, each block verified alone): the right bytes, and a damaged block in
+    the middle of a call comes again from S3, alone."""
+    data = put("seq.bin", os.urandom(40 * BS + 123))  # 41 blocks of 64 KiB: 3 read calls
+    m = mount_factory(bucket, *SMALL, "--small-file-threshold", "4K")
+    assert read_uncached(m.path / "seq.bin") == data
+    m.settle()
+    (victim,) = block_files(m.cache_dir)
+    with open(victim, "r+b") as f:
+        f.seek(21 * BS + 5)  # block 21: inside the second call
+        byte = f.read(1)
+        f.seek(21 * BS + 5)
+        f.write(bytes([byte[0] ^ 0x80]))
+    fd = os.open(victim, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    before = m.stats()
+    s3server.reset_counts()
+    assert read_uncached(m.path / "seq.bin") == data
+    stats = m.stats()
+    assert stats["local.corrupt"] - before.get("local.corrupt", 0) == 1
+    assert s3server.counts()["GET_BYTES"] == BS
+    assert stats["local.hits"] - before.get("local.hits", 0) >= 40
+
+
+def test_small_files_from_tier_1_share_worker_thread_hops(bucket, put, mount_factory, s3server):
+    """A walk's next files are read from tier 1 together: fewer thread hops than files."""
+    files = {f"w/d{d}/f{i:02d}": put(f"w/d{d}/f{i:02d}", os.urandom(3000 + 97 * i))
+             for d in range(3) for i in range(10)}
+    m = mount_factory(bucket, *SMALL)
+    for key, want in sorted(files.items()):
+        assert read_uncached(m.path / key) == want, key
+    m.settle()
+    m.restart()  # a new daemon: nothing held in memory, block files not open
+    s3server.reset_counts()
+    for key, want in sorted(files.items()):
+        assert read_uncached(m.path / key) == want, key
+    stats = m.stats()
+    assert s3server.counts().get("GET", 0) == 0
+    assert stats["chain.upper_lookups_threaded"] >= len(files) // 2
+    assert stats["chain.upper_hops"] < stats["chain.upper_lookups_threaded"]

@@ -12,6 +12,7 @@ from tieredfs.errors import CacheIndexFull
 from tieredfs.index import MAIN, SMALL, BlockIndex, map_size_for
 from tieredfs.stats import Counters
 from tieredfs.tiers import local as local_mod
+from tieredfs.tiers import local_upkeep, local_usage
 from tieredfs.tiers.blockfiles import BlockFiles
 from tieredfs.tiers.cachedir import CacheDir, open_index
 from tieredfs.tiers.local import LocalTier
@@ -204,10 +205,10 @@ def test_reads_within_one_use_are_not_reuse(tmp_path, monkeypatch):
     tier.put(r, os.urandom(BS))
     for _ in range(8):  # e.g. the kernel's pieces of one block
         tier.get(r)
-    assert tier._take_hits() == {}
-    monkeypatch.setattr(local_mod, "CORRELATION_WINDOW", 0.0)
+    assert tier.usage.take() == {}
+    monkeypatch.setattr(local_usage, "CORRELATION_WINDOW", 0.0)
     tier.get(r)
-    assert tier._take_hits() == {bytes.fromhex(r.id): 1}
+    assert tier.usage.take() == {bytes.fromhex(r.id): 1}
     tier.close()
 
 
@@ -270,7 +271,7 @@ def test_an_error_in_a_batch_keeps_the_blocks_written_before_it(tmp_path, monkey
     tier.put_many([(r, os.urandom(BS)) for r in three])
     assert tier.counters.get("fills") == 2 and tier.counters.get("disk_full") == 1
     assert [tier.get(r) is not None for r in three] == [True, True, False]
-    assert tier._reserved == 0 and tier._filling == {}
+    assert tier.room.reserved == 0 and tier.room.filling == {}
     tier.close()
 
 
@@ -315,8 +316,8 @@ def test_sweep_removes_orphans_only(tmp_path, monkeypatch):
     (old_layout / ("cd" * 16)).write_bytes(b"z")
     filling = kept_path.with_name("ef" * 16)  # a fill writing its first block: not yet indexed
     filling.write_bytes(b"w")
-    tier._filling["ef" * 16] = 1
-    monkeypatch.setattr(local_mod, "_ORPHAN_AGE", -1.0)
+    tier.room.filling["ef" * 16] = 1
+    monkeypatch.setattr(local_upkeep, "_ORPHAN_AGE", -1.0)
     assert tier.sweep_dir(kept_path.parent) == 3
     assert kept_path.exists() and filling.exists() and not orphan.exists() and not temp.exists()
     assert not old_layout.exists()
@@ -399,7 +400,7 @@ def test_an_index_that_fails_is_a_miss_and_a_declined_fill(tmp_path, caplog, mon
     assert tier.get(cached) is None and tier.get_part(cached, 0, 100) is None
     assert tier.peek(cached) is local_mod.Peek.ABSENT
     tier.put(new, os.urandom(BS))
-    monkeypatch.setattr(local_mod, "_ORPHAN_AGE", -1.0)
+    monkeypatch.setattr(local_upkeep, "_ORPHAN_AGE", -1.0)
     assert tier.sweep_dir(tier.cache.file_path(cached.file).parent) == 0
     assert tier.cache.file_path(cached.file).exists()
     assert "local.used_bytes" not in tier.gauges()

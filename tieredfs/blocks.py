@@ -77,3 +77,18 @@ def assemble(blocks: list[BlockRef], datas: list[bytes], offset: int, size: int)
     parts[0] = parts[0][offset - blocks[0].start:]
     parts[-1] = parts[-1][:end - blocks[-1].start]
     return b"".join(parts)
+
+
+def in_pieces(items: list, limit: int, size_of) -> list[list]:
+    """`items` in order, cut into pieces of at most `limit` bytes by size_of(item) (at
+    least one item each): what one system call or one thread hop is given."""
+    pieces: list[list] = []
+    size = limit
+    for item in items:
+        n = size_of(item)
+        if size + n > limit:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(item)
+        size += n
+    return pieces

@@ -14,7 +14,8 @@ from .errors import CacheError, CacheLocked
 from .index import BlockIndex
 from .tiers.blockfiles import BlockFiles
 from .tiers.cachedir import CacheDir
-from .tiers.local import chunk_sums, free_space
+from .tiers.local import chunk_sums
+from .tiers.local_room import free_space
 
 _MAP_SIZE = 1 << 30
 

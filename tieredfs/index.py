@@ -194,11 +194,16 @@ class BlockIndex:
         if entry is None:
             return None
         found = (entry.length, entry.chunk_sums)
-        with self._sums_lock:
-            if removals == self._removals:
-                if len(self._sums) >= _SUMS_KEPT:
-                    del self._sums[next(iter(self._sums))]  # the oldest kept
-                self._sums[block_id] = found
+        # Kept only if the lock is free: this runs on the trio thread too, which must not
+        # wait for a worker holding it (the next lookup of the block keeps it instead).
+        if self._sums_lock.acquire(blocking=False):
+            try:
+                if removals == self._removals:
+                    if len(self._sums) >= _SUMS_KEPT:
+                        del self._sums[next(iter(self._sums))]  # the oldest kept
+                    self._sums[block_id] = found
+            finally:
+                self._sums_lock.release()
         return found
 
     def _removed(self, block_ids) -> None:

@@ -23,6 +23,9 @@ class Tier(Protocol):
     def get(self, ref: BlockRef) -> bytes | None:
         """The block's verified bytes, or None on a miss (including a corrupt copy)."""
 
+    def get_many(self, refs: list[BlockRef]) -> list[bytes | None]:
+        """get() of each block, in one call (a tier may read them together)."""
+
     def get_part(self, ref: BlockRef, lo: int, hi: int) -> bytes | None:
         """Verified bytes [lo, hi) of the block, or None: then the chain asks for all of it."""
 

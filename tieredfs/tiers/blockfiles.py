@@ -34,7 +34,7 @@ import errno
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -162,6 +162,7 @@ class BlockFiles:
         self._direct = True  # until it refuses O_DIRECT
         self._open: OrderedDict[str, _Open] = OrderedDict()
         self._lock = threading.Lock()
+        self._late_releases: deque[_Open] = deque()  # the trio thread's, when the lock was busy
 
     def read(self, name: str, offset: int, size: int, wait: bool) -> memoryview | None:
         """`size` bytes at `offset` (fewer at the end of the file).
@@ -187,7 +188,26 @@ class BlockFiles:
                 return None
             return buf if got == size else None  # partly cached, or short: the waiting path decides
         finally:
-            self._release(handle)
+            self._release(handle, wait)
+
+    def read_run(self, name: str, offset: int, sizes: list[int]) -> list[memoryview]:
+        """Consecutive pieces from `offset`, one buffer each, in one system call (blocking).
+        A piece past the end of the file comes back short or empty.
+
+        One call, not one per block: each call lets the GIL go and waits to get it back,
+        behind the trio thread's replies to the kernel. The caller keeps calls to ~1 MiB
+        (tiers/local.py, READ_CALL)."""
+        handle = self._acquire(name, may_open=True)
+        try:
+            bufs = [self.buffers.take(n) for n in sizes]
+            got = os.preadv(handle.fd, bufs, offset)
+        finally:
+            self._release(handle, True)
+        views = []
+        for buf, n in zip(bufs, sizes):
+            views.append(buf if got >= n else buf[:max(0, got)])
+            got -= n
+        return views
 
     def write_at(self, name: str, offset: int, data) -> None:
         """`data` at `offset` of the file, which is created if it is missing. Bytes around it
@@ -241,12 +261,14 @@ class BlockFiles:
     def forget(self, name: str) -> None:
         """The file is being unlinked: close its descriptor once no reader holds it."""
         with self._lock:
+            self._settle_releases()
             handle = self._open.pop(name, None)
             if handle is not None:
                 self._retire(handle)
 
     def close_all(self) -> None:
         with self._lock:
+            self._settle_releases()
             while self._open:
                 self._retire(self._open.popitem()[1])
 
@@ -254,18 +276,29 @@ class BlockFiles:
         return len(self._open)
 
     def _acquire(self, name: str, may_open: bool) -> _Open | None:
-        with self._lock:
+        """The file's descriptor, held until _release. may_open=False is the trio thread's
+        call: it never waits, not even for the lock (a worker holding it may be waiting for
+        the GIL, and the trio thread would then wait out the GIL's switch interval too)."""
+        if may_open:
+            self._lock.acquire()
+        elif not self._lock.acquire(blocking=False):
+            return None
+        try:
+            self._settle_releases()
             handle = self._open.get(name)
             if handle is not None:
                 self._open.move_to_end(name)
                 handle.users += 1
+        finally:
+            self._lock.release()
         if handle is not None:
             if self._still_linked(handle):
                 return handle
             # Unlinked behind our back (someone cleaning the cache dir): its bytes are still
             # readable here, but the space should be freed and the miss seen, as without us.
-            self._release(handle)
-            self.forget(name)
+            self._release(handle, may_open)
+            if may_open:
+                self.forget(name)
         if not may_open:
             return None
         fd = os.open(self.path_of(name), os.O_RDONLY | os.O_CLOEXEC)
@@ -293,11 +326,31 @@ class BlockFiles:
             return True
         return False
 
-    def _release(self, handle: _Open) -> None:
-        with self._lock:
-            handle.users -= 1
-            if handle.closing and handle.users == 0:
-                os.close(handle.fd)
+    def _release(self, handle: _Open, wait: bool = True) -> None:
+        """Let go of a descriptor. The trio thread (wait=False) does not wait for the lock:
+        if a worker holds it, the release is queued and the next holder settles it (a
+        descriptor that is closing stays open until then, never closed under a reader)."""
+        if not wait and not self._lock.acquire(blocking=False):
+            self._late_releases.append(handle)
+            return
+        if wait:
+            self._lock.acquire()
+        try:
+            self._settle_releases()
+            self._let_go(handle)
+        finally:
+            self._lock.release()
+
+    def _settle_releases(self) -> None:
+        """Under the lock: the releases the trio thread could not make itself."""
+        while self._late_releases:
+            self._let_go(self._late_releases.popleft())
+
+    @staticmethod
+    def _let_go(handle: _Open) -> None:
+        handle.users -= 1
+        if handle.closing and handle.users == 0:
+            os.close(handle.fd)
 
     def _retire(self, handle: _Open) -> None:
         """Under the lock: close now, or when its last reader is done."""

@@ -55,6 +55,73 @@ class Claim:
         self.joined: list[tuple[int, _Flight]] = []
 
 
+class _Batch:
+    __slots__ = ("refs", "nbytes", "found", "done")
+
+    def __init__(self):
+        self.refs: list[BlockRef] = []
+        self.nbytes = 0
+        self.found: list = []
+        self.done = trio.Event()
+
+
+class UpperBatches:
+    """Lookups in the tiers above S3 that need a worker thread, gathered: the requests of
+    one pass of the event loop share one thread hop (and tier 1 reads consecutive small
+    blocks of them together). A directory walk's first open fetches its next files as
+    separate tasks, and 8 readers open files side by side: each took a hop of its own, and
+    a hop (~64 us here, idle: thread switches and waits for the GIL) costs more than a
+    small file's read (~23 us for 34 KiB in the page cache; docs/performance-notes.md,
+    "Warm reads, round 3").
+
+    Only small reads are gathered: a batch takes no more once it holds MAX_BYTES. Merged,
+    two 16 MiB prefetches of a sequential reader would be read one after the other in one
+    thread instead of side by side, and its reads would wait for both; a hop's cost is
+    small beside a MiB's read.
+    """
+
+    MAX_BYTES = 1 << 20
+
+    def __init__(self, lookup, limiter: trio.CapacityLimiter, counters: Counters):
+        self._lookup = lookup  # worker thread: refs -> data or None each
+        self._limiter = limiter
+        self._counters = counters
+        self._open: _Batch | None = None  # the batch still taking requests
+
+    async def lookup(self, refs: list[BlockRef]) -> list:
+        nbytes = sum(ref.length for ref in refs)
+        batch = self._open
+        if batch is not None and batch.nbytes + nbytes <= self.MAX_BYTES:
+            at = len(batch.refs)
+            batch.refs.extend(refs)
+            batch.nbytes += nbytes
+            await batch.done.wait()
+            return batch.found[at:at + len(refs)]
+        batch = _Batch()
+        batch.refs.extend(refs)
+        batch.nbytes = nbytes
+        if nbytes < self.MAX_BYTES:
+            self._open = batch  # others may join it until it is full or on its way
+        # Shielded: the other requests of the batch wait on this task. The hop cannot be
+        # cancelled anyway (to_thread), and a read of the cache disk is bounded.
+        with trio.CancelScope(shield=True):
+            try:
+                if self._open is batch:
+                    await trio.lowlevel.cancel_shielded_checkpoint()  # the others of this pass join
+                    if self._open is batch:
+                        self._open = None
+                self._counters.add("upper_hops")
+                batch.found = await trio.to_thread.run_sync(self._lookup, batch.refs, limiter=self._limiter)
+            except BaseException:
+                batch.found = [None] * len(batch.refs)  # each asks below, as on a miss
+                raise
+            finally:
+                if self._open is batch:
+                    self._open = None
+                batch.done.set()
+        return batch.found[:len(refs)]
+
+
 class TierChain:
     def __init__(self, upper: list[Tier], s3: S3Tier, filler: Filler, *,
                  disk_limiter: trio.CapacityLimiter, s3_limiter: trio.CapacityLimiter, max_span: int,
@@ -72,6 +139,7 @@ class TierChain:
         self._read_deadline = read_deadline
         self.counters = counters
         self._flights: dict[str, _Flight] = {}
+        self._upper = UpperBatches(self._from_upper, disk_limiter, self.counters)
 
     async def get(self, ref: BlockRef) -> bytes:
         return (await self.get_many([ref]))[0]
@@ -189,19 +257,24 @@ class TierChain:
                 flight.data = seen
                 flight.done.set()
         if unknown:
-            found = await trio.to_thread.run_sync(self._from_upper, [ref for ref, _ in unknown],
-                                                  limiter=self._disk)
             self.counters.add("upper_lookups_threaded", len(unknown))
-            for (ref, flight), data in zip(unknown, found):
-                if data is not None:
-                    flight.data = data
-                    flight.done.set()
-                else:
-                    misses.append((ref, flight))
+            # One hop for all of them, however many: read in 1 MiB pieces side by side, a
+            # prefetch of 16 MiB cost more CPU per MiB (1.1-1.3 against 0.7-1.2 ms) and was
+            # no faster (docs/performance-notes.md, "Warm reads, round 3").
+            await self._from_upper_into(unknown, misses)
         if self.shared is not None and misses:
             await self._via_shared(misses)
         else:
             await self._fetch_spans(misses)
+
+    async def _from_upper_into(self, unknown: list[tuple[BlockRef, "_Flight"]], misses: list) -> None:
+        found = await self._upper.lookup([ref for ref, _ in unknown])
+        for (ref, flight), data in zip(unknown, found):
+            if data is not None:
+                flight.data = data
+                flight.done.set()
+            else:
+                misses.append((ref, flight))
 
     async def _fetch_spans(self, misses: list[tuple[BlockRef, "_Flight"]]) -> None:
         async with trio.open_nursery() as nursery:
@@ -245,18 +318,23 @@ class TierChain:
         return answer
 
     def _from_upper(self, refs: list[BlockRef]) -> list[bytes | None]:
-        """Worker thread: each block from the first tier above S3 that has it (one hop for all)."""
-        found = []
-        for ref in refs:
-            data = None
-            for tier in self.upper:
-                start = time.perf_counter()
-                data = tier.get(ref)
-                self._latency(tier.name).observe(time.perf_counter() - start)
+        """Worker thread: each block from the first tier above S3 that has it (one hop for
+        all, and one call per tier: tier 1 reads consecutive small blocks together)."""
+        found: list[bytes | None] = [None] * len(refs)
+        todo = list(range(len(refs)))
+        for tier in self.upper:
+            if not todo:
+                break
+            start = time.perf_counter()
+            datas = tier.get_many([refs[i] for i in todo])
+            per_block = (time.perf_counter() - start) / len(todo)
+            latency = self._latency(tier.name)
+            for i, data in zip(todo, datas):
+                latency.observe(per_block)  # the call's time, shared by its blocks
                 if data is not None:
                     self._served(tier.name, len(data))
-                    break
-            found.append(data)
+                    found[i] = data
+            todo = [i for i in todo if found[i] is None]
         return found
 
     def _deliver_shared(self, hits: list) -> None:
@@ -326,3 +404,4 @@ def _spans(misses: list[tuple[BlockRef, _Flight]], max_span: int) -> list[list]:
         else:
             spans.append([(ref, flight)])
     return spans
+
