@@ -24,6 +24,7 @@ class NullFS(pyfuse3.Operations):
         super().__init__()
         self.keep_cache = keep_cache
         self.names = [n.encode() for n in files]
+        self.inodes = {name: _FIRST_INO + i for i, name in enumerate(self.names)}
         self.sizes = list(files.values())
         self._zeros: dict[int, bytes] = {}
 
@@ -39,9 +40,10 @@ class NullFS(pyfuse3.Operations):
         return a
 
     async def lookup(self, parent_inode, name, ctx=None):
-        if parent_inode != pyfuse3.ROOT_INODE or name not in self.names:
+        ino = self.inodes.get(name) if parent_inode == pyfuse3.ROOT_INODE else None
+        if ino is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(_FIRST_INO + self.names.index(name))
+        return self._attrs(ino)
 
     async def getattr(self, inode, ctx=None):
         if inode != pyfuse3.ROOT_INODE and not 0 <= inode - _FIRST_INO < len(self.names):

@@ -122,7 +122,11 @@ _ALSO = {"seq.page_cache": [(None, "seq.nullfs_pc", "the no-op FUSE fs in page c
          "seq.cold": [("seq.cold_nowait", "seq.boto3", "with --cache-fill-wait 0"),
                       (None, "seq.diskwrite", "the cache disk's write speed")],
          "rand4k.tier1": [("rand4k.tier1_warm", "rand4k.nullfs",
-                           "with tier 1's files in the page cache")]}
+                           "with tier 1's files in the page cache")],
+         # A packed walk runs at about tier 1's walk: what bounds both is the work per file.
+         "small.packed": [("small.tier1", "small.cold", "tier 1's walk"),
+                          ("small.tier1", "small.nullfs", "tier 1's walk against the no-op FUSE fs"),
+                          ("small.nullfs", "small.cold", "the no-op FUSE fs's walk")]}
 
 
 _CEILING_VS = {"seq.cold": "seq.boto3", "multi4.cold": "seq.boto3", "seq.tier1": "seq.native"}

@@ -36,9 +36,10 @@ def _iops(r: fio.FioResult) -> tuple[float, dict]:
     return r.iops, {"bytes": r.bytes, "seconds": r.seconds, "cpu": r.cpu}
 
 
-def nullfs(run: Run, keep_cache: bool = False) -> NullMount:
+def nullfs(run: Run, keep_cache: bool = False, files: dict[str, int] | None = None) -> NullMount:
     path, log = run.null_path()
-    files = {"big": run.dataset.big_size, **{f"part{i}": run.dataset.multi_size for i in range(4)}}
+    if files is None:
+        files = {"big": run.dataset.big_size, **{f"part{i}": run.dataset.multi_size for i in range(4)}}
     return NullMount(path, files, log, keep_cache).start()
 
 

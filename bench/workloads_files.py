@@ -36,6 +36,12 @@ def small_files(run: Run) -> None:
                *files_per_s(ds.root, rels))
     run.record(w, "native_pc", f"native files, {THREADS} threads, in page cache", "files/s",
                *files_per_s(ds.root, rels))
+    # The same sizes through the no-op pyfuse3 fs (flat names): what FUSE and pyfuse3 alone
+    # cost per file (lookup, open, read, release), the floor under every tieredfs row below.
+    sizes = {f"s{i}": size for i, (_, size) in enumerate(ds.small)}
+    with nullfs(run, files=sizes) as null:
+        run.record(w, "nullfs", f"no-op pyfuse3 fs, same sizes, {THREADS} threads", "files/s",
+                   *files_per_s(null.path, list(sizes)))
     n, seconds = raw_s3.small_gets(run.s3_url, rels, THREADS)
     run.record(w, "boto3", f"boto3 GET per file, {THREADS} threads", "files/s",
                len(rels) / seconds, bytes=n, seconds=seconds, files=len(rels))
