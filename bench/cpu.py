@@ -122,7 +122,12 @@ def ceiling_mib_s(cpu: dict, nbytes: int) -> float | None:
 
 def per_gib(cpu: dict, nbytes: int) -> dict[str, float]:
     """The seconds of `cpu` per GiB moved, and the share of the cores left idle."""
-    scale = (1 << 30) / nbytes
+    return per_unit(cpu, nbytes / (1 << 30))
+
+
+def per_unit(cpu: dict, units: float) -> dict[str, float]:
+    """The seconds of `cpu` per unit of work (`units` of them done), and the idle share."""
+    scale = 1 / units
     out = {k.removesuffix("_s"): v * scale for k, v in cpu.items() if k.endswith("_s")}
     total = cpu.get("busy_s", 0) + cpu.get("idle_s", 0)
     out["idle_share"] = cpu.get("idle_s", 0) / total if total else 0.0

@@ -236,7 +236,7 @@ def markdown(result: dict) -> str:
              "(delaying proxy)" if meta["s3_latency_ms"] else "") + f". Mode: {meta['mode']}, "
              f"block size {meta['block_size']}.", "",
              "| workload | row | result | vs | ratio | S3 GET/HEAD/LIST | S3 MiB | peak RSS | local hits "
-             "| CPU s per GiB: all (daemon, S3 server, bench), idle |",
+             "| CPU s per GiB (or ms per file): all (daemon, S3 server, bench), idle |",
              "|---|---|---:|---|---:|---|---:|---:|---:|---|"]
     for r in result["rows"]:
         if r["workload"] == "peers":  # their own table, below
@@ -261,9 +261,12 @@ def markdown(result: dict) -> str:
 def _cpu_cell(r: dict) -> str:
     """The machine's busy CPU per GiB the row moved, the named processes' part of it, and
     the share of the cores that sat idle (bench/cpu.py)."""
-    if not r.get("cpu") or not r.get("bytes") or r["metric"] != "MiB/s":
+    if r.get("cpu") and r.get("files") and r["metric"] == "files/s":
+        g = cpu.per_unit(r["cpu"], r["files"] / 1000)  # seconds per 1,000 files: ms per file
+    elif r.get("cpu") and r.get("bytes") and r["metric"] == "MiB/s":
+        g = cpu.per_gib(r["cpu"], r["bytes"])
+    else:
         return ""
-    g = cpu.per_gib(r["cpu"], r["bytes"])
     named = ", ".join(f"{g[k]:.2f}" if k in g else "–" for k in ("daemon", "server", "bench"))
     return f"{g['busy']:.2f} ({named}), {g['idle_share']:.0%}"
 

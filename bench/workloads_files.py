@@ -8,7 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
-from . import raw_s3
+from . import cpu, raw_s3
 from .context import KiB, Run
 from .dataset import BUCKET, read_tree
 from .mounts import drop_file_cache, drop_tree_cache
@@ -20,10 +20,12 @@ THREADS = 8
 
 def files_per_s(root: Path, rels: list[str]) -> tuple[float, dict]:
     """Read every file with THREADS readers: files/s, and what was read."""
-    t0 = time.perf_counter()
-    n = read_tree(root, rels, THREADS)
-    seconds = time.perf_counter() - t0
-    return len(rels) / seconds, {"bytes": n, "seconds": seconds, "files": len(rels)}
+    with cpu.CpuSampler() as used:  # the row's daemon and S3 server, when watched
+        t0 = time.perf_counter()
+        n = read_tree(root, rels, THREADS)
+        seconds = time.perf_counter() - t0
+    return len(rels) / seconds, {"bytes": n, "seconds": seconds, "files": len(rels),
+                                 "cpu": used.result}
 
 
 def small_files(run: Run) -> None:

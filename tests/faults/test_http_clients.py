@@ -10,6 +10,7 @@ that the flag reaches a real mount.
 import errno
 import hashlib
 import os
+import threading
 import time
 
 import pytest
@@ -169,3 +170,31 @@ def test_requests_are_signed_with_botocores_current_credentials(tmp_path, monkey
         b.close()
     finally:
         endpoint.stop()
+
+
+def test_awscrt_callbacks_run_in_one_python_thread_state(s3server, s3, bucket, monkeypatch):
+    """awscrt's event-loop thread keeps the Python thread state its first callback was given
+    (s3_crt._keep_thread_state): a thread-local set in one response's callback is still there
+    in the next. Without it, each callback made and deleted a state (and its frame stack,
+    an mmap and munmap each on 3.11), and the thread-local was gone every time."""
+    from tieredfs.tiers import s3_crt
+
+    marks, seen = threading.local(), []
+    on_response = s3_crt._Received.on_response
+
+    def counting(self, *args, **kwargs):
+        on_response(self, *args, **kwargs)
+        seen.append(getattr(marks, "n", 0))
+        marks.n = seen[-1] + 1
+
+    monkeypatch.setattr(s3_crt._Received, "on_response", counting)
+    b = S3Backend(bucket, endpoint_url=s3server.url, region=None, max_requests=2, connect_timeout=2,
+                  read_timeout=5, max_attempts=2, deadline=30, counters=Counters("s3"),
+                  http_client="crt", crt_threads=1)
+    try:
+        etag = s3.put_object(Bucket=bucket, Key="k", Body=b"abc")["ETag"].strip('"')
+        for _ in range(5):
+            assert bytes(b.get_range(ObjectVersion(bucket, "k", etag, 3), 0, 3)) == b"abc"
+    finally:
+        b.close()
+    assert seen == [0, 1, 2, 3, 4]
