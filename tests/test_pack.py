@@ -274,7 +274,10 @@ def test_gc_keeps_what_a_node_may_still_read_and_deletes_the_rest(s3, s3server, 
     # Within the grace period nothing a node may hold goes, nor the running packer's pack.
     out = pack(s3server, bucket, "g", "--gc", "--keep-versions", "0").stdout
     assert "gc: deleted 0 index versions and 0 packs" in out and stored() == before
-    time.sleep(1)  # Last-Modified is in whole seconds (maybe rounded up): let "grace 0" pass
+    # Last-Modified is in whole seconds (maybe rounded up): let "grace 0" pass for every object.
+    newest = max(o["LastModified"].timestamp()
+                 for o in s3.list_objects_v2(Bucket=bucket, Prefix="g/.tieredfs/")["Contents"])
+    time.sleep(max(0.0, newest + 1.1 - time.time()))
     out = pack(s3server, bucket, "g", "--gc", "--keep-versions", "0", "--gc-grace", "0", "--dry-run").stdout
     assert f"gc: would delete 2 index versions and {len(unneeded)} packs" in out and stored() == before
     out = pack(s3server, bucket, "g", "--gc", "--keep-versions", "0", "--gc-grace", "0").stdout
@@ -294,3 +297,19 @@ def test_gc_keeps_what_a_node_may_still_read_and_deletes_the_rest(s3, s3server, 
     assert stats["packs.packed_opens"] == 60 and stats.get("packs.pack_read_failures", 0) == 0
     bad = pack(s3server, bucket, "g", "--gc", "--gc-grace", "soon", check=False)
     assert bad.returncode == 2 and "gc-grace" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_run_names_sort_in_the_order_runs_began(monkeypatch):
+    """pack --gc takes name order for age. Two runs begun within one second (here 1 us
+    apart; the clock and the random part are set, as a real clock cannot be made to do
+    this on demand) sort in the order they began, whatever their random parts."""
+    import uuid
+
+    from tieredfs import packer
+
+    names = []
+    for ns, random_part in ((1_700_000_000_000_001_000, "f" * 32), (1_700_000_000_000_002_000, "0" * 32)):
+        monkeypatch.setattr(packer.time, "time_ns", lambda ns=ns: ns)
+        monkeypatch.setattr(packer.uuid, "uuid4", lambda h=random_part: uuid.UUID(h))
+        names.append(packer.Packer(None, "p/", packer.PackOptions()).run_id)
+    assert names == sorted(names) and names[0] != names[1]

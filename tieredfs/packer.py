@@ -90,7 +90,11 @@ class Packer:
         self.prefix = prefix
         self.reserved = reserved_prefix(prefix)
         self.o = options
-        self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        # Names sort in the order runs began (packgc.py relies on it), to the microsecond:
+        # two runs within one second once sorted by their random part instead.
+        now = time.time_ns()
+        self.run_id = (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
+                       + f"{now // 1000 % 10**6:06d}-{uuid.uuid4().hex[:8]}")
 
     def run(self) -> Summary:
         t0 = time.monotonic()
