@@ -126,7 +126,7 @@ _ALSO = {"seq.page_cache": [(None, "seq.nullfs_pc", "the no-op FUSE fs in page c
          # A packed walk runs at about tier 1's walk: what bounds both is the work per file.
          "small.packed": [("small.tier1", "small.cold", "tier 1's walk"),
                           ("small.tier1", "small.nullfs", "tier 1's walk against the no-op FUSE fs"),
-                          ("small.nullfs", "small.cold", "the no-op FUSE fs's walk")]}
+                          ("small.nullfs", "small.cold", "the no-op FUSE fs's walk: a pyfuse3 ceiling")]}
 
 
 _CEILING_VS = {"seq.cold": "seq.boto3", "multi4.cold": "seq.boto3", "seq.tier1": "seq.native"}
