@@ -132,6 +132,11 @@ class LazyBackend:
                     self._real = self._make()
         return self._real
 
+    def begin_get(self, *args):
+        """None until the client is made: begin_get runs on the trio thread, which must not
+        spend the ~65 ms of making it (the first GETs take the waiting path, which does)."""
+        return self._real.begin_get(*args) if self._real is not None else None
+
     def close(self) -> None:
         """Close the client if one was made; a mount that never reached S3 makes none."""
         if self._real is not None:

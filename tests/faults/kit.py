@@ -7,8 +7,10 @@ Each scenario records its numbers with `record(...)` into results/last-run.json;
 `python tests/faults/report.py` turns that file into the table of docs/reliability.md.
 """
 
+import hashlib
 import json
 import os
+import socketserver
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_file
+from tieredfs.blocks import ObjectVersion
 from test_cache import read_uncached
 from proxy import FaultProxy
 
@@ -84,3 +87,64 @@ def record(scenario: str, **numbers) -> None:
                           **{k: round(v, 3) if isinstance(v, float) else v for k, v in numbers.items()}}
         RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
+
+
+class KeepAliveServer(socketserver.ThreadingTCPServer):
+    """An HTTP/1.1 server of one object (any path, any range: the whole body) that keeps its
+    connections alive, and does `second` to the second request on each connection: "answer",
+    "drop" (close it unanswered: a kept-alive connection the server dropped while idle, caught
+    in the race where the client has already sent on it), "stall" (never answer), "flip" (a
+    byte of the body changed) or "error" (503 SlowDown). Every other request is answered.
+    moto and the fault proxy close each connection after one answer: they cannot do this.
+    Use as a context manager (it serves in a thread until the block ends)."""
+
+    daemon_threads = allow_reuse_address = True
+    BODY = bytes(range(256)) * 40
+
+    def __init__(self, second: str = "answer"):
+        self.second, self.connections = second, 0
+        self.obj = ObjectVersion("bkt", "k", hashlib.md5(self.BODY).hexdigest(), len(self.BODY))
+        self.stop = threading.Event()
+        super().__init__(("127.0.0.1", 0), _KeepAliveHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> "KeepAliveServer":
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _KeepAliveHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        server = self.server
+        server.connections += 1
+        n = 0
+        while not server.stop.is_set():
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = self.rfile.readline()
+                if not line:
+                    return
+                head += line
+            n += 1
+            what = server.second if n == 2 else "answer"
+            if what == "drop":
+                return
+            if what == "stall":
+                server.stop.wait()
+                return
+            status, body = b"200 OK", server.BODY
+            if what == "flip":
+                body = bytes([body[0] ^ 0x20]) + body[1:]
+            elif what == "error":
+                status, body = b"503 Slow Down", b"<Error><Code>SlowDown</Code></Error>"
+            self.wfile.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nETag: \"%s\"\r\n\r\n%s"
+                             % (status, len(body), server.obj.etag.encode(), body))
+            self.wfile.flush()

@@ -10,13 +10,12 @@ that the flag reaches a real mount.
 import errno
 import hashlib
 import os
-import socketserver
 import threading
 import time
 
 import pytest
 
-from kit import BS, EIO_BOUND, K, proxy, via_proxy  # noqa: F401 (fixtures)
+from kit import BS, EIO_BOUND, K, KeepAliveServer, proxy, via_proxy  # noqa: F401 (fixtures)
 from tieredfs.blocks import ObjectVersion
 from tieredfs.errors import BackendUnavailable, CredentialsRefused, ObjectChanged, ObjectMissing
 from tieredfs.stats import Counters
@@ -201,53 +200,18 @@ def test_awscrt_callbacks_run_in_one_python_thread_state(s3server, s3, bucket, m
     assert seen == [0, 1, 2, 3, 4]
 
 
-class _AnswersOncePerConnection(socketserver.ThreadingTCPServer):
-    """An HTTP/1.1 server that keeps each connection alive after its first answer, then
-    closes it unanswered when a second request comes: a kept-alive connection the server
-    dropped while it sat idle, caught in the race where the client has already sent on it.
-    (moto and the fault proxy close every connection after one answer: they cannot.)"""
-
-    daemon_threads = allow_reuse_address = True
-    BODY, ETAG = b"kept-alive", hashlib.md5(b"kept-alive").hexdigest()
-
-    def __init__(self):
-        self.connections = 0
-        super().__init__(("127.0.0.1", 0), self._Handler)
-
-    class _Handler(socketserver.StreamRequestHandler):
-        def handle(self):
-            self.server.connections += 1
-            for answered in (False, True):
-                head = b""
-                while not head.endswith(b"\r\n\r\n"):
-                    line = self.rfile.readline()
-                    if not line:
-                        return
-                    head += line
-                if answered:
-                    return  # the second request on this connection: closed, never answered
-                body = _AnswersOncePerConnection.BODY
-                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: \"%s\"\r\n\r\n%s"
-                                 % (len(body), _AnswersOncePerConnection.ETAG.encode(), body))
-                self.wfile.flush()
-
-
 def test_awscrt_retries_a_dropped_kept_alive_connection_without_spending_an_attempt():
     """With one attempt per request, every GET still gets its bytes: a kept-alive connection
     that fails before any answer is replaced by a new one at once (s3_crt._exchange), as
     urllib3 does, instead of failing the request or spending an attempt and a backoff."""
-    server = _AnswersOncePerConnection()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     counters = Counters("s3")
-    b = S3Backend("bkt", endpoint_url=f"http://127.0.0.1:{server.server_address[1]}", region=None,
-                  max_requests=1, connect_timeout=2, read_timeout=5, max_attempts=1, deadline=30,
-                  counters=counters, http_client="crt", crt_threads=1, addressing="path")
-    obj = ObjectVersion("bkt", "k", server.ETAG, len(server.BODY))
-    try:
-        for _ in range(3):
-            assert bytes(b.get_range(obj, 0, obj.size)) == server.BODY
-    finally:
-        b.close()
-        server.shutdown()
-        server.server_close()
+    with KeepAliveServer(second="drop") as server:
+        b = S3Backend("bkt", endpoint_url=server.url, region=None, max_requests=1, connect_timeout=2,
+                      read_timeout=5, max_attempts=1, deadline=30, counters=counters,
+                      http_client="crt", crt_threads=1, addressing="path")
+        try:
+            for _ in range(3):
+                assert bytes(b.get_range(server.obj, 0, server.obj.size)) == server.BODY
+        finally:
+            b.close()
     assert server.connections == 3 and counters.get("retries") == 0

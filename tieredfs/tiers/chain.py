@@ -348,7 +348,11 @@ class TierChain:
         refs = [ref for ref, _ in span]
         datas = None
         try:
-            datas = await trio.to_thread.run_sync(self._fetch, refs, limiter=self._s3)
+            began = None
+            if len(refs) == 1:
+                datas, began = await self._fetch_begun(refs[0])
+            if datas is None:
+                datas = await trio.to_thread.run_sync(self._fetch, refs, began, limiter=self._s3)
         except TieredError as e:
             for _, flight in span:
                 flight.error = e
@@ -377,11 +381,48 @@ class TierChain:
         if offered < len(refs):
             self.counters.add("fill_skipped_deadline", len(refs) - offered)
 
-    def _fetch(self, refs: list[BlockRef]) -> list[bytes]:
-        """Worker thread: consecutive blocks in one ranged GET."""
+    async def _fetch_begun(self, ref: BlockRef) -> tuple[list[bytes] | None, float | None]:
+        """A small block's GET with no worker thread waiting on it: started here, ended here
+        when awscrt says it is done. A worker's wait and its hops cost more CPU than the GET
+        (docs/performance-notes.md, round 4). Returns (the block, when it began). The block
+        is None if the GET could not start (then when is None too), failed in any way or took
+        longer than the read timeout: the waiting path then makes it, retries and all."""
+        begun = self.s3.begin(ref)
+        if begun is None:
+            return None, None
+        began, start = time.monotonic(), time.perf_counter()
+        token, done = trio.lowlevel.current_trio_token(), trio.Event()
+
+        def wake(_future) -> None:  # on awscrt's thread, or here if already done
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass  # unmounted meanwhile
+
+        ended = False
+        try:
+            begun.future.add_done_callback(wake)
+            with trio.move_on_after(self.s3.begun_timeout):
+                await done.wait()
+            if done.is_set():
+                ended = True
+                data = self.s3.end(begun)
+                self._latency("s3").observe(time.perf_counter() - start)
+                if data is None:
+                    return None, began
+                self.counters.add("begun_gets")
+                return [data], began
+            return None, began
+        finally:
+            if not ended:
+                self.s3.abandon(begun)
+
+    def _fetch(self, refs: list[BlockRef], began: float | None = None) -> list[bytes]:
+        """Worker thread: consecutive blocks in one ranged GET (`began`: when a begun GET of
+        the one block was tried; the read deadline counts from then)."""
         start = time.perf_counter()
         try:
-            return self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0])]
+            return self.s3.get_span(refs) if len(refs) > 1 else [self.s3.get(refs[0], began)]
         finally:  # a failure's time too: retries until the deadline are what an outage looks like
             self._latency("s3").observe(time.perf_counter() - start)
 

@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import botocore.config
@@ -25,11 +26,15 @@ import urllib3.exceptions
 
 from . import s3_listing
 from ..blocks import BlockRef, ObjectVersion
-from ..errors import BackendUnavailable, BucketMissing, ConfigError, CredentialsRefused, EndpointUnreachable
+from ..errors import (BackendUnavailable, BucketMissing, ConfigError, CredentialsRefused, EndpointUnreachable,
+                      TieredError)
 from ..memory import BufferPool
 from ..stats import Counters
 from .s3_body import Answer, check, read_pieces
 from .s3_retry import AUTH_CODES, Retry, RetryLoop, Unreachable
+
+if TYPE_CHECKING:
+    from .s3_crt import Begun
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,7 @@ class S3Backend:
                  buffers: BufferPool | None = None, addressing: str = "auto", etag_md5: bool = True,
                  http_client: str = "boto3", crt_threads: int = 1):
         self.bucket = bucket
+        self.read_timeout = read_timeout
         self._buffers = buffers or BufferPool()  # what bodies are received into
         self.counters = counters
         self._etag_md5 = etag_md5  # off: this store's single-part ETags are not MD5s (--no-etag-md5)
@@ -281,11 +287,12 @@ class S3Backend:
             deleted += len(batch["Objects"])
         return deleted
 
-    def get_range(self, obj: ObjectVersion, start: int, length: int) -> bytes:
+    def get_range(self, obj: ObjectVersion, start: int, length: int, since: float | None = None) -> bytes:
         """Exactly `length` bytes of version `obj.etag` from `start`, or an exception."""
-        return self.get_pieces(obj, start, [length])[0] if length > 0 else b""
+        return self.get_pieces(obj, start, [length], since)[0] if length > 0 else b""
 
-    def get_pieces(self, obj: ObjectVersion, start: int, lengths: list[int]) -> list[memoryview]:
+    def get_pieces(self, obj: ObjectVersion, start: int, lengths: list[int],
+                   since: float | None = None) -> list[memoryview]:
         """One ranged GET from `start`, received straight into one buffer per piece (e.g. per
         block), so each piece lives and dies on its own: nothing needs copying out of a shared
         body, and a body is not held whole while one of its blocks is still wanted."""
@@ -300,9 +307,44 @@ class S3Backend:
             check(obj, start, pieces, got, answer, self._etag_md5, self.counters)
             return pieces
 
-        pieces = self._loop.call("get", attempt)
+        pieces = self._loop.call("get", attempt, since=since)
         self.counters.add("bytes", length)
         return pieces
+
+    def begin_get(self, obj: ObjectVersion, start: int, length: int) -> "Begun | None":
+        """A small GET's first attempt, started from the trio thread without waiting for
+        anything (issue 19): no worker thread sits on it. None when it cannot start so (not
+        an awscrt GET, S3 down, no free slot or kept-alive connection): use get_range."""
+        if self._crt is None or not (self._crt_all or _crt_serves(length)) or not self._loop.slot_now():
+            return None
+        begun = self._crt.begin(obj, start, [self._buffers.take(length)], start == 0 and length == obj.size)
+        if begun is None:
+            self._loop.free_slot()
+            return None
+        self.counters.add("requests.get")
+        return begun
+
+    def end_get(self, begun: "Begun") -> memoryview | None:
+        """The begun GET's bytes once its future is done, checked as every GET's are; None if
+        anything went wrong: the caller then makes it with get_range, retries and all."""
+        try:
+            got, answer = self._crt.end(begun)
+            check(begun.obj, begun.start, begun.pieces, got, answer, self._etag_md5, self.counters)
+        except (Retry, Unreachable, TieredError) as e:
+            self.counters.add("begun_gets_failed")
+            log.debug("event=begun_get_failed key=%r error=%r action=retrying_in_a_thread", begun.obj.key, str(e))
+            return None
+        finally:
+            self._loop.free_slot()
+        self.counters.add("responses.get.ok")
+        self.counters.add("bytes", len(begun.pieces[0]))
+        return begun.pieces[0]
+
+    def abandon_get(self, begun: "Begun") -> None:
+        """A begun GET that took too long or whose reader went away."""
+        self.counters.add("begun_gets_abandoned")
+        self._crt.abandon(begun)
+        self._loop.free_slot()
 
     def _boto_get(self, obj: ObjectVersion, start: int, pieces: list[memoryview], whole: bool,
                   stop_at: float) -> tuple[int, Answer]:
@@ -368,8 +410,24 @@ class S3Tier:
     def __init__(self, backend: S3Backend):
         self.backend = backend
 
-    def get(self, ref: BlockRef) -> bytes:
-        return self.backend.get_range(ref.obj, ref.start, ref.length)
+    def get(self, ref: BlockRef, since: float | None = None) -> bytes:
+        """`since`: when a begun GET of this block was started (its deadline runs from then)."""
+        return self.backend.get_range(ref.obj, ref.start, ref.length, since)
+
+    def begin(self, ref: BlockRef) -> "Begun | None":
+        """The block's GET started without waiting (S3Backend.begin_get), or None."""
+        return self.backend.begin_get(ref.obj, ref.start, ref.length)
+
+    def end(self, begun: "Begun") -> memoryview | None:
+        return self.backend.end_get(begun)
+
+    def abandon(self, begun: "Begun") -> None:
+        self.backend.abandon_get(begun)
+
+    @property
+    def begun_timeout(self) -> float:
+        """How long a begun GET may take before the waiting path takes over."""
+        return self.backend.read_timeout
 
     def get_span(self, refs: list[BlockRef]) -> list[memoryview]:
         """Consecutive blocks in one ranged GET, each received into its own buffer."""

@@ -21,6 +21,7 @@ import re
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 from urllib.request import getproxies_environment, proxy_bypass_environment
 
@@ -88,14 +89,66 @@ class CrtGets:
         bytes received and what the checks need of the headers; raises Retry, Unreachable or
         a final error (tiers/s3_retry.py)."""
         self._loop.counters.add("crt_gets")
+        request = self._request(obj, start, pieces, whole)
+        self._wait(auth.aws_sign_request(request, self._signing_config()), stop_at, "signing")
+        received, conn = self._exchange(request, pieces, stop_at)
+        return self._answer(received, conn, pieces, whole, obj)
+
+    def begin(self, obj: ObjectVersion, start: int, pieces: list[memoryview], whole: bool) -> "Begun | None":
+        """The same attempt started without waiting for anything, for the trio thread: on a
+        kept-alive connection, signed with the credentials the last waiting GET used. None
+        when that cannot be (no idle connection, no signing config yet, a connection that
+        fails at once): the caller then takes the waiting path. Its end: `future` is done,
+        then `end(begun)`; or `abandon(begun)`."""
+        signing = self._signing
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if signing is None or conn is None or not conn.is_open():
+            if conn is not None:
+                conn.close()
+            return None
+        request = self._request(obj, start, pieces, whole)
+        signed = auth.aws_sign_request(request, signing)
+        if not signed.done() or signed.exception() is not None:  # static credentials sign at once
+            with self._lock:
+                self._idle.append(conn)  # unused
+            return None
+        received = _Received(pieces)
+        try:
+            stream = conn.request(request, on_response=received.on_response, on_body=received.on_body)
+            stream.activate()
+        except exceptions.AwsCrtError:
+            conn.close()
+            return None
+        self._loop.counters.add("crt_gets")
+        return Begun(obj, start, pieces, whole, received, conn, stream.completion_future)
+
+    def end(self, begun: "Begun") -> tuple[int, Answer]:
+        """What get() returns, for a begun attempt whose future is done."""
+        try:
+            begun.future.result(timeout=0)
+        except Exception as e:
+            begun.conn.close()
+            raise Unreachable(f"awscrt: {getattr(e, 'name', type(e).__name__)}") from None
+        return self._answer(begun.received, begun.conn, begun.pieces, begun.whole, begun.obj)
+
+    @staticmethod
+    def abandon(begun: "Begun") -> None:
+        """Give up on a begun attempt: later bytes go nowhere, the connection ends it."""
+        begun.received.abandoned = True
+        begun.conn.close()
+
+    def _request(self, obj: ObjectVersion, start: int, pieces: list[memoryview], whole: bool):
         length = sum(len(p) for p in pieces)
         headers = [("Host", self._host_header), ("If-Match", f'"{obj.etag}"'),
                    ("Range", f"bytes={start}-{start + length - 1}")]
         if whole:  # S3 sends a full-object checksum only for a GET of the whole object, if asked
             headers.append(("x-amz-checksum-mode", "ENABLED"))
-        request = http.HttpRequest("GET", f"{self._prefix}/{quote(obj.key, safe='/~')}", http.HttpHeaders(headers))
-        self._wait(auth.aws_sign_request(request, self._signing_config()), stop_at, "signing")
-        received, conn = self._exchange(request, pieces, stop_at)
+        return http.HttpRequest("GET", f"{self._prefix}/{quote(obj.key, safe='/~')}", http.HttpHeaders(headers))
+
+    def _answer(self, received: "_Received", conn, pieces: list[memoryview], whole: bool,
+                obj: ObjectVersion) -> tuple[int, Answer]:
+        """The connection kept or closed; the response's status and checks."""
         if received.headers.get("connection", "").lower() == "close" or not conn.is_open():
             conn.close()
         else:
@@ -105,6 +158,7 @@ class CrtGets:
             match = _CODE.search(received.error)
             code = match.group(1).decode(errors="replace") if match else str(received.status)
             raise self._loop.answered("get", code, received.status)
+        length = sum(len(p) for p in pieces)
         if received.overflow:
             self._loop.counters.add("short_bodies")  # too long: not the range asked for
             raise Retry(f"asked {length} bytes, got more")
@@ -237,6 +291,19 @@ def _keep_thread_state() -> None:
     if not getattr(_pinned, "kept", False):
         ctypes.pythonapi.PyGILState_Ensure()
         _pinned.kept = True
+
+
+@dataclass
+class Begun:
+    """A GET attempt started by begin(): what end() needs once `future` is done."""
+
+    obj: ObjectVersion
+    start: int
+    pieces: list[memoryview]
+    whole: bool
+    received: "_Received"
+    conn: object
+    future: object  # concurrent.futures.Future: done when the response has ended
 
 
 class _Received:

@@ -47,10 +47,19 @@ class RetryLoop:
         self.down = False  # the last request ran out of deadline; only a success clears it
         self._slots = threading.BoundedSemaphore(max_requests)
 
-    def call(self, kind: str, fn, attempts: int | None = None):
+    def slot_now(self) -> bool:
+        """A request slot, if one is free at once and S3 is not taken as down (then every
+        request makes the one attempt of call()); free_slot() gives it back."""
+        return not self.down and self._slots.acquire(blocking=False)
+
+    def free_slot(self) -> None:
+        self._slots.release()
+
+    def call(self, kind: str, fn, attempts: int | None = None, since: float | None = None):
         """fn(stop_at) until it returns, raises a final error, or the attempts or the deadline
-        run out (then BackendUnavailable)."""
-        stop_at = time.monotonic() + self.deadline
+        run out (then BackendUnavailable). The deadline runs from `since` (time.monotonic())
+        when the request was tried before another way (a begun GET), else from now."""
+        stop_at = (time.monotonic() if since is None else since) + self.deadline
         last = "no attempt made"
         unreachable = False  # did the last attempt fail to get any answer from S3?
         for attempt in range(1 if self.down else attempts or self.max_attempts):
