@@ -101,8 +101,12 @@ class CrtGets:
         fails at once): the caller then takes the waiting path. Its end: `future` is done,
         then `end(begun)`; or `abandon(begun)`."""
         signing = self._signing
-        with self._lock:
+        if not self._lock.acquire(blocking=False):  # the trio thread never waits for a worker
+            return None
+        try:
             conn = self._idle.pop() if self._idle else None
+        finally:
+            self._lock.release()
         if signing is None or conn is None or not conn.is_open():
             if conn is not None:
                 conn.close()
@@ -110,8 +114,7 @@ class CrtGets:
         request = self._request(obj, start, pieces, whole)
         signed = auth.aws_sign_request(request, signing)
         if not signed.done() or signed.exception() is not None:  # static credentials sign at once
-            with self._lock:
-                self._idle.append(conn)  # unused
+            self._keep(conn, wait=False)  # unused
             return None
         received = _Received(pieces)
         try:
@@ -130,7 +133,7 @@ class CrtGets:
         except Exception as e:
             begun.conn.close()
             raise Unreachable(f"awscrt: {getattr(e, 'name', type(e).__name__)}") from None
-        return self._answer(begun.received, begun.conn, begun.pieces, begun.whole, begun.obj)
+        return self._answer(begun.received, begun.conn, begun.pieces, begun.whole, begun.obj, wait=False)
 
     @staticmethod
     def abandon(begun: "Begun") -> None:
@@ -146,14 +149,24 @@ class CrtGets:
             headers.append(("x-amz-checksum-mode", "ENABLED"))
         return http.HttpRequest("GET", f"{self._prefix}/{quote(obj.key, safe='/~')}", http.HttpHeaders(headers))
 
+    def _keep(self, conn, wait: bool = True) -> None:
+        """Back to the idle connections; closed instead if the lock is busy and the caller is
+        the trio thread (wait=False), which never waits for a worker holding it."""
+        if not self._lock.acquire(blocking=wait):
+            conn.close()
+            return
+        try:
+            self._idle.append(conn)
+        finally:
+            self._lock.release()
+
     def _answer(self, received: "_Received", conn, pieces: list[memoryview], whole: bool,
-                obj: ObjectVersion) -> tuple[int, Answer]:
+                obj: ObjectVersion, wait: bool = True) -> tuple[int, Answer]:
         """The connection kept or closed; the response's status and checks."""
         if received.headers.get("connection", "").lower() == "close" or not conn.is_open():
             conn.close()
         else:
-            with self._lock:
-                self._idle.append(conn)
+            self._keep(conn, wait)
         if received.status not in (200, 206):
             match = _CODE.search(received.error)
             code = match.group(1).decode(errors="replace") if match else str(received.status)
