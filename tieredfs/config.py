@@ -85,7 +85,7 @@ class Config:
     # The kernel's own readahead on the mount (needs root). 1 MiB, not more: FUSE drops the
     # async part of a readahead while 9 requests wait (docs/readahead.md, "The kernel's side").
     kernel_readahead: int = 1 * MiB
-    dir_prefetch: int = 8  # small files fetched ahead when a directory is read in order; 0 = off
+    dir_prefetch: int = 16  # small files fetched ahead when a directory is read in order; 0 = off
     cache_write_queue: int = 32 * MiB  # fetched blocks waiting to be written to the cache
     cache_fill_wait: float = 2.0  # seconds without any cache write finishing = a stalled disk
 

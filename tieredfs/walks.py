@@ -65,29 +65,47 @@ class WalkPrefetch:
         """Fetch these small objects whole into the tiers above S3, budget permitting."""
         if self._nursery is None or not self.chain.upper:
             return  # nowhere to keep them but memory, and that is what the budget is for
-        for obj in objs:
-            if not 0 < obj.size <= self.small_object or obj in self._walked:
-                continue
+        wanted = [obj for obj in objs if 0 < obj.size <= self.small_object]
+        todo = [obj for obj in wanted if obj not in self._walked]
+        if 2 * len(todo) < len(wanted):
+            return  # more than half are still ahead: topped up later, several in one go
+        batch = []
+        for obj in todo:
             if not self.budget.try_take(obj.size):
-                return
+                break
             self._walked[obj] = None
             if len(self._walked) > _REMEMBERED_OBJECTS:
                 self._forget(next(iter(self._walked)), remember=False)
-            refs = [BlockRef(obj, i, self.block_size) for i in range(block_count(obj.size, self.block_size))]
-            self._nursery.start_soon(self._fetch, obj, self.chain.claim(refs))
+            batch.append(obj)
+        if batch:
+            # One task and one claim for the batch: its tier 1 lookups share one worker
+            # thread's hop, and its S3 GETs go side by side. Per object, the task, the claim
+            # and the hop were a third of the trio thread's time in a warm walk.
+            refs = [BlockRef(obj, i, self.block_size)
+                    for obj in batch for i in range(block_count(obj.size, self.block_size))]
+            self._nursery.start_soon(self._fetch, batch, self.chain.claim(refs))
 
-    async def _fetch(self, obj: ObjectVersion, claim: Claim) -> None:
-        held = False
+    async def _fetch(self, objs: list[ObjectVersion], claim: Claim) -> None:
+        held = [False] * len(objs)
         try:
-            blocks = await self.chain.complete(claim, self._slots)
-            self.counters.add("walk_prefetched_bytes", obj.size)
-            held = self._hold(obj, blocks)
+            found = await self.chain.complete_each(claim, self._slots)
+            at = 0
+            for k, obj in enumerate(objs):
+                blocks = found[at:at + block_count(obj.size, self.block_size)]
+                at += len(blocks)
+                failed = next((b for b in blocks if isinstance(b, Exception)), None)
+                if failed is not None:
+                    self._failed(obj, failed)
+                    continue
+                self.counters.add("walk_prefetched_bytes", obj.size)
+                held[k] = self._hold(obj, blocks)
         except Exception as e:
-            self._failed(obj, e)
+            self._failed(objs[0], e)
         finally:
             self.chain.release(claim)
-            if not held:
-                self.budget.give_back(obj.size)
+            for obj, kept in zip(objs, held):
+                if not kept:
+                    self.budget.give_back(obj.size)
 
     def _hold(self, obj: ObjectVersion, blocks: list) -> bool:
         """Keep the blocks for the object's open, if it is still awaited and the held bytes

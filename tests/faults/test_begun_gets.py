@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from kit import KeepAliveServer
-from tieredfs.blocks import BlockRef
+from tieredfs.blocks import BlockRef, ObjectVersion
 from tieredfs.errors import BackendUnavailable
 from tieredfs.stats import Counters
 from tieredfs.tiers.chain import TierChain
@@ -26,21 +26,31 @@ pytestmark = pytest.mark.faults
 READ_TIMEOUT = 0.5
 
 
+def crt_backend(server: KeepAliveServer, s3: Counters, max_requests: int = 4, max_attempts: int = 3,
+                deadline: float = 20) -> S3Backend:
+    return S3Backend("bkt", endpoint_url=server.url, region=None, max_requests=max_requests,
+                     connect_timeout=2, read_timeout=READ_TIMEOUT, max_attempts=max_attempts, deadline=deadline,
+                     counters=s3, http_client="crt", crt_threads=1, addressing="path")
+
+
+def s3_chain(backend: S3Backend, counters: Counters, slots: int = 4) -> TierChain:
+    """In trio: a chain with S3 as its only tier."""
+    disk = trio.CapacityLimiter(2)
+    filler = Filler([], max_bytes=1 << 20, max_wait=1, writers=1, limiter=disk, counters=Counters("f"))
+    return TierChain([], S3Tier(backend), filler, disk_limiter=disk, s3_limiter=trio.CapacityLimiter(slots),
+                     max_span=8, counters=counters)
+
+
 def read_twice(server: KeepAliveServer, max_attempts: int = 3) -> tuple[list[bytes], Counters, Counters, float]:
     """Two reads of the server's object through an S3-only chain on awscrt: the first finds
     no kept-alive connection (waiting path), the second begins on the first's connection."""
     s3, chain_counters = Counters("s3"), Counters("chain")
-    backend = S3Backend("bkt", endpoint_url=server.url, region=None, max_requests=4, connect_timeout=2,
-                        read_timeout=READ_TIMEOUT, max_attempts=max_attempts, deadline=20, counters=s3,
-                        http_client="crt", crt_threads=1, addressing="path")
+    backend = crt_backend(server, s3, max_attempts=max_attempts)
     ref = BlockRef(server.obj, 0, server.obj.size)
     got = []
 
     async def main():
-        disk = trio.CapacityLimiter(2)
-        filler = Filler([], max_bytes=1 << 20, max_wait=1, writers=1, limiter=disk, counters=Counters("f"))
-        chain = TierChain([], S3Tier(backend), filler, disk_limiter=disk, s3_limiter=trio.CapacityLimiter(4),
-                          max_span=8, counters=chain_counters)
+        chain = s3_chain(backend, chain_counters)
         for _ in range(2):
             got.append(bytes(await chain.get(ref)))
 
@@ -50,6 +60,36 @@ def read_twice(server: KeepAliveServer, max_attempts: int = 3) -> tuple[list[byt
     finally:
         backend.close()
     return got, s3, chain_counters, time.monotonic() - t0
+
+
+def test_gets_beyond_the_request_slots_wait_for_a_slot_and_are_begun():
+    """8 GETs at once with 2 request slots: each waits for a slot on the trio thread, then
+    begins on a kept-alive connection. (One that found no slot free went the waiting way, to
+    wait for one in a worker thread.)"""
+    with KeepAliveServer() as server:
+        s3, counters = Counters("s3"), Counters("chain")
+        backend = crt_backend(server, s3, max_requests=2)
+        objs = [ObjectVersion("bkt", f"k{i}", server.obj.etag, server.obj.size) for i in range(10)]
+        got = []
+
+        async def main():
+            chain = s3_chain(backend, counters, slots=2)
+
+            async def get(obj):
+                got.append(bytes(await chain.get(BlockRef(obj, 0, obj.size))))
+
+            for batch in (objs[:2], objs[2:]):  # the first two make the connections
+                async with trio.open_nursery() as nursery:
+                    for obj in batch:
+                        nursery.start_soon(get, obj)
+
+        try:
+            trio.run(main)
+        finally:
+            backend.close()
+    assert got == [server.BODY] * 10
+    assert s3.get("requests.get") == 10 and server.connections == 2
+    assert counters.get("begun_gets") == 8
 
 
 def test_a_small_get_on_a_kept_alive_connection_needs_no_worker_thread():
@@ -81,10 +121,7 @@ def test_a_remake_has_what_is_left_of_the_deadline_its_begun_get_started():
     whole new deadline after it. Here the begun GET used it all: one attempt, then our error."""
     with KeepAliveServer() as server:
         s3 = Counters("s3")
-        backend = S3Backend("bkt", endpoint_url=server.url, region=None, max_requests=4,
-                            connect_timeout=2, read_timeout=READ_TIMEOUT, max_attempts=50,
-                            deadline=2 * READ_TIMEOUT, counters=s3, http_client="crt",
-                            crt_threads=1, addressing="path")
+        backend = crt_backend(server, s3, max_attempts=50, deadline=2 * READ_TIMEOUT)
         began = time.monotonic() - 2 * READ_TIMEOUT
         try:
             with pytest.raises(BackendUnavailable):
