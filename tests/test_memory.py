@@ -25,6 +25,34 @@ def test_a_buffer_is_reused_only_after_its_last_view_is_gone():
     assert pool.counters.snapshot() == {"memory.pool_new": 2, "memory.pool_reused": 1}
 
 
+def test_a_take_that_may_not_wait_never_waits_for_the_pools_lock():
+    """The trio thread's take (a begun GET's buffer): with the lock held by another thread,
+    or no buffer of the size free, it is a new heap buffer at once, of the right size."""
+    pool = BufferPool(keep=4 * M)
+    pooled = pool.take(M)
+    del pooled  # one free buffer of 1 MiB
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with pool._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert held.wait(10)
+        busy = pool.take(M, wait=False)
+        assert len(busy) == M and address(busy) % PAGE == 0
+        assert pool.counters.get("pool_reused") == 0  # not the free one: that needed the lock
+    finally:
+        release.set()
+        holder.join()
+    assert address(pool.take(M, wait=False)) is not None and pool.counters.get("pool_reused") == 1
+    fresh = pool.take(2 * M, wait=False)  # none free of this size: not mapped here
+    assert len(fresh) == 2 * M and pool.counters.get("pool_new") == 1
+
+
 def test_buffers_are_page_aligned_and_exactly_the_size_asked():
     pool = BufferPool(keep=4 * M)
     for n in (64 * 1024, M, M + 1, 300_001):

@@ -123,29 +123,43 @@ class BufferPool:
         self._lent_bytes = 0
         self._out: dict[int, tuple[weakref.ref, int, mmap.mmap]] = {}  # by id of the weak ref
 
-    def take(self, n: int) -> memoryview:
-        """n writable bytes, not zeroed; page-aligned if n is 64 KiB or more."""
+    def take(self, n: int, wait: bool = True) -> memoryview:
+        """n writable bytes, not zeroed; page-aligned if n is 64 KiB or more.
+
+        With wait=False (the trio thread) the pool's lock is only tried: if another thread
+        holds it, or no buffer of the size is free, the bytes are a new buffer of the heap,
+        not pooled (mapping one is a system call, and the trio thread waits for neither)."""
         size = -(-n // PAGE) * PAGE
-        if size < _POOLED_FROM:
+        if size < _POOLED_FROM or not self._lock.acquire(blocking=wait):
             return receive_buffer(n)
-        with self._lock:
+        try:
             free = self._free.get(size)
             mapping = free.pop() if free else None
             if mapping is not None:
                 self._free_bytes -= size
                 self._unused[size] = min(self._unused[size], len(free))
-        if mapping is None:
+                view = self._lend(mapping, size)
+        finally:
+            self._lock.release()
+        if mapping is not None:
+            self.counters.add("pool_reused")
+        elif not wait:
+            return receive_buffer(n)
+        else:
             mapping = mmap.mmap(-1, size)
             self.counters.add("pool_new")
-        else:
-            self.counters.add("pool_reused")
+            with self._lock:
+                view = self._lend(mapping, size)
+        return view if size == n else view[:n]
+
+    def _lend(self, mapping: mmap.mmap, size: int) -> memoryview:
+        """A view of `mapping`, which comes back to the pool when its last view is gone
+        (holding the lock)."""
         holder = _exporter(size).from_buffer(mapping)
         ref = weakref.ref(holder, self._returned)
-        with self._lock:
-            self._out[id(ref)] = (ref, size, mapping)
-            self._lent_bytes += size
-        view = memoryview(holder).cast("B")
-        return view if size == n else view[:n]
+        self._out[id(ref)] = (ref, size, mapping)
+        self._lent_bytes += size
+        return memoryview(holder).cast("B")
 
     def _returned(self, ref: weakref.ref) -> None:
         with self._lock:

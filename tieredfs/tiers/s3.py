@@ -317,7 +317,8 @@ class S3Backend:
         an awscrt GET, S3 down, no free slot or kept-alive connection): use get_range."""
         if self._crt is None or not (self._crt_all or _crt_serves(length)) or not self._loop.slot_now():
             return None
-        begun = self._crt.begin(obj, start, [self._buffers.take(length)], start == 0 and length == obj.size)
+        begun = self._crt.begin(obj, start, [self._buffers.take(length, wait=False)],
+                                start == 0 and length == obj.size)
         if begun is None:
             self._loop.free_slot()
             return None
