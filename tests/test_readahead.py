@@ -278,6 +278,21 @@ def test_walkers_side_by_side_keep_the_walk_going(bucket, put, mount_factory):
         len(files[f"pairs/f{i:02d}"]) for i in range(1, 20))
 
 
+def test_a_walk_fetches_ahead_only_what_it_can_hold(bucket, put, mount_factory):
+    """A file a walk fetched and could not hold was read back from tier 1 by its reader (a
+    worker thread's trip and a disk read more): a walk fetches no more than it can hold."""
+    files = {f"room/f{i:02d}": put(f"room/f{i:02d}", os.urandom(8 * K + i)) for i in range(20)}
+    # Held files take at most half the budget: 64 KiB, 7 of these files; a batch is 8.
+    m = mount_factory(bucket, *SMALL, "--dir-prefetch", "16", "--readahead-budget", "128K")
+    os.listdir(m.path / "room")
+    for key in sorted(files):
+        assert read_file(m.path / key) == files[key]
+    stats = m.stats()
+    assert stats.get("chain.hits.local", 0) == 0, stats  # each file from S3 or memory, once
+    assert stats["s3.requests.get"] == len(files)
+    assert stats["readahead.walk_used_bytes"] >= 8 * 8 * K
+
+
 def test_a_walked_file_is_served_from_memory_and_a_cold_one_skips_the_tier1_lookup(
         bucket, put, mount_factory, s3server):
     """The files a walk prefetched are held until opened: the open reads neither S3 nor tier 1;
