@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import read_uncached, tieredfs_cmd
+from tests.faults.proxy import FaultProxy
 from tieredfs.devserver import wait_until
 
 MiB = 1 << 20
@@ -99,6 +100,38 @@ def test_packed_tree_reads_right_in_one_get_per_pack_block(s3, s3server, bucket,
     # A re-run packs only those ten.
     out = pack(s3server, bucket, "data").stdout
     assert "packed 10 files" in out and "kept 1990" in out and "dropped 10 stale" in out
+
+
+def test_a_packed_walk_on_a_tight_budget_costs_one_get_per_chunk(s3, s3server, bucket, mount_factory):
+    """8 readers all over the packs, room in the readahead budget for 2 chunks, and slow GETs
+    (the fault proxy adds 0.3 s to each): the chunks whose fetch waits for room are claimed
+    all the same, so their files' reads join them. Unclaimed, each read fetched its own
+    block, and the chunk's GET, made later, was split around them."""
+    files = small_tree("tight/", 600, seed=3)
+    upload(s3, bucket, files)
+    pack(s3server, bucket, "tight", "--pack-size", "1M")
+    packs = keys(s3, bucket, "tight/.tieredfs/packs/")
+    chunks = sum(math.ceil(size / MiB) for k, size in packs.items() if k.endswith(".pack"))
+    slow = FaultProxy(s3server.url).start()
+    try:
+        m = mount_factory(bucket, "--block-size", "256K", "--pack-readahead", "1M",
+                          "--readahead-budget", "2M", "--small-file-threshold", "256K",
+                          endpoint=slow.url)
+        os.listdir(m.path / "tight")
+        for d in range(5):
+            for e in range(3):
+                os.listdir(m.path / f"tight/d{d}/e{e}")  # the listings first: only data GETs below
+        slow.add("latency", seconds=0.3)
+        s3server.reset_counts()
+        # In file number order, as the bench's walk: every directory, so every pack, at once.
+        by_number = sorted(files, key=lambda key: key.rsplit("/f", 1)[1])
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda key: read_uncached(m.path / key), by_number)) == \
+                [files[key] for key in by_number]
+        assert s3server.counts()["GET"] <= chunks, (s3server.counts(), chunks)
+        assert m.stats().get("readahead.pack_budget_waits", 0) > 0  # the case this is about happened
+    finally:
+        slow.stop()
 
 
 def test_interrupted_pack_resumes_and_never_names_a_missing_pack(s3, s3server, bucket, mount_factory, tmp_path):

@@ -46,6 +46,7 @@ class MemoryBudget:
         self.limit = limit
         self.used = 0
         self.counters = counters
+        self._freed = trio.Event()  # set (and replaced) whenever bytes are given back
 
     def try_take(self, n: int) -> bool:
         if self.used + n > self.limit:
@@ -57,6 +58,13 @@ class MemoryBudget:
 
     def give_back(self, n: int) -> None:
         self.used -= n
+        if n:
+            self._freed.set()
+            self._freed = trio.Event()
+
+    async def freed(self) -> None:
+        """Until bytes are next given back."""
+        await self._freed.wait()
 
 
 @dataclass

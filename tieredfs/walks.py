@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _REMEMBERED_OBJECTS = 4096  # objects prefetched by directory walks, not yet opened
 _HOLD_SHARE = 2  # held bytes: at most the readahead budget / this
 HOLD_SECONDS = 10.0
+BUDGET_WAIT = 1.0  # seconds a pack chunk's fetch waits for room in the budget, at most
 
 
 class WalkPrefetch:
@@ -206,14 +207,19 @@ class PackWalk:
             first, last = c * chunk, min(block_count(obj.size, bs), (c + 1) * chunk)
             refs = [BlockRef(obj, i, bs) for i in range(first, last)
                     if (obj, i) not in self._held]
-            nbytes = sum(r.length for r in refs)
-            if refs and not self._make_room(nbytes):
-                return
             self._claimed[key] = None
             while len(self._claimed) > _REMEMBERED_OBJECTS:
                 self._claimed.popitem(last=False)
             if refs:
-                self._nursery.start_soon(self._fetch, obj, self.chain.claim(refs), nbytes)
+                # Claimed now even when the budget has no room for it yet (the fetch then
+                # waits for room): the files' reads join it. Unclaimed, each read fetched its
+                # own block, and the chunk's GET, made later, was split around them (13
+                # instead of 7 GETs for the bench's 2,000 packed files, 8 readers).
+                nbytes = sum(r.length for r in refs)
+                reserved = self._make_room(nbytes)
+                if not reserved:
+                    self.counters.add("pack_budget_waits")
+                self._nursery.start_soon(self._fetch, key, self.chain.claim(refs), nbytes, reserved)
 
     def _make_room(self, nbytes: int) -> bool:
         """Take `nbytes` of the budget, letting go of held blocks (oldest first) if need be."""
@@ -223,9 +229,19 @@ class PackWalk:
             self._drop(next(iter(self._held)))
         return True
 
-    async def _fetch(self, obj: ObjectVersion, claim: Claim, nbytes: int) -> None:
+    async def _fetch(self, key: tuple, claim: Claim, nbytes: int, reserved: bool) -> None:
+        obj = key[0]
         kept = 0
         try:
+            with trio.move_on_after(BUDGET_WAIT):
+                while not reserved:
+                    await self.budget.freed()
+                    reserved = self._make_room(nbytes)
+            if not reserved:
+                # Budget held elsewhere (idle streams give theirs back after 10 s): the
+                # waiting readers fetch their own blocks, as a later open may the chunk.
+                self._claimed.pop(key, None)
+                return
             blocks = await self.chain.complete(claim, self._slots)
             self.counters.add("pack_prefetched_bytes", nbytes)
             now = trio.current_time()
@@ -242,7 +258,8 @@ class PackWalk:
             self._failed(obj, e)
         finally:
             self.chain.release(claim)
-            self.budget.give_back(nbytes - kept)
+            if reserved:
+                self.budget.give_back(nbytes - kept)
 
     def _drop(self, key: tuple[ObjectVersion, int]) -> None:
         data, _ = self._held.pop(key)
