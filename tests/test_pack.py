@@ -134,6 +134,34 @@ def test_a_packed_walk_on_a_tight_budget_costs_one_get_per_chunk(s3, s3server, b
         slow.stop()
 
 
+def test_a_packed_file_read_from_tier1_reads_its_own_chunks_not_the_block(s3, s3server, bucket,
+                                                                          mount_factory):
+    """Nothing held in memory (a budget too small for a pack chunk) and tier 1 warm: each
+    packed file's read takes only its own bytes from tier 1 (read and verified by 16 KiB
+    chunk, with the 64 KiB around, where its neighbours often are), not its whole block."""
+    files = small_tree("parts/", 200, seed=4)
+    upload(s3, bucket, files)
+    pack(s3server, bucket, "parts", "--pack-size", "1M")
+    m = mount_factory(bucket, "--block-size", "256K", "--pack-readahead", "256K",
+                      "--readahead-budget", "256K", "--small-file-threshold", "256K")
+    read_all(m.path, files, "")
+    m.settle()
+    m.restart()
+    for d in range(5):
+        for e in range(3):
+            os.listdir(m.path / f"parts/d{d}/e{e}")
+    s3server.reset_counts()
+    for key in sorted(files):  # pack order
+        assert read_uncached(m.path / key) == files[key], key
+    stats = m.stats()
+    assert s3server.counts()["GET"] == 0
+    # What the reads took from tier 1 (beside the chunks prefetched whole: a pack's last,
+    # small enough for the budget) is their own bytes, not a block each.
+    read_from_tier1 = stats["chain.bytes.local"] - stats.get("readahead.pack_prefetched_bytes", 0)
+    assert read_from_tier1 <= sum(map(len, files.values())), stats
+    assert stats["chain.part_reads_inline"] > stats.get("chain.part_reads_threaded", 0)
+
+
 def test_interrupted_pack_resumes_and_never_names_a_missing_pack(s3, s3server, bucket, mount_factory, tmp_path):
     files = small_tree("p/", 300, seed=2)
     upload(s3, bucket, files)

@@ -47,8 +47,17 @@ class Reader:
             return b""
         if self.recorder is not None:
             self.recorder.note(refs)
-        if f.own is not None and (held := self.readahead.pack_walks.held(refs)) is not None:
-            return assemble(refs, held, offset, size)  # a packed file's blocks, in memory
+        if f.own is not None:
+            if (held := self.readahead.pack_walks.held(refs)) is not None:
+                return assemble(refs, held, offset, size)  # a packed file's blocks, in memory
+            # Read and verify only the file's own chunks of its pack's blocks (and the 64 KiB
+            # around them, often its neighbours in the pack, then read on the event loop), not
+            # the whole 1 MiB blocks for each file.
+            end = offset + size
+            parts = [await self.readahead.chain.get_part(
+                ref, max(offset, ref.start) - ref.start, min(end, ref.start + ref.length) - ref.start)
+                for ref in refs]
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         return await self.readahead.read(f, refs, offset, size)
 
     async def opened(self, f: OpenFile) -> None:

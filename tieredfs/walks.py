@@ -207,6 +207,9 @@ class PackWalk:
             first, last = c * chunk, min(block_count(obj.size, bs), (c + 1) * chunk)
             refs = [BlockRef(obj, i, bs) for i in range(first, last)
                     if (obj, i) not in self._held]
+            nbytes = sum(r.length for r in refs)
+            if nbytes > self.budget.limit:
+                return  # it would never fit: the files' reads fetch what they need
             self._claimed[key] = None
             while len(self._claimed) > _REMEMBERED_OBJECTS:
                 self._claimed.popitem(last=False)
@@ -215,7 +218,6 @@ class PackWalk:
                 # waits for room): the files' reads join it. Unclaimed, each read fetched its
                 # own block, and the chunk's GET, made later, was split around them (13
                 # instead of 7 GETs for the bench's 2,000 packed files, 8 readers).
-                nbytes = sum(r.length for r in refs)
                 reserved = self._make_room(nbytes)
                 if not reserved:
                     self.counters.add("pack_budget_waits")
