@@ -231,3 +231,21 @@ def test_lookups_in_a_fresh_listing_need_no_s3_and_few_requests(bucket, put, mou
     time.sleep(2.2)  # the listing is past its TTL: the next lookup lists S3 again
     assert read_file(m.path / "d" / "new") == b"n"
     assert m.stats()["s3.requests.list"] > after["s3.requests.list"]
+
+
+def test_a_small_tree_is_listed_flat_when_the_kernel_first_looks_into_it(bucket, put, mount_factory,
+                                                                         s3server):
+    """A walker of a tree of 3 x 3 directories waited for a LIST in each; the tree below the
+    first directory the kernel looks into is listed flat (one LIST) and every directory below
+    gets its listing from it."""
+    keys = [f"tree/a{i}/b{j}/f{k}" for i in range(3) for j in range(3) for k in range(2)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: put(key, key.encode()), keys))
+    m = mount_factory(bucket)
+    os.stat(m.path / "tree")  # the root is looked into: the whole bucket is a small tree
+    assert wait_until(lambda: m.stats()["namespace.listed_dirs"] >= 1 + 1 + 3 + 9, 10), m.stats()
+    s3server.reset_counts()
+    for key in keys:
+        assert read_file(m.path / key) == key.encode()
+    assert s3server.counts()["LIST"] == 0
+    assert s3server.counts()["GET"] == len(keys)

@@ -237,3 +237,56 @@ def test_past_the_ttl_a_slow_refresh_is_waited_for_a_moment_then_the_last_listin
         assert got["new"].name == b"new" and bucket.lists == 2
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class TreeBucket(Bucket):
+    """Also lists every key under a prefix at once, as a flat ListObjectsV2 does."""
+
+    trees = 0
+
+    def list_tree(self, prefix: str, max_keys: int) -> list[ListedObject] | None:
+        self.trees += 1
+        found = [ListedObject(key, len(etag), 0, etag) for key, etag in sorted(self.keys.items())
+                 if key.startswith(prefix)]
+        return found if len(found) <= max_keys else None
+
+
+def tree(ns: Namespace, ino: int, wait: bool) -> dict:
+    """Every directory's entries below `ino`, by path: (name, is_dir, size, etag) each."""
+    out, todo = {}, [(ino, b"")]
+    while todo:
+        at, path = todo.pop()
+        children = ns.children(at, wait=wait)
+        assert children is not None, f"{path!r} has no listing"
+        out[path] = [(n.name, n.is_dir, n.size, n.etag) for n in children]
+        todo += [(n.ino, path + b"/" + n.name) for n in children if n.is_dir]
+    return out
+
+
+AWKWARD_TREE = {"top/a/x": "1", "top/a/b/y": "22", "top/a/b/c/z": "333", "top/d/": "4",
+                "top/d/w": "55", "top/e//f": "6", "top/g": "77", "top/a/b/c/.": "8", "other": "9"}
+
+
+def test_a_small_tree_listed_flat_gives_each_directory_what_its_own_listing_gives():
+    """Namespace.list_tree: one flat listing of a tree, split into the listing each directory
+    below would get from its own delimited LIST (markers, an empty component, a `.`)."""
+    flat, delimited = TreeBucket(AWKWARD_TREE), Bucket(AWKWARD_TREE)
+    ns = Namespace("", flat.list_dir, TTL, 0, clock=Clock(), list_tree=flat.list_tree)
+    reference = Namespace("", delimited.list_dir, TTL, 0, clock=Clock())
+    top, top_ref = ns.lookup(ROOT_INO, b"top"), reference.lookup(ROOT_INO, b"top")
+    ns.children(top.ino)  # the kernel looked into it: listed on its own
+    covered = ns.list_tree(top.ino, 100)
+    assert flat.trees == 1 and flat.lists == 2  # the root and top: nothing below listed alone
+    assert tree(ns, top.ino, wait=False) == tree(reference, top_ref.ino, wait=True)
+    assert sorted(ns.node(ino).key for ino in covered) == ["top/a/", "top/a/b/", "top/a/b/c/", "top/d/", "top/e/"]
+    assert flat.lists == 2
+
+
+def test_a_tree_over_the_limit_is_left_to_be_listed_a_directory_at_a_time():
+    bucket = TreeBucket(AWKWARD_TREE)
+    ns = Namespace("", bucket.list_dir, TTL, 0, clock=Clock(), list_tree=bucket.list_tree)
+    top = ns.lookup(ROOT_INO, b"top")
+    ns.children(top.ino)
+    assert ns.list_tree(top.ino, 3) == [] and bucket.trees == 1
+    a = ns.lookup(top.ino, b"a", wait=False)
+    assert ns.children(a.ino, wait=False) is None  # listed when asked, as before

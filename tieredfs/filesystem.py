@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _WALKS_REMEMBERED = 1024  # directories whose last opened position is kept
+# A directory with subdirectories that the kernel looks into is listed flat, all depths at
+# once, if it holds at most this many keys (5 LIST pages): its subdirectories then need no
+# LIST each (Namespace.list_tree).
+TREE_KEYS = 5000
 STALE_GRACE = 2.0  # seconds a request waits for a directory's refresh before a stale answer
 
 
@@ -59,6 +63,7 @@ class FileSystem:
         self._refreshes: dict[int, trio.Event] = {}  # directory -> its refresh under way
         self._kept: set[int] = set()  # directories answered from a kept listing until refreshed
         self._reaping = False
+        self._trees: OrderedDict[int, None] = OrderedDict()  # directories listed flat, or tried
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background work (freeing forgotten listings) runs in the mount's nursery."""
@@ -72,7 +77,37 @@ class FileSystem:
     async def lookup(self, parent: int, name: bytes) -> Node:
         # A listed name is answered here, on the trio thread: only a directory that must be
         # listed first takes a worker thread, so lookups never queue behind S3 listings.
-        return await self._listed(parent, self.namespace.lookup, parent, name)
+        node = await self._listed(parent, self.namespace.lookup, parent, name)
+        self._list_tree_ahead(parent)
+        return node
+
+    def _list_tree_ahead(self, ino: int) -> None:
+        """The kernel looks into a directory: if it has subdirectories, list the whole tree
+        below it flat in the background (if small enough), before the kernel asks into them."""
+        if self._nursery is None or ino in self._trees:
+            return
+        entries = self.namespace.children(ino, wait=False, stale=True)
+        if entries is None:
+            return
+        self._remember_tree(ino)
+        # More entries than keys allowed: the tree is too big for one flat listing anyway.
+        if len(entries) <= TREE_KEYS and any(n.is_dir for n in entries):
+            self._nursery.start_soon(self._list_tree, ino)
+
+    async def _list_tree(self, ino: int) -> None:
+        try:
+            covered = await self._ns(self.namespace.list_tree, ino, TREE_KEYS)
+        except (TieredError, NotADirectoryError) as e:
+            # Each directory is listed on its own when asked, and a failure is seen then.
+            log.debug("event=tree_listing_failed ino=%d error=%r", ino, str(e))
+            return
+        for below in covered:
+            self._remember_tree(below)  # listed by this one: not again, a level down
+
+    def _remember_tree(self, ino: int) -> None:
+        self._trees[ino] = None
+        if len(self._trees) > _WALKS_REMEMBERED:
+            self._trees.popitem(last=False)
 
     async def _listed(self, ino: int, query, *args):
         """query(*args) answered from directory `ino`'s listing, listing it if need be.

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import BackendUnavailable, ObjectMissing
 from .packindex import RESERVED
-from .tiers.s3 import Listing
+from .tiers.s3 import ListedObject, Listing
 
 if TYPE_CHECKING:
     from .listings_store import ListingStore
@@ -93,8 +93,10 @@ class Namespace:
                  mount_time_ns: int, clock: Callable[[], float] = time.monotonic,
                  refresh_dir: Callable[[str], Listing] | None = None,
                  on_listed: Callable[[str, bool], None] | None = None,
-                 store: "ListingStore | None" = None):
+                 store: "ListingStore | None" = None,
+                 list_tree: Callable[[str, int], list[ListedObject] | None] | None = None):
         self._list_dir = list_dir
+        self._list_tree = list_tree  # every key under a prefix, if at most so many (or None)
         self._store = store  # listings kept across restarts (listings_store.py), or None
         self._on_listed = on_listed  # (prefix, shows the packs' reserved dir): docs/packs.md
         self._refresh_dir = refresh_dir or list_dir
@@ -326,6 +328,41 @@ class Namespace:
                     self._store.save(node.key, listing, started)
         return d
 
+    def list_tree(self, ino: int, max_keys: int) -> list[int]:
+        """Worker thread: list every key under directory `ino` in one flat listing, if there
+        are at most `max_keys` (a few LIST pages), and give each directory below it that has
+        no listing yet the one a delimited LIST of it would have given. A walker of a tree
+        then finds every directory listed, instead of waiting for one LIST per directory (184
+        for the bench's 2,000 files). The directories below `ino` (each covered now), or []
+        when the tree is bigger or cannot be listed flat here."""
+        if self._list_tree is None:
+            return []
+        root = self.node(ino)
+        started = time.time()
+        objects = self._list_tree(root.key, max_keys)
+        if objects is None:
+            return []
+        listings = _tree_listings(root.key, objects)
+        covered, todo = [], [ino]
+        while todo:
+            for child in self.children(todo.pop(), wait=False, stale=True) or ():
+                if not child.is_dir:
+                    continue
+                covered.append(child.ino)
+                todo.append(child.ino)
+                listing = listings.get(child.key)
+                d = self._dir(child.ino)
+                if listing is None or d.listed_at is not None or not d.lock.acquire(blocking=False):
+                    continue  # listed already, or being listed by a request right now
+                try:
+                    if d.listed_at is None:
+                        self._apply(child, d, d.epoch, listing)
+                        if self._store is not None:
+                            self._store.save(child.key, listing, started)
+                finally:
+                    d.lock.release()
+        return covered
+
     def _is_fresh(self, d: _Dir) -> bool:
         return d.listed_at is not None and self._clock() - d.listed_at < self._ttl
 
@@ -402,3 +439,20 @@ class Namespace:
         if key not in self._skipped and len(self._skipped) < 100_000:
             self._skipped.add(key)
             log.warning("event=key_skipped key=%r reason=%r", key[:300], why)
+
+
+def _tree_listings(root: str, objects: list[ListedObject]) -> dict[str, Listing]:
+    """Each directory under `root` (a prefix ending in "/"), with the listing a delimited
+    LIST of it gives: its objects and its subdirectories' prefixes."""
+    listings: dict[str, Listing] = {}
+    subdirs: dict[str, set[str]] = {}
+    for obj in objects:
+        rel = obj.key[len(root):]
+        listings.setdefault(root + rel[:rel.rfind("/") + 1], Listing([], [])).objects.append(obj)
+        start = 0
+        while (slash := rel.find("/", start)) >= 0:
+            subdirs.setdefault(root + rel[:start], set()).add(root + rel[:slash + 1])
+            start = slash + 1
+    for prefix, dirs in subdirs.items():
+        listings.setdefault(prefix, Listing([], [])).prefixes.extend(sorted(dirs))
+    return listings

@@ -119,7 +119,9 @@ class Daemon:
         self.namespace = Namespace(c.prefix, self.packs.list_dir(self.backend.list_dir), c.list_ttl,
                                    time.time_ns(),
                                    refresh_dir=self.packs.list_dir(self.backend.list_dir, attempts=1),
-                                   on_listed=self.packs.listed, store=self.listings)
+                                   on_listed=self.packs.listed, store=self.listings,
+                                   # From the index, a packed prefix needs no LIST at all.
+                                   list_tree=None if c.listing_from_index else self.backend.list_tree)
         self.registry.add_source(self.namespace.gauges)
         self.capacity = 0
         self.local = self._build_local_tier()

@@ -237,6 +237,11 @@ class S3Backend:
 
     def list_all(self, prefix: str) -> list[ListedObject]:
         """Every object under `prefix`, at any depth (the packer's one walk of a prefix)."""
+        return self.list_tree(prefix, None)
+
+    def list_tree(self, prefix: str, max_keys: int | None) -> list[ListedObject] | None:
+        """Every object under `prefix`, at any depth, if there are at most `max_keys` of them
+        (None: however many); else None, after listing about `max_keys` of them."""
         s3_listing.install(self._client, ListedObject)
         objects, token = [], None
         while True:
@@ -247,6 +252,8 @@ class S3Backend:
             objects.extend(s3_listing.entries(page, _listed)[1])
             if not page.get("IsTruncated"):
                 return objects
+            if max_keys is not None and len(objects) >= max_keys:
+                return None
             token = page["NextContinuationToken"]
 
     def get_object(self, key: str) -> tuple[bytes, str]:
