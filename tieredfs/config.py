@@ -86,6 +86,7 @@ class Config:
     # async part of a readahead while 9 requests wait (docs/readahead.md, "The kernel's side").
     kernel_readahead: int = 1 * MiB
     dir_prefetch: int = 16  # small files fetched ahead when a directory is read in order; 0 = off
+    list_tree_keys: int = 5000  # a tree of at most this many keys is listed flat at first look; 0 = off
     cache_write_queue: int = 32 * MiB  # fetched blocks waiting to be written to the cache
     cache_fill_wait: float = 2.0  # seconds without any cache write finishing = a stalled disk
 
@@ -181,6 +182,8 @@ class Config:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.dir_prefetch <= 256:
             raise ConfigError("dir-prefetch must be between 0 and 256 files")
+        if not 0 <= self.list_tree_keys <= 100_000:
+            raise ConfigError("list-tree-keys must be between 0 and 100000 keys")
         for name in ("s3_connect_timeout", "s3_read_timeout", "read_deadline", "list_ttl",
                      "readahead_idle"):
             if getattr(self, name) <= 0:

@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _WALKS_REMEMBERED = 1024  # directories whose last opened position is kept
-# A directory with subdirectories that the kernel looks into is listed flat, all depths at
-# once, if it holds at most this many keys (5 LIST pages): its subdirectories then need no
-# LIST each (Namespace.list_tree).
-TREE_KEYS = 5000
 STALE_GRACE = 2.0  # seconds a request waits for a directory's refresh before a stale answer
 
 
@@ -43,6 +39,7 @@ class Opened:
 class FileSystem:
     def __init__(self, namespace: Namespace, reader: Reader, bucket: str,
                  list_limiter: trio.CapacityLimiter, stats: Callable[[], dict], dir_prefetch: int = 0,
+                 tree_keys: int = 0,
                  packs: PackRegistry | None = None, pack_readahead: int = 0,
                  meter: "ReadMeter | None" = None):
         self.meter = meter or ReadMeter()
@@ -52,6 +49,10 @@ class FileSystem:
         self.reader = reader
         self.bucket = bucket
         self._dir_prefetch = dir_prefetch
+        # A directory with subdirectories that the kernel looks into is listed flat, all depths
+        # at once, if it holds at most this many keys: its subdirectories then need no LIST
+        # each (Namespace.list_tree). From the index (--listing-from-index) no LIST is made.
+        self._tree_keys = tree_keys
         self._walks: OrderedDict[int, int] = OrderedDict()  # directory -> last opened position
         self._list_limiter = list_limiter
         self._stats = stats
@@ -84,19 +85,19 @@ class FileSystem:
     def _list_tree_ahead(self, ino: int) -> None:
         """The kernel looks into a directory: if it has subdirectories, list the whole tree
         below it flat in the background (if small enough), before the kernel asks into them."""
-        if self._nursery is None or ino in self._trees:
+        if self._nursery is None or not self._tree_keys or ino in self._trees:
             return
         entries = self.namespace.children(ino, wait=False, stale=True)
         if entries is None:
             return
         self._remember_tree(ino)
         # More entries than keys allowed: the tree is too big for one flat listing anyway.
-        if len(entries) <= TREE_KEYS and any(n.is_dir for n in entries):
+        if len(entries) <= self._tree_keys and any(n.is_dir for n in entries):
             self._nursery.start_soon(self._list_tree, ino)
 
     async def _list_tree(self, ino: int) -> None:
         try:
-            covered = await self._ns(self.namespace.list_tree, ino, TREE_KEYS)
+            covered = await self._ns(self.namespace.list_tree, ino, self._tree_keys)
         except (TieredError, NotADirectoryError) as e:
             # Each directory is listed on its own when asked, and a failure is seen then.
             log.debug("event=tree_listing_failed ino=%d error=%r", ino, str(e))

@@ -36,6 +36,9 @@ MOUNT_SETTINGS = {
                                      help="the kernel's readahead on the mount, 0 = leave (default 1M)"),
     "dir_prefetch": click.option("--dir-prefetch", type=int,
                                  help="small files fetched ahead of an in-order directory walk (0: off)"),
+    "list_tree_keys": click.option("--list-tree-keys", type=int,
+                                   help="a tree of at most this many keys is listed flat when first "
+                                        "looked into (default 5000; 0: off)"),
     "cache_open_files": click.option("--cache-open-files", type=int,
                                      help="tier-1 files kept open between reads (default 1024)"),
     "cache_write_queue": click.option("--cache-write-queue",

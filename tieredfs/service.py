@@ -120,8 +120,7 @@ class Daemon:
                                    time.time_ns(),
                                    refresh_dir=self.packs.list_dir(self.backend.list_dir, attempts=1),
                                    on_listed=self.packs.listed, store=self.listings,
-                                   # From the index, a packed prefix needs no LIST at all.
-                                   list_tree=None if c.listing_from_index else self.backend.list_tree)
+                                   list_tree=self.backend.list_tree)
         self.registry.add_source(self.namespace.gauges)
         self.capacity = 0
         self.local = self._build_local_tier()
@@ -198,7 +197,7 @@ class Daemon:
         reader = Reader(c.block_size, engine, recorder=self.recorder)
         fs = FileSystem(self.namespace, reader, c.bucket, trio.CapacityLimiter(c.s3_max_requests),
                         self.registry.snapshot, dir_prefetch=c.dir_prefetch,
-                        packs=self.packs,
+                        tree_keys=0 if c.listing_from_index else c.list_tree_keys, packs=self.packs,
                         # (half the budget at most: the files being read need their share)
                         pack_readahead=min(c.pack_readahead, c.readahead_budget // 2),
                         meter=ReadMeter(self.registry.counters("fs"), self.registry.histogram("fuse.read")))
