@@ -288,7 +288,9 @@ def test_a_walk_fetches_ahead_only_what_it_can_hold(bucket, put, mount_factory):
     for key in sorted(files):
         assert read_file(m.path / key) == files[key]
     stats = m.stats()
-    assert stats.get("chain.hits.local", 0) == 0, stats  # each file from S3 or memory, once
+    # Each file from S3 or memory, once: a file read back from tier 1 (5 of 20 here before)
+    # only if its open came while its batch was in flight and its read after the batch ended.
+    assert stats.get("chain.hits.local", 0) <= 1, stats
     assert stats["s3.requests.get"] == len(files)
     assert stats["readahead.walk_used_bytes"] >= 8 * 8 * K
 
