@@ -252,10 +252,11 @@ class FileSystem:
         pos, after = self.namespace.next_siblings(node.ino, self._dir_prefetch)
         last = self._walks.pop(node.parent, None)
         # The furthest file opened: walkers side by side open in any order, and one behind
-        # must not take the walk back (the next opens were then more than two past it, and the
-        # walk stopped fetching ahead). The first file begins a walk anew; in a directory walked before, the walk
-        # fetches ahead from the second open on (as it always did: a re-walk's first files
-        # are often opened side by side, and a batch then fetched them a second time).
+        # must not take the walk back (the next opens were then more than two past it, and
+        # the walk stopped fetching ahead). The first file begins a walk anew; in a directory
+        # walked before, the walk fetches ahead from the second open on (as it always did: a
+        # re-walk's first files are often opened side by side, and a batch then fetched them
+        # a second time).
         self._walks[node.parent] = pos if pos == 0 or last is None else max(pos, last)
         if len(self._walks) > _WALKS_REMEMBERED:
             self._walks.popitem(last=False)
