@@ -147,3 +147,67 @@ def test_every_writer_takes_work_while_the_others_are_busy():
     trio.run(main)
     assert disk.most_busy == 4
     assert sorted(disk.stored) == sorted(ref(i).id for i in range(4))
+
+
+def test_small_blocks_queued_behind_a_write_go_together_in_the_next_one():
+    """While one writer is busy, blocks queued behind it wait for one trip together, unless
+    `spare_bytes` of them wait: then another writer starts (a thread trip per small object
+    was ~700 trips for 2,000 small files, and their GIL handoffs a fifth of the daemon's CPU)."""
+
+    class BatchDisk(HungDisk):
+        def __init__(self):
+            super().__init__()
+            self.lock = threading.Lock()
+            self.batches: list[int] = []
+            self.busy = 0
+
+        def put_many(self, items):
+            with self.lock:
+                self.busy += 1
+            try:
+                super().put_many(items)
+            finally:
+                with self.lock:
+                    self.batches.append(len(items))
+                    self.busy -= 1
+
+    disk = BatchDisk()
+    counters = Counters("chain")
+    filler = Filler([disk], max_bytes=64 * BS, max_wait=5, writers=4, spare_bytes=16 * BS,
+                    limiter=trio.CapacityLimiter(4), counters=counters)
+    out = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(filler.run)
+            with trio.fail_after(10):
+                await filler.offer(ref(0), b"0" * BS)
+                while disk.busy < 1:
+                    await trio.sleep(0.01)
+                for i in range(1, 11):  # 10 blocks behind the hung write: under spare_bytes
+                    await filler.offer(ref(i), bytes([i]) * BS)
+                await trio.sleep(0.2)
+                out["busy_under_spare"] = disk.busy
+                disk.released.set()
+                while filler.gauges()["chain.fill_queue_bytes"]:
+                    await trio.sleep(0.01)
+                out["batches"] = list(disk.batches)
+                disk.released.clear()
+                await filler.offer(ref(20), b"x" * BS)
+                while disk.busy < 1:
+                    await trio.sleep(0.01)
+                for i in range(21, 38):  # 17 blocks: past spare_bytes, a second writer starts
+                    await filler.offer(ref(i), bytes([i]) * BS)
+                while disk.busy < 2:
+                    await trio.sleep(0.01)
+                out["busy_over_spare"] = disk.busy
+                disk.released.set()
+                while filler.gauges()["chain.fill_queue_bytes"]:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert out["busy_under_spare"] == 1
+    assert out["batches"] == [1, 10]
+    assert out["busy_over_spare"] == 2
+    assert len(disk.stored) == 29 and counters.get("fill_trips") == len(disk.batches)

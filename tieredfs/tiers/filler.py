@@ -143,6 +143,7 @@ class Filler:
             nbytes += len(item[1])
         self._bytes_writing += nbytes
         self._trips += 1
+        self.counters.add("fill_trips")
         try:
             await trio.to_thread.run_sync(self._put, [item for _, item in batch], limiter=self._limiter)
         finally:
