@@ -1,6 +1,7 @@
 """The S3 tier's MD5 checks that no fault scenario reaches (which ETags are MD5s, and the
 mount's choice for stores whose ETags are not), and how --addressing-style resolves."""
 
+import subprocess
 import sys
 
 import pytest
@@ -9,7 +10,7 @@ from tieredfs.blocks import ObjectVersion
 from tieredfs.errors import ConfigError
 from tieredfs.stats import Counters
 from tieredfs.tiers.s3 import S3Backend, addressing_style
-from tieredfs.tiers.s3_body import Answer, _check_md5, _md5_checkable
+from tieredfs.tiers.s3_body import Answer, _check_md5, _md5_checkable, check_full_object
 from tieredfs.tiers.s3_retry import Retry
 
 MD5_OF_ABC = "900150983cd24fb0d6963f7d28e17f72"
@@ -91,3 +92,49 @@ def test_a_bad_client_choice_is_a_config_error(values, named):
     with pytest.raises(ConfigError, match=named):
         build_config("s3://bkt", {}, values)
     assert build_config("s3://bkt", {}, {}).http_client == "auto"
+
+
+def test_botocore_is_imported_without_awscrt_which_stays_importable():
+    """Start-up (issue 19): botocore imports awscrt when it is installed, ~40 ms of CPU before
+    a mount can be ready; tiers/s3.py hides it from that import only. A fresh interpreter,
+    since this one imported botocore long ago."""
+    code = ("import sys, tieredfs.tiers.s3, botocore.compat\n"
+            "print('awscrt' in sys.modules, botocore.compat.HAS_CRT)\n"
+            "import awscrt.checksums\n"
+            "print(awscrt.checksums.crc32c(b'abc'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", str(0x364B3FB7)]
+
+
+def test_crt_later_makes_the_awscrt_client_when_asked():
+    """A mount in auto makes its awscrt client after it is ready (service.py); until then
+    GETs go through botocore."""
+    kwargs = dict(endpoint_url="http://127.0.0.1:9", region=None, max_requests=1, connect_timeout=0.5,
+                  read_timeout=0.5, max_attempts=1, deadline=1.0, counters=Counters("s3"))
+    b = S3Backend("bkt", http_client="auto", crt_later=True, **kwargs)
+    try:
+        assert b._crt is None
+        b.start_crt()
+        assert b._crt is not None
+    finally:
+        b.close()
+    assert S3Backend("bkt", http_client="boto3", crt_later=True, **kwargs).start_crt() is None
+
+
+@pytest.mark.parametrize("name, body, value", [
+    ("x-amz-checksum-crc32", b"hello world", "DUoRhQ=="),
+    ("x-amz-checksum-crc32c", b"hello world", "yZRlqg=="),
+    ("x-amz-checksum-crc64nvme", b"hello world", "jSnVw/bqjr4="),
+    ("x-amz-checksum-sha256", b"abc", "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="),
+])
+def test_full_object_checksums_are_verified_whichever_client_got_the_body(name, body, value):
+    obj = ObjectVersion("bkt", "k", "e", len(body))
+    counters = Counters("s3")
+    check_full_object(obj, {name: value}, [body[:3], body[3:]], counters)
+    wrong = bytes([body[0] ^ 0x20]) + body[1:]
+    with pytest.raises(Retry, match=name):
+        check_full_object(obj, {name: value}, [wrong], counters)
+    check_full_object(obj, {name: value}, [wrong], counters, only=frozenset({"x-amz-checksum-other"}))
+    check_full_object(obj, {name: value, "x-amz-checksum-type": "COMPOSITE"}, [wrong], counters)
+    assert counters.get("checksum_mismatches") == 1

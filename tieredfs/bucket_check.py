@@ -94,7 +94,7 @@ def _child(check: Callable[[], None], fd: int) -> int:
     return 0
 
 
-def make_backend(c, counters, buffers=None):
+def make_backend(c, counters, buffers=None, http_client: str | None = None, crt_later: bool = False):
     """The mount's S3Backend from its Config (the daemon's, and the checker's own)."""
     from .tiers.s3 import S3Backend
 
@@ -103,14 +103,17 @@ def make_backend(c, counters, buffers=None):
         connect_timeout=c.s3_connect_timeout, read_timeout=c.s3_read_timeout,
         max_attempts=c.s3_max_attempts, deadline=c.read_deadline,
         counters=counters, buffers=buffers, addressing=c.addressing_style, etag_md5=c.etag_md5,
-        http_client=c.http_client, crt_threads=c.crt_threads)
+        http_client=http_client or c.http_client, crt_threads=c.crt_threads, crt_later=crt_later)
 
 
 def check_bucket(c) -> None:
-    """What the checker process runs."""
+    """What the checker process runs: a HEAD, through botocore. In auto it makes no awscrt
+    client (~40 ms to load); with --http-client crt it does, so that a missing awscrt
+    fails the mount."""
     from .stats import Registry
 
-    make_backend(c, Registry().counters("s3")).check_bucket()
+    client = "boto3" if c.http_client == "auto" else c.http_client
+    make_backend(c, Registry().counters("s3"), http_client=client).check_bucket()
 
 
 class LazyBackend:

@@ -104,7 +104,8 @@ class Daemon:
         self.registry.add_source(self.buffers.gauges)
         # Issue 19: the client is made on first use (bucket_check.py, start-up time).
         s3_counters = self.registry.counters("s3")
-        self.backend = LazyBackend(functools.partial(make_backend, c, s3_counters, self.buffers),
+        self.backend = LazyBackend(functools.partial(make_backend, c, s3_counters, self.buffers,
+                                                     crt_later=True),
                                    c.bucket, s3_counters)
         self.registry.add_source(self.backend.gauges)
         self.cache_dir = CacheDir(c.effective_cache_dir)
@@ -324,7 +325,8 @@ async def _serve(daemon: Daemon, on_ready: Callable[[], None], control: signals.
                 _collect_from_now_on()
                 on_ready()
                 session.ready = True
-                nursery.start_soon(trio.to_thread.run_sync, daemon.backend.real)  # S3 client, soon
+                # The S3 clients, soon: botocore's, then awscrt's (S3Backend.start_crt).
+                nursery.start_soon(trio.to_thread.run_sync, daemon.backend.start_crt)
                 nursery.start_soon(_trim_buffers, daemon.buffers)
                 if daemon.local:
                     nursery.start_soon(_sweep_orphans, daemon.local)

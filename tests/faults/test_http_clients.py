@@ -119,6 +119,24 @@ def test_the_client_flag_reaches_the_mount(bucket, put, via_proxy, proxy, client
     assert (stats.get("s3.crt_gets", 0) > 0) == (client == "crt"), stats
 
 
+def test_crcs_are_verified_on_the_botocore_path_of_a_mount(s3, bucket, via_proxy, proxy):
+    """A daemon imports botocore without awscrt (start-up, tiers/s3.py), so botocore itself
+    checks no crc32c or crc64nvme (S3's default for new objects); our check does. With
+    --no-etag-md5, the CRC is the only check a flipped byte meets."""
+    files = {}
+    for i, (algorithm, n) in enumerate([("CRC64NVME", 5 * K), ("CRC32C", 9 * K), ("CRC64NVME", 30 * K),
+                                        ("CRC32C", 2 * K)] * 2):
+        files[f"c/f{i}"] = data = os.urandom(n)
+        s3.put_object(Bucket=bucket, Key=f"c/f{i}", Body=data, ChecksumAlgorithm=algorithm)
+    mnt = via_proxy(bucket, "--http-client", "boto3", "--no-etag-md5", "--dir-prefetch", "0")
+    os.listdir(mnt.path / "c")
+    proxy.add("flip", rate=0.5)
+    for key, data in files.items():
+        assert read_uncached(mnt.path / key) == data, key
+    flips = proxy.counts()["faults.flip"]
+    assert flips > 0 and mnt.stats()["s3.checksum_mismatches"] == flips
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("style", ["virtual", "path"])
 def test_both_addressing_styles_reach_a_local_server(s3, bucket, s3server, proxy, monkeypatch, client, style):

@@ -12,26 +12,40 @@ import datetime
 import hashlib
 import ipaddress
 import logging
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import botocore.config
-import botocore.exceptions
-import botocore.loaders
-import botocore.response
-import botocore.session
-import botocore.utils
-import urllib3.exceptions
+# botocore.compat imports awscrt whenever it is installed, for what a mount does not use
+# (SigV4a signers) or checks itself (crc32c and crc64nvme checksums, s3_body.py). Loading
+# awscrt's native library was ~40 ms of CPU on the way to a mount being ready (issue 19):
+# hidden from botocore's import here, it is loaded after the mount is ready, by our own
+# awscrt client (S3Backend.start_crt) or the first checksum that needs it.
+_HIDE_AWSCRT = "awscrt" not in sys.modules
+if _HIDE_AWSCRT:
+    sys.modules["awscrt"] = None  # type: ignore[assignment]  # import awscrt: ImportError
+try:
+    import botocore.compat
+finally:
+    if _HIDE_AWSCRT:
+        del sys.modules["awscrt"]
+import botocore.config  # noqa: E402 - after botocore.compat, above
+import botocore.exceptions  # noqa: E402
+import botocore.loaders  # noqa: E402
+import botocore.response  # noqa: E402
+import botocore.session  # noqa: E402
+import botocore.utils  # noqa: E402
+import urllib3.exceptions  # noqa: E402
 
-from . import s3_listing
-from ..blocks import BlockRef, ObjectVersion
-from ..errors import (BackendUnavailable, BucketMissing, ConfigError, CredentialsRefused, EndpointUnreachable,
-                      TieredError)
-from ..memory import BufferPool
-from ..stats import Counters
-from .s3_body import Answer, check, read_pieces
-from .s3_retry import AUTH_CODES, Retry, RetryLoop, Unreachable
+from . import s3_listing  # noqa: E402
+from ..blocks import BlockRef, ObjectVersion  # noqa: E402
+from ..errors import (BackendUnavailable, BucketMissing, ConfigError, CredentialsRefused,  # noqa: E402
+                      EndpointUnreachable, TieredError)
+from ..memory import BufferPool  # noqa: E402
+from ..stats import Counters  # noqa: E402
+from .s3_body import CRT_ONLY, Answer, check, check_full_object, read_pieces  # noqa: E402
+from .s3_retry import AUTH_CODES, Retry, RetryLoop, Unreachable  # noqa: E402
 
 if TYPE_CHECKING:
     from .s3_crt import Begun
@@ -129,7 +143,7 @@ class S3Backend:
                  max_requests: int, connect_timeout: float, read_timeout: float,
                  max_attempts: int, deadline: float, counters: Counters,
                  buffers: BufferPool | None = None, addressing: str = "auto", etag_md5: bool = True,
-                 http_client: str = "boto3", crt_threads: int = 1):
+                 http_client: str = "boto3", crt_threads: int = 1, crt_later: bool = False):
         self.bucket = bucket
         self.read_timeout = read_timeout
         self._buffers = buffers or BufferPool()  # what bodies are received into
@@ -156,19 +170,29 @@ class S3Backend:
         self._client = self._session.create_client("s3", endpoint_url=endpoint_url, config=cfg)
         self._crt = None
         self._crt_all = http_client == "crt"  # else auto: crt for the GETs it wins (_crt_serves)
-        if http_client != "boto3":
-            try:
-                from .s3_crt import CrtGets  # the only importer of awscrt
-            except ImportError:
-                if self._crt_all:
-                    raise ConfigError("--http-client crt needs awscrt (pip install awscrt); "
-                                      "auto falls back to boto3 without it") from None
-            else:
-                self._crt = CrtGets(bucket, endpoint_url=self._client.meta.endpoint_url,
-                                    region=self._client.meta.region_name, style=style,
-                                    credentials=self._credentials, connect_timeout=connect_timeout,
-                                    read_timeout=read_timeout, threads=crt_threads, loop=self._loop,
-                                    ca_bundle=self._session.get_config_variable("ca_bundle"))
+        self._crt_settings = None if http_client == "boto3" else dict(
+            endpoint_url=self._client.meta.endpoint_url, region=self._client.meta.region_name,
+            style=style, credentials=self._credentials, connect_timeout=connect_timeout,
+            read_timeout=read_timeout, threads=crt_threads, loop=self._loop,
+            ca_bundle=self._session.get_config_variable("ca_bundle"))
+        if self._crt_all or not crt_later:
+            self.start_crt()
+
+    def start_crt(self) -> None:
+        """Make the awscrt client for the GETs it serves (--http-client auto or crt). A mount
+        in auto makes it once it is ready (crt_later): loading awscrt is ~40 ms of CPU that
+        start-up need not wait for; until then every GET goes through botocore."""
+        if self._crt is not None or self._crt_settings is None:
+            return
+        try:
+            from .s3_crt import CrtGets  # the only importer of awscrt's client
+        except ImportError:
+            if self._crt_all:
+                raise ConfigError("--http-client crt needs awscrt (pip install awscrt); "
+                                  "auto falls back to boto3 without it") from None
+            self._crt_settings = None
+            return
+        self._crt = CrtGets(self.bucket, **self._crt_settings)
 
     @property
     def deadline(self) -> float:
@@ -369,6 +393,9 @@ class S3Backend:
             got = self._boto("get", lambda: read_pieces(*_body_reader(body), pieces, stop_at, self.counters))
         finally:
             body.close()
+        if whole and got == length and not botocore.compat.HAS_CRT:  # botocore skipped these
+            check_full_object(obj, resp["ResponseMetadata"]["HTTPHeaders"], pieces, self.counters,
+                              only=CRT_ONLY)
         return got, Answer(resp.get("ContentRange", ""), resp.get("ServerSideEncryption", "AES256"),
                            "SSECustomerAlgorithm" in resp)
 

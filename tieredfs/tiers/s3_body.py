@@ -10,8 +10,11 @@ is a corruption that repeats, and is refused. A part of an object has no checksu
 send (docs/reliability.md).
 """
 
+import base64
+import functools
 import hashlib
 import time
+import zlib
 from dataclasses import dataclass
 
 from ..blocks import ObjectVersion
@@ -19,6 +22,9 @@ from ..stats import Counters
 from .s3_retry import Retry
 
 _MD5_HEX = frozenset("0123456789abcdef")
+_HASHES = {"x-amz-checksum-sha1": hashlib.sha1, "x-amz-checksum-sha256": hashlib.sha256}
+# The full-object checksums only awscrt computes here (botocore, too, needs awscrt for them).
+CRT_ONLY = frozenset({"x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme"})
 
 
 @dataclass(frozen=True)
@@ -82,3 +88,46 @@ def _check_md5(obj: ObjectVersion, pieces: list, counters: Counters) -> None:
     counters.add("checksum_mismatches")
     raise Retry(f"body of {obj.key!r} has MD5 {digest}, its ETag says {obj.etag} (a store "
                 "whose single-part ETags are not MD5s needs --no-etag-md5)")
+
+
+def check_full_object(obj: ObjectVersion, headers: dict, pieces: list, counters: Counters,
+                      only: frozenset[str] | None = None) -> None:
+    """Verify the full-object checksums S3 sent with a whole-object GET (header names in
+    lower case; `only` limits which). A checksum of parts (-N, COMPOSITE) covers no body as
+    a whole and is left alone; so is a CRC whose code cannot be loaded (no awscrt)."""
+    if headers.get("x-amz-checksum-type", "FULL_OBJECT").upper() != "FULL_OBJECT":
+        return
+    crcs = _crcs()
+    for name, value in headers.items():
+        if (name in crcs or name in _HASHES) and (only is None or name in only) and "-" not in value \
+                and base64.b64encode(_digest(name, pieces, crcs)).decode() != value:
+            counters.add("checksum_mismatches")
+            raise Retry(f"body of {obj.key!r} does not match its {name}")
+
+
+@functools.cache
+def _crcs() -> dict:
+    """{header: (crc function, digest size)}: crc32 from zlib; crc32c and crc64nvme from
+    awscrt, imported only when a GET first has a checksum to verify (not at start-up)."""
+    crcs = {"x-amz-checksum-crc32": (zlib.crc32, 4)}
+    try:
+        from awscrt import checksums
+    except ImportError:
+        return crcs
+    crcs["x-amz-checksum-crc32c"] = (checksums.crc32c, 4)
+    if hasattr(checksums, "crc64nvme"):  # awscrt >= 0.23
+        crcs["x-amz-checksum-crc64nvme"] = (checksums.crc64nvme, 8)
+    return crcs
+
+
+def _digest(name: str, pieces: list, crcs: dict) -> bytes:
+    if name in _HASHES:
+        h = _HASHES[name]()
+        for piece in pieces:
+            h.update(piece)
+        return h.digest()
+    fn, size = crcs[name]
+    crc = 0
+    for piece in pieces:
+        crc = fn(piece, crc)
+    return crc.to_bytes(size, "big")

@@ -14,9 +14,7 @@ bytes and by the request's deadline. Past either, the connection is closed, whic
 request in awscrt.
 """
 
-import base64
 import ctypes
-import hashlib
 import re
 import threading
 import time
@@ -25,20 +23,15 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 from urllib.request import getproxies_environment, proxy_bypass_environment
 
-from awscrt import auth, checksums, exceptions, http, io
+from awscrt import auth, exceptions, http, io
 
 from ..blocks import ObjectVersion
-from .s3_body import Answer
+from .s3_body import Answer, check_full_object
 from .s3_retry import Retry, RetryLoop, Unreachable
 
 _ERROR_BODY = 64 * 1024  # an error answer's XML is read up to this much, for its <Code>
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _CLOSE_WAIT = 5.0  # after closing a connection, how long its request may take to end
-# Full-object checksums S3 may send with a whole-object GET (x-amz-checksum-mode: ENABLED).
-_CRCS = {"x-amz-checksum-crc32": (checksums.crc32, 4), "x-amz-checksum-crc32c": (checksums.crc32c, 4)}
-if hasattr(checksums, "crc64nvme"):  # awscrt >= 0.23
-    _CRCS["x-amz-checksum-crc64nvme"] = (checksums.crc64nvme, 8)
-_HASHES = {"x-amz-checksum-sha1": hashlib.sha1, "x-amz-checksum-sha256": hashlib.sha256}
 
 
 class CrtGets:
@@ -177,7 +170,7 @@ class CrtGets:
             raise Retry(f"asked {length} bytes, got more")
         h = received.headers
         if whole and received.got == length:
-            self._check_checksum(obj, h, pieces)
+            check_full_object(obj, h, pieces, self._loop.counters)
         return received.got, Answer(h.get("content-range", ""), h.get("x-amz-server-side-encryption", "AES256"),
                                     "x-amz-server-side-encryption-customer-algorithm" in h)
 
@@ -265,30 +258,6 @@ class CrtGets:
                 self._loop.counters.add("slow_bodies")
                 raise Retry(f"body still arriving at the deadline ({received.got} bytes)")
             raise Unreachable("awscrt: read timed out")
-
-    def _check_checksum(self, obj: ObjectVersion, headers: dict, pieces: list[memoryview]) -> None:
-        """Verify the full-object checksum S3 sent, as botocore does for its GETs; a
-        checksum of parts (-N, COMPOSITE) covers no body as a whole and is left alone."""
-        if headers.get("x-amz-checksum-type", "FULL_OBJECT").upper() != "FULL_OBJECT":
-            return
-        for name, value in headers.items():
-            if (name in _CRCS or name in _HASHES) and "-" not in value \
-                    and base64.b64encode(_digest(name, pieces)).decode() != value:
-                self._loop.counters.add("checksum_mismatches")
-                raise Retry(f"body of {obj.key!r} does not match its {name}")
-
-
-def _digest(name: str, pieces: list[memoryview]) -> bytes:
-    if name in _HASHES:
-        h = _HASHES[name]()
-        for piece in pieces:
-            h.update(piece)
-        return h.digest()
-    fn, size = _CRCS[name]
-    crc = 0
-    for piece in pieces:
-        crc = fn(piece, crc)
-    return crc.to_bytes(size, "big")
 
 
 _pinned = threading.local()
