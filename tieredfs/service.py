@@ -175,7 +175,7 @@ class Daemon:
         request_blocks = max(1, min(c.request_size, c.readahead_budget) // c.block_size)
         disk = trio.CapacityLimiter(c.max_threads)
         self.filler = Filler(self.upper_tiers, max_bytes=c.cache_write_queue,
-                             max_wait=c.cache_fill_wait, writers=4, spare_bytes=2 * c.block_size,
+                             max_wait=c.cache_fill_wait, writers=4,
                              limiter=disk, counters=self.registry.counters("chain"))
         self.registry.add_source(self.filler.gauges)
         self.shared = self._build_shared_tier()

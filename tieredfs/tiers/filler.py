@@ -28,32 +28,23 @@ from .base import Tier
 log = logging.getLogger(__name__)
 
 _CONGESTED_SECONDS = 30.0
-# What one writer takes at a time. Under load, batches of 8 blocks filled a cold 1 GiB read's
-# blocks with a fraction of the GIL waits of one block at a time (docs/readahead.md); small
-# objects are taken up to 64 at a time, by bytes.
-_BATCH_ITEMS, _BATCH_BYTES = 64, 8 << 20
+# Blocks one writer takes at a time. Under load, batches of 8 filled a cold 1 GiB read's
+# blocks with a fraction of the GIL waits of one block at a time (docs/readahead.md).
+_BATCH = 8
 
 
 class Filler:
     def __init__(self, tiers: list[Tier], *, max_bytes: int, max_wait: float, writers: int,
-                 limiter: trio.CapacityLimiter, counters: Counters, spare_bytes: int = 0):
+                 limiter: trio.CapacityLimiter, counters: Counters):
         self.tiers = tiers
         self.max_bytes = max_bytes
         self.max_wait = max_wait
         self.writers = writers
-        # While one writer is busy, another starts only once this much waits behind it.
-        # Small objects then gather into the next batch instead of each costing a thread
-        # trip of its own: in a cold walk of 2,000 small files, 4 writers taking whatever was
-        # queued made ~700 trips, and their threads' GIL handoffs were ~20% of the
-        # daemon's CPU per file (docs/performance-notes.md, round 6).
-        self.spare_bytes = spare_bytes
-        self._trips = 0
         self._limiter = limiter
         self.counters = counters
         self._queue: OrderedDict[str, tuple[BlockRef, bytes]] = OrderedDict()
         self._writing: dict[str, bytes] = {}
-        self._bytes = 0  # queued and being written
-        self._bytes_writing = 0
+        self._bytes = 0
         self._wakeup = trio.Event()
         self._room = trio.Event()
         self._no_wait_until = 0.0
@@ -71,20 +62,11 @@ class Filler:
         self._queue[ref.id] = (ref, data)
         self._bytes += len(data)
         self.counters.max("fill_queue_peak_bytes", self._bytes)
-        if self._work_for_a_writer():
-            self._wake_writers()
-
-    def _wake_writers(self) -> None:
         # Every idle writer waits on this one event; it is replaced only here, after waking
         # them all. (Each writer used to replace it before waiting, which orphaned the others:
         # only one of the four writers ever ran.)
         self._wakeup.set()
         self._wakeup = trio.Event()
-
-    def _work_for_a_writer(self) -> bool:
-        if not self._queue:
-            return False
-        return self._trips == 0 or self._bytes - self._bytes_writing >= self.spare_bytes
 
     async def _wait_for_room(self, n: int) -> bool:
         if self._bytes + n <= self.max_bytes:
@@ -128,34 +110,25 @@ class Filler:
 
     async def _writer(self) -> None:
         while True:
-            if not self._work_for_a_writer():
+            if not self._queue:
                 await self._wakeup.wait()
                 continue
             await self._write_next()
 
     async def _write_next(self) -> None:
         """Write the oldest queued blocks, up to a batch: a tier stores a batch together."""
-        batch, nbytes = [], 0
-        while self._queue and len(batch) < _BATCH_ITEMS and nbytes < _BATCH_BYTES:
-            block_id, item = self._queue.popitem(last=False)
-            batch.append((block_id, item))
-            self._writing[block_id] = item[1]
-            nbytes += len(item[1])
-        self._bytes_writing += nbytes
-        self._trips += 1
+        batch = [self._queue.popitem(last=False) for _ in range(min(_BATCH, len(self._queue)))]
+        for block_id, (_, data) in batch:
+            self._writing[block_id] = data
         self.counters.add("fill_trips")
         try:
             await trio.to_thread.run_sync(self._put, [item for _, item in batch], limiter=self._limiter)
         finally:
-            for block_id, _ in batch:
+            for block_id, (_, data) in batch:
                 del self._writing[block_id]
-            self._bytes -= nbytes
-            self._bytes_writing -= nbytes
-            self._trips -= 1
+                self._bytes -= len(data)
             self._room.set()
             self._room = trio.Event()
-            if self._work_for_a_writer():
-                self._wake_writers()
 
     def _put(self, items: list[tuple[BlockRef, bytes]]) -> None:
         for tier in self.tiers:
