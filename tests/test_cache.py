@@ -380,5 +380,7 @@ def test_small_files_from_tier_1_share_worker_thread_hops(bucket, put, mount_fac
         assert read_uncached(m.path / key) == want, key
     stats = m.stats()
     assert s3server.counts().get("GET", 0) == 0
-    assert stats["chain.upper_lookups_threaded"] >= len(files) // 2
-    assert stats["chain.upper_hops"] < stats["chain.upper_lookups_threaded"]
+    # Small files share segment files in tier 1: the first hop's reads bring their neighbours
+    # into memory too (the kernel reads ahead in the segment), then read on the event loop.
+    assert 0 < stats["chain.upper_hops"] < stats["chain.upper_lookups_threaded"]
+    assert stats["chain.upper_hops"] <= len(files) // 10

@@ -108,6 +108,11 @@ def refs(n, key="k", etag="e"):
     return [BlockRef(obj, i, BS) for i in range(n)]
 
 
+def place_of(tier, ref):
+    """The file holding a block: its object's, or a segment for a small whole object."""
+    return tier.cache.file_path(tier.index.locate(bytes.fromhex(ref.id)).file)
+
+
 def du(path):
     """Disk space the cache's files take (their holes not counted)."""
     total = 0
@@ -161,7 +166,7 @@ def test_get_verifies_and_drops_corrupt_block(tmp_path):
     data = os.urandom(BS)
     tier.put(r, data)
     assert tier.get(r) == data
-    path = tier.cache.file_path(r.file)
+    path = place_of(tier, r)
     raw = bytearray(path.read_bytes())
     raw[100] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -306,7 +311,7 @@ def test_sweep_removes_orphans_only(tmp_path, monkeypatch):
     tier = make_tier(tmp_path, 100 * BS)
     kept = refs(1)[0]
     tier.put(kept, os.urandom(BS))
-    kept_path = tier.cache.file_path(kept.file)
+    kept_path = place_of(tier, kept)
     orphan = kept_path.with_name("ab" * 16)  # e.g. a block file of format 3, by its block id
     orphan.write_bytes(b"x")
     temp = kept_path.with_name(kept.id + ".tmp-1-2")  # format 3 wrote temp files
@@ -407,3 +412,51 @@ def test_an_index_that_fails_is_a_miss_and_a_declined_fill(tmp_path, caplog, mon
     assert tier.counters.get("index_errors") >= 4
     assert caplog.text.count("event=cache_index_errors") == 1
     tier.files.close_all()
+
+
+def small_objects(n: int, first: int = 1000):
+    """n whole objects of odd sizes (none a multiple of a page), one block each."""
+    objs = [ObjectVersion("b", f"small/{i}", "e", first + 37 * i) for i in range(n)]
+    return [BlockRef(o, 0, BS) for o in objs], [os.urandom(o.size) for o in objs]
+
+
+def block_files(path):
+    return [p for p in (path / "blocks").rglob("*") if p.is_file()]
+
+
+def test_small_whole_objects_share_a_segment_read_after_a_restart_and_evicted_alone(tmp_path):
+    tier = make_tier(tmp_path, 100 * BS)
+    small, datas = small_objects(12)
+    tier.put_many(list(zip(small[:6], datas[:6])))
+    tier.put_many(list(zip(small[6:], datas[6:])))
+    (segment,) = block_files(tmp_path)  # one file for the twelve, not one each
+    assert {place_of(tier, r) for r in small} == {segment}
+    tier.close()
+    tier = make_tier(tmp_path, 100 * BS)  # a restart: the places come from the index
+    assert [bytes(tier.get(r)) for r in small] == datas
+    assert [bytes(tier.get_part(r, 10, 20)) for r in small] == [d[10:20] for d in datas]
+    taken = tier.index.remove([bytes.fromhex(small[3].id)])
+    with tier.room.lock:
+        tier.room.free(taken[0])  # a hole where it was; the others stay
+    assert tier.get(small[3]) is None and segment.exists()
+    assert [bytes(tier.get(r)) for i, r in enumerate(small) if i != 3] == datas[:3] + datas[4:]
+    for removed in tier.index.remove([bytes.fromhex(r.id) for r in small]):
+        with tier.room.lock:
+            tier.room.free(removed)
+    assert not segment.exists()  # with its last object
+    tier.close()
+
+
+def test_a_padded_write_into_a_segment_leaves_what_lies_beyond_it(tmp_path):
+    """O_DIRECT writes a short object padded to a page; in an object's own file the padding
+    is cut off, in a segment it must not be: a later object may already be written there
+    (four cache writers place and write their batches concurrently)."""
+    from tieredfs.tiers.local_writes import Placed, write_blocks
+
+    files = BlockFiles(lambda name: tmp_path / name, 8)
+    first, later = os.urandom(1000), os.urandom(3000)
+    write_blocks(files, [(Placed("b" * 32, "s" * 32, 4096, len(later), shared=True), later)])
+    write_blocks(files, [(Placed("a" * 32, "s" * 32, 0, len(first), shared=True), first)])
+    assert bytes(files.read("s" * 32, 0, 1000, wait=True)) == first
+    assert bytes(files.read("s" * 32, 4096, 3000, wait=True)) == later
+    files.close_all()

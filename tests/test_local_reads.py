@@ -66,7 +66,7 @@ def test_a_bad_block_in_a_run_is_dropped_alone(tmp_path):
     got = tier.get_many(refs)
     assert [None if g is None else bytes(g) for g in got] == [datas[0], datas[1], None, datas[3]]
     assert tier.counters.get("corrupt") == 1
-    assert tier.index.checksums(bytes.fromhex(refs[2].id)) is None  # dropped: S3 refills it
+    assert tier.index.locate(bytes.fromhex(refs[2].id)) is None  # dropped: S3 refills it
     tier.close()
 
 
@@ -143,9 +143,9 @@ def test_a_checksum_lookup_does_not_wait_for_the_lock_of_the_kept_sums(tmp_path)
     block_id = bytes.fromhex(refs[0].id)
     tier.index._sums.clear()
     with tier.index._sums_lock:
-        found = in_thread(lambda: tier.index.checksums(block_id))
+        found = in_thread(lambda: tier.index.locate(block_id))
     assert found is not None and found[0] == BS
     assert block_id not in tier.index._sums  # not kept this time
-    tier.index.checksums(block_id)
+    tier.index.locate(block_id)
     assert block_id in tier.index._sums
     tier.close()

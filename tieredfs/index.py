@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import lmdb
 
@@ -42,7 +43,7 @@ _SEQ = struct.Struct(">Q")  # ghost order keys: big-endian to sort oldest first
 # 3: a checksum per 16 KiB chunk; 4: the blocks of an object version in one file. An index
 # of another format starts empty.
 FORMAT = b"4"
-_SUMS_KEPT = 16384  # blocks whose checksums are kept in memory (~4 MiB)
+_SUMS_KEPT = 16384  # blocks whose checksums and places are kept in memory (~5 MiB)
 _CHUNK = 16 * 1024  # the checksummed piece of a block (tiers/local.py CHUNK)
 
 
@@ -95,6 +96,16 @@ class Entry:
                            self.last_access, self.file, self.offset) + self.chunk_sums
 
 
+class Located(NamedTuple):
+    """What a read of a block needs from the index: its length, its chunk sums, and where
+    its bytes are (the file's 32-hex name and the offset in it)."""
+
+    length: int
+    sums: bytes
+    file: str
+    offset: int
+
+
 @dataclass(frozen=True)
 class Removed:
     """A block taken out of the index, for its bytes to be freed on disk."""
@@ -140,7 +151,7 @@ class BlockIndex:
         # (length, chunk sums) of recently read blocks, so a hit needs no LMDB transaction.
         # A block's bytes never change under its id: only its removal makes this stale, and
         # removals (after their commit) bump _removals, so a lookup that raced one is not kept.
-        self._sums: dict[bytes, tuple[int, bytes]] = {}
+        self._sums: dict[bytes, Located] = {}
         self._sums_lock = threading.Lock()
         self._removals = 0
 
@@ -184,8 +195,8 @@ class BlockIndex:
             raw = txn.get(block_id)
         return _unpack(raw) if raw is not None else None
 
-    def checksums(self, block_id: bytes) -> tuple[int, bytes] | None:
-        """(length, chunk sums) of a block, or None: lookup() for the read path."""
+    def locate(self, block_id: bytes) -> Located | None:
+        """A block's length, chunk sums and place on disk, or None: lookup() for the read path."""
         found = self._sums.get(block_id)
         if found is not None:
             return found
@@ -193,7 +204,7 @@ class BlockIndex:
         entry = self.lookup(block_id)
         if entry is None:
             return None
-        found = (entry.length, entry.chunk_sums)
+        found = Located(entry.length, entry.chunk_sums, entry.file.hex(), entry.offset)
         # Kept only if the lock is free: this runs on the trio thread too, which must not
         # wait for a worker holding it (the next lookup of the block keeps it instead).
         if self._sums_lock.acquire(blocking=False):
@@ -207,7 +218,7 @@ class BlockIndex:
         return found
 
     def _removed(self, block_ids) -> None:
-        """After a commit that removed these blocks: forget what checksums() kept of them."""
+        """After a commit that removed these blocks: forget what locate() kept of them."""
         with self._sums_lock:
             self._removals += 1
             for block_id in block_ids:
@@ -272,6 +283,9 @@ class BlockIndex:
                 queue = MAIN if was_ghost is not None else SMALL
                 self._append(txn, block_id, Entry(length, queue, 0, 0, now, now, file, offset, chunk_sums))
                 self._count_file(txn, file, +1)
+        # A block filled twice at once is indexed at its second place: what locate() kept of
+        # the first goes (tier 1 appends small objects where there is room: two places).
+        self._removed([b[0] for b in blocks])
 
     @_lmdb_errors
     def remove(self, block_ids: list[bytes]) -> list[Removed]:

@@ -88,16 +88,17 @@ class _Writer:
         self.fd: int | None = None
         self.direct = False
 
-    def write(self, offset: int, datas: list) -> None:
+    def write(self, offset: int, datas: list, shared: bool = False) -> None:
         """Consecutive blocks from `offset`. Blocks that are ready for O_DIRECT go in one
         system call: in a busy daemon each call that lets the GIL go costs a wait to get it
         back. Beside one busy Python thread, 4 writers filled 134 MiB/s one block per call,
-        175-199 MiB/s one call per run (bench/cache_writes.py)."""
+        175-199 MiB/s one call per run (bench/cache_writes.py). `shared`: the file is a
+        segment, where other objects may lie beyond these blocks."""
         if self.fd is None:
             self._open()
         if self.direct:
             try:
-                self._write_direct(offset, datas)
+                self._write_direct(offset, datas, shared)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
@@ -105,7 +106,7 @@ class _Writer:
                 self._refused()
         _write_all(self.fd, datas, offset)
 
-    def _write_direct(self, offset: int, datas: list) -> None:
+    def _write_direct(self, offset: int, datas: list, shared: bool) -> None:
         ready: list = []
         for data in datas:
             if _direct_ready(data):
@@ -113,7 +114,7 @@ class _Writer:
                 continue
             offset = _write_all(self.fd, ready, offset)
             ready = []
-            self.files._write_padded(self.fd, offset, data)
+            self.files._write_padded(self.fd, offset, data, cut=not shared)
             offset += len(data)
         _write_all(self.fd, ready, offset)
 
@@ -246,15 +247,16 @@ class BlockFiles:
             path.parent.mkdir(mode=private.DIR_MODE, parents=True, exist_ok=True)
             return private.open_file(path, flags)
 
-    def _write_padded(self, fd: int, offset: int, data) -> None:
-        """O_DIRECT of a buffer that is not ready for it: copied into an aligned one."""
+    def _write_padded(self, fd: int, offset: int, data, cut: bool = True) -> None:
+        """O_DIRECT of a buffer that is not ready for it: copied into an aligned one. `cut`:
+        the padding is cut off the file (not in a segment: what lies beyond is others')."""
         n = len(data)
         padded = -(-n // PAGE) * PAGE
         buf = self.buffers.take(max(padded, ALIGNED_FROM))  # the pool's buffers are page-aligned
         buf[:n] = data
         buf[n:padded] = bytes(padded - n)
         _write_all(fd, [buf[:padded]], offset)
-        if padded != n:
+        if padded != n and cut:
             # Only an object's last block is short, so nothing lies beyond it: the padding goes.
             os.ftruncate(fd, offset + n)
 

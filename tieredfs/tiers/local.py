@@ -29,7 +29,7 @@ import xxhash
 
 from ..blocks import BlockRef, in_pieces
 from ..errors import CacheError, CacheIndexFull
-from ..index import BlockIndex
+from ..index import BlockIndex, Located
 from ..stats import Counters
 from . import local_upkeep
 from .base import Peek
@@ -37,7 +37,7 @@ from .blockfiles import BlockFiles
 from .cachedir import CacheDir, mark_clean
 from .local_room import Room
 from .local_usage import Usage
-from .local_writes import consecutive, write_blocks
+from .local_writes import Placed, Segments, consecutive, write_blocks
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class LocalTier:
         self.room = Room(cache, index, files, capacity=capacity, min_free=min_free,
                          counters=counters, say_once=self._say_once)
         self.usage = Usage()
+        self.segments = Segments()
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -87,26 +88,26 @@ class LocalTier:
         found: dict[str, bytes | None] = {}
         known = []
         for ref in refs:
-            sums = self._checksums(bytes.fromhex(ref.id))
-            if sums is None:
+            where = self._locate(bytes.fromhex(ref.id))
+            if where is None:
                 self.counters.add("misses")
                 found[ref.id] = None
             else:
-                known.append((ref, sums))
+                known.append((Placed(ref.id, where.file, where.offset, where.length), (ref, where)))
         known.sort(key=lambda item: (item[0].file, item[0].start))
         for run in consecutive(known):
-            for piece in in_pieces(run, READ_CALL, lambda item: item[1][0]):
+            for piece in in_pieces(run, READ_CALL, lambda item: item[0].length):
                 found.update(self._read_run(piece))
         return [found[ref.id] for ref in refs]
 
-    def _read_run(self, run: list[tuple[BlockRef, tuple[int, bytes]]]) -> dict[str, bytes | None]:
+    def _read_run(self, run: list[tuple[Placed, tuple[BlockRef, Located]]]) -> dict[str, bytes | None]:
         first = run[0][0]
         try:
-            datas = self.files.read_run(first.file, first.start, [length for _, (length, _) in run])
+            datas = self.files.read_run(first.file, first.start, [place.length for place, _ in run])
         except OSError as e:
-            return {ref.id: self._unreadable(bytes.fromhex(ref.id), e) for ref, _ in run}
-        return {ref.id: self._verified(ref, length, sums, data)
-                for (ref, (length, sums)), data in zip(run, datas)}
+            return {place.id: self._unreadable(bytes.fromhex(place.id), e) for place, _ in run}
+        return {ref.id: self._verified(ref, where.length, where.sums, data)
+                for (_, (ref, where)), data in zip(run, datas)}
 
     def _verified(self, ref: BlockRef, length: int, sums: bytes, data) -> bytes | None:
         block_id = bytes.fromhex(ref.id)
@@ -124,15 +125,15 @@ class LocalTier:
         file is open and whose pages are in memory is read here; anything else, and anything
         amiss, is left to get()."""
         block_id = bytes.fromhex(ref.id)
-        known = self._checksums(block_id)  # a failing index: a miss, S3 answers
-        if known is None:
+        where = self._locate(block_id)  # a failing index: a miss, S3 answers
+        if where is None:
             self.counters.add("misses")
             return Peek.ABSENT
-        length, sums = known
+        length, sums = where.length, where.sums
         if length != ref.length or length > PEEK_MAX:
             return Peek.UNKNOWN
         try:
-            data = self.files.read(ref.file, ref.start, length, wait=False)
+            data = self.files.read(where.file, where.offset, length, wait=False)
         except OSError:
             return Peek.UNKNOWN
         if data is None or chunk_sums(data) != sums:
@@ -152,10 +153,10 @@ class LocalTier:
 
     def _part(self, ref: BlockRef, lo: int, hi: int, wait: bool):
         block_id = bytes.fromhex(ref.id)
-        known = self._checksums(block_id)
-        if known is None or known[0] != ref.length:
+        where = self._locate(block_id)
+        if where is None or where.length != ref.length:
             return None  # the caller reads the whole block
-        length, sums = known
+        length, sums = where.length, where.sums
         first, last = lo // CHUNK, (hi - 1) // CHUNK
         if wait:
             # This read may go to the disk: take the chunks around it too, so that the next
@@ -166,7 +167,7 @@ class LocalTier:
         start = first * CHUNK
         size = min(length, (last + 1) * CHUNK) - start
         try:
-            data = self.files.read(ref.file, ref.start + start, size, wait)
+            data = self.files.read(where.file, where.offset + start, size, wait)
         except OSError as e:
             return self._unreadable(block_id, e)
         if data is None:
@@ -176,10 +177,10 @@ class LocalTier:
         self._hit(block_id, hi - lo, may_flush=wait)
         return memoryview(data)[lo - start:hi - start]
 
-    def _checksums(self, block_id: bytes) -> tuple[int, bytes] | None:
-        """The index's (length, chunk sums) of a block; a failing index is a miss."""
+    def _locate(self, block_id: bytes) -> Located | None:
+        """The index's length, chunk sums and place of a block; a failing index is a miss."""
         try:
-            return self.index.checksums(block_id)
+            return self.index.locate(block_id)
         except CacheError as e:
             self.index_failed(e)
             return None
@@ -214,14 +215,16 @@ class LocalTier:
         a wait to get it back, and per block those waits, not the disk, bounded fills.
         Failures are counted, never raised."""
         try:
-            todo = self._new_blocks(items)
-            if not todo:
+            new = self._new_blocks(items)
+            if not new:
                 return
+            places = self.segments.place([ref for ref, _ in new])
+            todo = sorted(zip(places, (data for _, data in new)), key=lambda item: (item[0].file, item[0].start))
             n = sum(len(data) for _, data in todo)
-            files = [ref.file for ref, _ in todo]
+            files = [place.file for place, _ in todo]
             if not self.room.reserve(n, files, self.usage.take):
-                if len(todo) > 1:  # together they do not fit: each may, alone
-                    for item in todo:
+                if len(new) > 1:  # together they do not fit: each may, alone
+                    for item in new:
                         self.put_many([item])
                 else:
                     self.counters.add("declined")
@@ -246,26 +249,26 @@ class LocalTier:
             self._say_once(kind, f"event=cache_{kind} dir={self.cache.path} error={e!r} "
                                  "action=serving_from_lower_tiers")
 
-    def _index_written(self, written: list[tuple[BlockRef, bytes]]) -> None:
+    def _index_written(self, written: list[tuple[Placed, bytes]]) -> None:
         """Index blocks written to disk; if the index refuses, their bytes are given back."""
         try:
             self.index.insert_many([(bytes.fromhex(r.id), len(d), chunk_sums(d),
                                      bytes.fromhex(r.file), r.start) for r, d in written])
         except CacheError:
-            for ref, data in written:
+            for place, data in written:
                 try:
-                    self.files.punch(ref.file, ref.start, len(data))
+                    self.files.punch(place.file, place.start, len(data))
                 except OSError:
                     pass  # no holes here: the file goes with the sweep or its last block
             raise
 
     def _new_blocks(self, items: list[tuple[BlockRef, bytes]]) -> list[tuple[BlockRef, bytes]]:
-        """The items of the right length not cached yet, each once, by file and offset."""
+        """The items of the right length not cached yet, each once."""
         todo = {}
         for ref, data in items:
-            if len(data) == ref.length and ref.id not in todo and self.index.checksums(bytes.fromhex(ref.id)) is None:
+            if len(data) == ref.length and ref.id not in todo and self.index.locate(bytes.fromhex(ref.id)) is None:
                 todo[ref.id] = (ref, data)
-        return sorted(todo.values(), key=lambda item: (item[0].file, item[0].start))
+        return list(todo.values())
 
     # --- stats -----------------------------------------------------------------------------
 
