@@ -87,7 +87,7 @@ class Entry:
     freq: int
     inserted: float
     last_access: float
-    file: bytes  # the file holding the block (16 bytes, BlockRef.file)
+    file: bytes  # the file holding the block (16 bytes: BlockRef.file, or a segment)
     offset: int  # where in that file
     chunk_sums: bytes = b""  # xxh3-64 digests of the block's CHUNK-sized pieces, concatenated
 

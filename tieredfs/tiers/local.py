@@ -1,5 +1,6 @@
-"""Tier 1: blocks on the node's disk, one sparse file per object version (blockfiles.py),
-indexed by LMDB (index.py).
+"""Tier 1: blocks on the node's disk, one sparse file per object version (blockfiles.py), or
+for small whole objects a place in a shared segment (local_writes.py), indexed by LMDB
+(index.py), whose entry says where each block is.
 
 Layout (cachedir.py): CACHE_DIR/lock, CACHE_DIR/index.lmdb/, CACHE_DIR/blocks/ab/<file id>, the
 block of index i at offset i x block size. Write order is the bytes, then the index entry:
