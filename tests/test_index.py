@@ -436,9 +436,11 @@ def test_small_whole_objects_share_a_segment_read_after_a_restart_and_evicted_al
     assert [bytes(tier.get(r)) for r in small] == datas
     assert [bytes(tier.get_part(r, 10, 20)) for r in small] == [d[10:20] for d in datas]
     taken = tier.index.remove([bytes.fromhex(small[3].id)])
+    allocated = segment.stat().st_blocks
     with tier.room.lock:
-        tier.room.free(taken[0])  # a hole where it was; the others stay
+        tier.room.free(taken[0])  # a hole where it was (its whole page); the others stay
     assert tier.get(small[3]) is None and segment.exists()
+    assert segment.stat().st_blocks * 512 == allocated * 512 - 4096
     assert [bytes(tier.get(r)) for i, r in enumerate(small) if i != 3] == datas[:3] + datas[4:]
     for removed in tier.index.remove([bytes.fromhex(r.id) for r in small]):
         with tier.room.lock:
