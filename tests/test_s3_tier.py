@@ -1,6 +1,7 @@
 """The S3 tier's MD5 checks that no fault scenario reaches (which ETags are MD5s, and the
 mount's choice for stores whose ETags are not), and how --addressing-style resolves."""
 
+import hashlib
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from tieredfs.blocks import ObjectVersion
 from tieredfs.errors import ConfigError
 from tieredfs.stats import Counters
 from tieredfs.tiers.s3 import S3Backend, addressing_style
-from tieredfs.tiers.s3_body import Answer, _check_md5, _md5_checkable, check_full_object
+from tieredfs.tiers.s3_body import Answer, _check_md5, _md5_checkable, check, check_full_object
 from tieredfs.tiers.s3_retry import Retry
 
 MD5_OF_ABC = "900150983cd24fb0d6963f7d28e17f72"
@@ -138,3 +139,21 @@ def test_full_object_checksums_are_verified_whichever_client_got_the_body(name, 
     check_full_object(obj, {name: value}, [wrong], counters, only=frozenset({"x-amz-checksum-other"}))
     check_full_object(obj, {name: value, "x-amz-checksum-type": "COMPOSITE"}, [wrong], counters)
     assert counters.get("checksum_mismatches") == 1
+
+
+def test_a_whole_body_is_checked_against_its_md5_or_else_its_full_object_checksum():
+    """One check per whole-object body: the ETag's MD5 where the ETag is one, else the
+    checksum S3 sent (multipart objects, --no-etag-md5)."""
+    body = b"hello world"
+    crc32 = {"x-amz-checksum-crc32": "DUoRhQ=="}
+    wrong_crc = {"x-amz-checksum-crc32": "AAAAAA=="}
+    md5 = hashlib.md5(body).hexdigest()
+    single, multipart = ObjectVersion("b", "k", md5, len(body)), ObjectVersion("b", "k", md5[:30] + "-2", len(body))
+    counters = Counters("s3")
+    check(single, 0, [body], len(body), Answer(checksums=wrong_crc), True, counters)  # the MD5 decides
+    check(multipart, 0, [body], len(body), Answer(checksums=crc32), True, counters)
+    with pytest.raises(Retry):
+        check(multipart, 0, [body], len(body), Answer(checksums=wrong_crc), True, counters)
+    with pytest.raises(Retry):  # --no-etag-md5: the checksum is the check
+        check(single, 0, [body], len(body), Answer(checksums=wrong_crc), False, counters)
+    assert counters.get("checksum_mismatches") == 2

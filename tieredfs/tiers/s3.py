@@ -44,7 +44,7 @@ from ..errors import (BackendUnavailable, BucketMissing, ConfigError, Credential
                       EndpointUnreachable, TieredError)
 from ..memory import BufferPool  # noqa: E402
 from ..stats import Counters  # noqa: E402
-from .s3_body import CRT_ONLY, Answer, check, check_full_object, read_pieces  # noqa: E402
+from .s3_body import CRT_ONLY, Answer, check, read_pieces  # noqa: E402
 from .s3_retry import AUTH_CODES, Retry, RetryLoop, Unreachable  # noqa: E402
 
 if TYPE_CHECKING:
@@ -393,11 +393,12 @@ class S3Backend:
             got = self._boto("get", lambda: read_pieces(*_body_reader(body), pieces, stop_at, self.counters))
         finally:
             body.close()
-        if whole and got == length and not botocore.compat.HAS_CRT:  # botocore skipped these
-            check_full_object(obj, resp["ResponseMetadata"]["HTTPHeaders"], pieces, self.counters,
-                              only=CRT_ONLY)
+        unverified = None
+        if whole and not botocore.compat.HAS_CRT:  # botocore skipped these (check() does them)
+            headers = resp["ResponseMetadata"]["HTTPHeaders"]
+            unverified = {k: v for k, v in headers.items() if k in CRT_ONLY or k == "x-amz-checksum-type"}
         return got, Answer(resp.get("ContentRange", ""), resp.get("ServerSideEncryption", "AES256"),
-                           "SSECustomerAlgorithm" in resp)
+                           "SSECustomerAlgorithm" in resp, checksums=unverified)
 
     # --- botocore's errors, as the retry loop takes them ------------------------------
 

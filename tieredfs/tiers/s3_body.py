@@ -34,6 +34,8 @@ class Answer:
     content_range: str = ""
     sse: str = "AES256"  # x-amz-server-side-encryption (absent: S3's default, AES256)
     sse_customer: bool = False  # SSE-C
+    # Full-object checksum headers the client did not verify itself (lower-case names).
+    checksums: dict[str, str] | None = None
 
 
 def read_pieces(read, most: int, pieces: list[memoryview], stop_at: float, counters: Counters) -> int:
@@ -61,14 +63,19 @@ def read_pieces(read, most: int, pieces: list[memoryview], stop_at: float, count
 
 def check(obj: ObjectVersion, start: int, pieces: list[memoryview], got: int, answer: Answer,
           etag_md5: bool, counters: Counters) -> None:
-    """Raise Retry unless the body is exactly the range asked for (and, for a whole
-    single-part object, has the MD5 its ETag names)."""
+    """Raise Retry unless the body is exactly the range asked for and, for a whole object,
+    has the MD5 its ETag names (single-part) or else the full-object checksum S3 sent. One
+    of the two: a body with its version's MD5 is that version's bytes, and a second digest
+    of it is CPU for nothing."""
     length = sum(len(p) for p in pieces)
     if got != length or (answer.content_range and not answer.content_range.startswith(f"bytes {start}-")):
         counters.add("short_bodies")
         raise Retry(f"asked {length} bytes at {start}, got {got} ({answer.content_range})")
-    if start == 0 and length == obj.size and _md5_checkable(etag_md5, obj.etag, answer):
-        _check_md5(obj, pieces, counters)
+    if start == 0 and length == obj.size:
+        if _md5_checkable(etag_md5, obj.etag, answer):
+            _check_md5(obj, pieces, counters)
+        elif answer.checksums:
+            check_full_object(obj, answer.checksums, pieces, counters)
 
 
 def _md5_checkable(enabled: bool, etag: str, answer: Answer) -> bool:

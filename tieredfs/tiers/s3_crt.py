@@ -26,7 +26,7 @@ from urllib.request import getproxies_environment, proxy_bypass_environment
 from awscrt import auth, exceptions, http, io
 
 from ..blocks import ObjectVersion
-from .s3_body import Answer, check_full_object
+from .s3_body import Answer
 from .s3_retry import Retry, RetryLoop, Unreachable
 
 _ERROR_BODY = 64 * 1024  # an error answer's XML is read up to this much, for its <Code>
@@ -169,10 +169,9 @@ class CrtGets:
             self._loop.counters.add("short_bodies")  # too long: not the range asked for
             raise Retry(f"asked {length} bytes, got more")
         h = received.headers
-        if whole and received.got == length:
-            check_full_object(obj, h, pieces, self._loop.counters)
         return received.got, Answer(h.get("content-range", ""), h.get("x-amz-server-side-encryption", "AES256"),
-                                    "x-amz-server-side-encryption-customer-algorithm" in h)
+                                    "x-amz-server-side-encryption-customer-algorithm" in h,
+                                    checksums=h if whole else None)
 
     def _exchange(self, request, pieces: list[memoryview], stop_at: float) -> tuple["_Received", object]:
         """Send the request and receive its response. A kept-alive connection the server closed
