@@ -37,6 +37,11 @@ _SETTINGS = ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOL
 PAGE = 4096
 ALIGNED_FROM = 64 * 1024  # smaller buffers are not worth a page of slack
 
+
+def in_pages(n: int) -> int:
+    """n bytes rounded up to whole pages."""
+    return -(-n // PAGE) * PAGE
+
 _new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
 _new_bytearray.restype = ctypes.py_object
 _new_bytearray.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
@@ -129,7 +134,7 @@ class BufferPool:
         With wait=False (the trio thread) the pool's lock is only tried: if another thread
         holds it, or no buffer of the size is free, the bytes are a new buffer of the heap,
         not pooled (mapping one is a system call, and the trio thread waits for neither)."""
-        size = -(-n // PAGE) * PAGE
+        size = in_pages(n)
         if size < _POOLED_FROM or not self._lock.acquire(blocking=wait):
             return receive_buffer(n)
         try:

@@ -41,7 +41,7 @@ from typing import Callable
 
 # O_DIRECT wants buffer, offset and length page-aligned.
 from .. import private
-from ..memory import ALIGNED_FROM, PAGE, BufferPool, address
+from ..memory import ALIGNED_FROM, PAGE, BufferPool, address, in_pages
 
 _LINK_CHECK_SECONDS = 1.0
 
@@ -251,7 +251,7 @@ class BlockFiles:
         """O_DIRECT of a buffer that is not ready for it: copied into an aligned one. `cut`:
         the padding is cut off the file (not in a segment: what lies beyond is others')."""
         n = len(data)
-        padded = -(-n // PAGE) * PAGE
+        padded = in_pages(n)
         buf = self.buffers.take(max(padded, ALIGNED_FROM))  # the pool's buffers are page-aligned
         buf[:n] = data
         buf[n:padded] = bytes(padded - n)

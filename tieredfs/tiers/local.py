@@ -31,6 +31,7 @@ import xxhash
 from ..blocks import BlockRef, in_pieces
 from ..errors import CacheError, CacheIndexFull
 from ..index import BlockIndex, Located
+from ..memory import in_pages
 from ..stats import Counters
 from . import local_upkeep
 from .base import Peek
@@ -258,7 +259,7 @@ class LocalTier:
         except CacheError:
             for place, data in written:
                 try:
-                    self.files.punch(place.file, place.start, len(data))
+                    self.files.punch(place.file, place.start, in_pages(len(data)))
                 except OSError:
                     pass  # no holes here: the file goes with the sweep or its last block
             raise

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..index import BlockIndex, Removed
-from ..memory import PAGE
+from ..memory import in_pages
 from ..stats import Counters
 from .blockfiles import BlockFiles
 from .cachedir import CacheDir
@@ -109,7 +109,7 @@ def free_space(cache: CacheDir, files: BlockFiles, removed: Removed, keep_file: 
         # To the page's end: a hole frees only whole pages, and the rest of a block's last
         # page is its own (an object's last block ends its file; in a segment, the next
         # object starts on the next page). Else a small object's page stayed allocated.
-        files.punch(file, removed.offset, -(-removed.length // PAGE) * PAGE)
+        files.punch(file, removed.offset, in_pages(removed.length))
 
 
 def _remove(path: Path) -> None:

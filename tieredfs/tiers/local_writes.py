@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..blocks import BlockRef
-from ..memory import PAGE
+from ..memory import in_pages
 from .blockfiles import BlockFiles
 
 SEGMENT_OBJECT_MAX = 256 * 1024  # a whole object up to this size is appended to a segment
@@ -55,7 +55,7 @@ class Segments:
                 if not takes(ref):
                     out.append(Placed(ref.id, ref.file, ref.start, ref.length))
                     continue
-                room = -(-ref.length // PAGE) * PAGE
+                room = in_pages(ref.length)
                 if not self._name or self._next + room > self.limit:
                     self._name, self._next = uuid.uuid4().hex, 0
                 out.append(Placed(ref.id, self._name, self._next, ref.length, shared=True))
@@ -86,7 +86,7 @@ def write_blocks(files: BlockFiles, todo: list[tuple[Placed, bytes]]) -> tuple[l
                     lost = run[len(whole)][0].start
                     end = run[-1][0].start + len(run[-1][1])
                     try:
-                        files.punch(file, lost, end - lost)
+                        files.punch(file, lost, in_pages(end - lost))  # its own last page too
                     except OSError:
                         pass
                     return written, e
