@@ -148,7 +148,8 @@ def test_a_whole_body_is_checked_against_its_md5_or_else_its_full_object_checksu
     crc32 = {"x-amz-checksum-crc32": "DUoRhQ=="}
     wrong_crc = {"x-amz-checksum-crc32": "AAAAAA=="}
     md5 = hashlib.md5(body).hexdigest()
-    single, multipart = ObjectVersion("b", "k", md5, len(body)), ObjectVersion("b", "k", md5[:30] + "-2", len(body))
+    single = ObjectVersion("b", "k", md5, len(body))
+    multipart = ObjectVersion("b", "k", md5[:30] + "-2", len(body))
     counters = Counters("s3")
     check(single, 0, [body], len(body), Answer(checksums=wrong_crc), True, counters)  # the MD5 decides
     check(multipart, 0, [body], len(body), Answer(checksums=crc32), True, counters)

@@ -221,7 +221,8 @@ class LocalTier:
             if not new:
                 return
             places = self.segments.place([ref for ref, _ in new])
-            todo = sorted(zip(places, (data for _, data in new)), key=lambda item: (item[0].file, item[0].start))
+            todo = sorted(zip(places, (data for _, data in new)),
+                          key=lambda item: (item[0].file, item[0].start))
             n = sum(len(data) for _, data in todo)
             files = [place.file for place, _ in todo]
             if not self.room.reserve(n, files, self.usage.take):
