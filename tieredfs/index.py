@@ -274,18 +274,21 @@ class BlockIndex:
     def insert_many(self, blocks: list[tuple[bytes, int, bytes, bytes, int]]) -> None:
         """(block id, length, chunk sums, file, offset) of each, in one transaction."""
         now = time.time()
+        replaced = []
         with self.env.begin(write=True) as txn:
             for block_id, length, chunk_sums, file, offset in blocks:
-                self._delete(txn, block_id)
+                if self._delete(txn, block_id) is not None:
+                    replaced.append(block_id)
                 was_ghost = txn.pop(block_id, db=self._ghosts)
                 if was_ghost is not None:
                     txn.delete(was_ghost, db=self._ghost_order)
                 queue = MAIN if was_ghost is not None else SMALL
                 self._append(txn, block_id, Entry(length, queue, 0, 0, now, now, file, offset, chunk_sums))
                 self._count_file(txn, file, +1)
-        # A block filled twice at once is indexed at its second place: what locate() kept of
-        # the first goes (tier 1 appends small objects where there is room: two places).
-        self._removed([b[0] for b in blocks])
+        if replaced:
+            # A block filled twice at once is indexed at its second place: what locate() kept
+            # of the first goes (tier 1 appends small objects where there is room: two places).
+            self._removed(replaced)
 
     @_lmdb_errors
     def remove(self, block_ids: list[bytes]) -> list[Removed]:

@@ -97,16 +97,15 @@ def _check_md5(obj: ObjectVersion, pieces: list, counters: Counters) -> None:
                 "whose single-part ETags are not MD5s needs --no-etag-md5)")
 
 
-def check_full_object(obj: ObjectVersion, headers: dict, pieces: list, counters: Counters,
-                      only: frozenset[str] | None = None) -> None:
+def check_full_object(obj: ObjectVersion, headers: dict, pieces: list, counters: Counters) -> None:
     """Verify the full-object checksums S3 sent with a whole-object GET (header names in
-    lower case; `only` limits which). A checksum of parts (-N, COMPOSITE) covers no body as
-    a whole and is left alone; so is a CRC whose code cannot be loaded (no awscrt)."""
+    lower case). A checksum of parts (-N, COMPOSITE) covers no body as a whole and is left
+    alone; so is a CRC whose code cannot be loaded (no awscrt)."""
     if headers.get("x-amz-checksum-type", "FULL_OBJECT").upper() != "FULL_OBJECT":
         return
     crcs = _crcs()
     for name, value in headers.items():
-        if (name in crcs or name in _HASHES) and (only is None or name in only) and "-" not in value \
+        if (name in crcs or name in _HASHES) and "-" not in value \
                 and base64.b64encode(_digest(name, pieces, crcs)).decode() != value:
             counters.add("checksum_mismatches")
             raise Retry(f"body of {obj.key!r} does not match its {name}")
