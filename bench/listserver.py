@@ -24,16 +24,24 @@ _MODIFIED = "2026-01-01T00:00:00.000Z"
 class ListServer:
     kind = "listserver"
 
-    def __init__(self, root: Path, bucket: str):
+    def __init__(self, root: Path | None, bucket: str, synthetic: int = 0):
+        """Over the files under root/bucket; or, with `synthetic` N and no root, over N objects
+        made up in memory (`synthetic_body`), which also takes PUTs and keeps them in memory:
+        enough for `tieredfs pack` over more objects than a disk of files would hold quickly."""
         self.root, self.bucket = root, bucket
-        base = root / bucket
-        self.base = base
+        self.base = root / bucket if root is not None else None
         # Sizes and ETags indexed once, as S3 keeps them: a listing reads no file.
         self.meta: dict[str, tuple[int, str]] = {}
-        for p in base.rglob("*"):
-            if p.is_file():
-                data = p.read_bytes()
-                self.meta[str(p.relative_to(base))] = (len(data), hashlib.md5(data).hexdigest())
+        self.stored: dict[str, bytes] = {}  # synthetic: bodies PUT, by key
+        self._lock = threading.Lock()
+        if self.base is not None:
+            for p in self.base.rglob("*"):
+                if p.is_file():
+                    data = p.read_bytes()
+                    self.meta[str(p.relative_to(self.base))] = (len(data), hashlib.md5(data).hexdigest())
+        for i in range(synthetic):
+            key = synthetic_key(i)
+            self.meta[key] = (len(synthetic_body(key)), hashlib.md5(synthetic_body(key)).hexdigest())
         self.keys = sorted(self.meta)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
@@ -47,6 +55,19 @@ class ListServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def body(self, key: str) -> bytes:
+        if key in self.stored:
+            return self.stored[key]
+        return synthetic_body(key) if self.base is None else (self.base / key).read_bytes()
+
+    def put(self, key: str, data: bytes) -> str:
+        etag = hashlib.md5(data).hexdigest()
+        with self._lock:
+            if key not in self.meta:
+                bisect.insort(self.keys, key)
+            self.meta[key], self.stored[key] = (len(data), etag), data
+        return etag
 
     def page(self, prefix: str, delimiter: str, token: str, max_keys: int) -> tuple[list, list, str]:
         """(objects, common prefixes, next token or "") of one page, in O(page)."""
@@ -73,8 +94,21 @@ class ListServer:
         return objects, prefixes, last if more else ""
 
 
+def synthetic_key(i: int) -> str:
+    return f"data/d{i // 1000:04d}/f{i:07d}.bin"
+
+
+def synthetic_body(key: str) -> bytes:
+    """64 B to ~2 KiB, the same bytes for a key every time."""
+    seed = hashlib.md5(key.encode()).digest()
+    return seed * (4 + seed[0] % 124)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without this, Nagle's algorithm and the client's
+    # delayed ACK hold every response ~40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -101,7 +135,7 @@ class _Handler(BaseHTTPRequestHandler):
         etag = owner.meta[key][1]
         if self.headers.get("If-Match", etag).strip('"') != etag:
             return self._send(412, b"<Error><Code>PreconditionFailed</Code></Error>", {})
-        data = (owner.base / key).read_bytes()
+        data = owner.body(key)
         headers = {"ETag": f'"{etag}"', "Last-Modified": formatdate(usegmt=True)}
         rng = self.headers.get("Range")
         if rng:
@@ -110,6 +144,14 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {lo}-{hi}/{len(data)}"
             return self._send(206, data[lo:hi + 1], headers, head)
         self._send(200, data, headers, head)
+
+    def do_PUT(self):
+        owner: ListServer = self.server.owner
+        bucket, _, key = unquote(urlsplit(self.path).path).lstrip("/").partition("/")
+        if owner.base is not None or bucket != owner.bucket or not key:
+            return self._send(403, b"<Error><Code>AccessDenied</Code></Error>", {})
+        data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(200, b"", {"ETag": f'"{owner.put(key, data)}"'})
 
     def _list(self, owner: ListServer, q: dict):
         prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
@@ -141,3 +183,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+
+
+def main() -> None:
+    """python -m bench.listserver --synthetic N [--bucket B]: serve N made-up objects until
+    stdin closes; prints the URL first. In a process of its own, so that a benchmark's
+    peak RSS of another child is not its own: a child's ru_maxrss starts at its parent's."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--synthetic", type=int, required=True)
+    p.add_argument("--bucket", default="bench")
+    args = p.parse_args()
+    server = ListServer(None, args.bucket, synthetic=args.synthetic).start()
+    print(server.url, flush=True)
+    sys.stdin.read()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

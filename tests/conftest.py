@@ -56,6 +56,27 @@ def bucket(s3, request):
     return name
 
 
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 12 MiB filesystem to fill up (tmpfs: we are root here, as for /dev/fuse)."""
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_up(path: Path, leave: int = 0) -> None:
+    """Write zeros into path/filler until its filesystem is full, then free `leave` bytes."""
+    with open(path / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+        f.truncate(max(0, f.tell() - leave))
+
+
 def tieredfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tieredfs", *args]
 

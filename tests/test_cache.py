@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import read_uncached, tieredfs_cmd
+from conftest import fill_up, read_uncached, tieredfs_cmd
 from tieredfs.tiers.local_usage import CORRELATION_WINDOW
 
 K = 1024
@@ -205,15 +205,6 @@ def test_second_daemon_on_same_cache_dir_is_refused(bucket, put, mount_factory, 
     assert not os.path.ismount(other)
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(path)], check=True)
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_cache_on_a_full_disk_still_serves_correct_bytes(bucket, put, mount_factory, tiny_tmpfs):
     data = {f"f{i}": put(f"f{i}", os.urandom(6 * BS + i)) for i in range(4)}  # 1.5 MiB
     m = mount_factory(bucket, *SMALL, "--cache-min-free", "0", cache_dir=tiny_tmpfs / "cache")
@@ -285,12 +276,7 @@ def test_cache_cli(bucket, dataset, mount_factory):
 
 def test_cache_dir_on_a_completely_full_disk_serves_from_s3(bucket, put, mount_factory, tiny_tmpfs):
     data = put("a.bin", os.urandom(3 * BS))
-    with open(tiny_tmpfs / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass  # the tmpfs is now completely full
+    fill_up(tiny_tmpfs)
     m = mount_factory(bucket, *SMALL, cache_dir=tiny_tmpfs / "cache")
     assert read_uncached(m.path / "a.bin") == data
     assert "event=cache_unusable" in m.log.read_text()

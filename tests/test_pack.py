@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import read_uncached, tieredfs_cmd
+from tests.conftest import fill_up, read_uncached, tieredfs_cmd
 from tests.faults.proxy import FaultProxy
 from tieredfs.devserver import wait_until
 
@@ -31,9 +31,10 @@ def small_tree(prefix: str, n: int, seed: int) -> dict[str, bytes]:
             for i in range(n)}
 
 
-def pack(s3server, bucket: str, prefix: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def pack(s3server, bucket: str, prefix: str, *args: str, check: bool = True,
+         env: dict | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(tieredfs_cmd("pack", f"s3://{bucket}/{prefix}", "--endpoint-url", s3server.url,
-                                       *args), capture_output=True, text=True, timeout=240)
+                                       *args), capture_output=True, text=True, timeout=240, env=env)
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -227,6 +228,26 @@ def test_edge_prefixes_and_awkward_keys(s3, s3server, bucket, mount_factory):
     m = mount_factory(bucket)
     read_all(m.path, odd | big, "")
     assert m.stats()["packs.packed_opens"] == 12
+
+
+def test_a_full_tmpdir_is_one_clear_error_and_leaves_no_index(s3, s3server, bucket, tiny_tmpfs):
+    # The packer's work files (listing, plan, new index) go to TMPDIR, here a filesystem with
+    # 48 KiB free: room for Python's check of TMPDIR (else it would pick another dir), not for
+    # the work files of 400 files.
+    files = small_tree("full/" + "long-name-" * 5, 400, seed=5)
+    upload(s3, bucket, files)
+    fill_up(tiny_tmpfs, leave=48 << 10)
+    env = dict(os.environ, TMPDIR=str(tiny_tmpfs))
+    done = pack(s3server, bucket, "full", check=False, env=env)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "work files" in done.stderr and "TMPDIR" in done.stderr
+    # It stopped as an interrupted run does: perhaps a pack written, but no index named.
+    assert "full/.tieredfs/index.json" not in keys(s3, bucket, "full/.tieredfs/")
+    assert os.listdir(tiny_tmpfs) == ["filler"]  # its temporary directory went too
+    # With room again, the next run packs (or adopts) every file.
+    (tiny_tmpfs / "filler").unlink()
+    out = pack(s3server, bucket, "full", "--verify", env=env).stdout
+    assert "verified 400 packed files: 0 differ" in out, out
 
 
 def test_pack_written_while_a_node_reads(s3, s3server, bucket, mount_factory):

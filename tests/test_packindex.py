@@ -8,9 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tieredfs.errors import PackIndexUnusable
-from tieredfs.packer import Packer, PackOptions, walk_order
+from tieredfs.packer import Packer, PackOptions
 from tieredfs.packindex import (Entry, Other, Pack, PackIndex, checksum, index_name_of, pointer_bytes,
                                 write_index)
+from tieredfs.packwork import walk_key
 from tieredfs.tiers.s3 import ListedObject
 
 
@@ -64,14 +65,14 @@ def test_pointer():
 
 def test_walk_order_is_a_directory_walk():
     keys = ["a/b/x", "a/z", "a/b.txt", "a/b/c/y", "a/a", "b", "a/c/q"]
-    assert sorted(keys, key=walk_order) == ["b", "a/a", "a/b.txt", "a/z", "a/b/x", "a/b/c/y", "a/c/q"]
+    assert sorted(keys, key=walk_key) == ["b", "a/a", "a/b.txt", "a/z", "a/b/x", "a/b/c/y", "a/c/q"]
 
 
 @given(st.lists(st.integers(1, 1000), max_size=60), st.integers(1000, 5000))
 def test_groups_fill_packs_in_order(sizes, pack_size):
     objs = [ListedObject(f"k{i:03d}", s, 0, "e") for i, s in enumerate(sizes)]
     packer = Packer(None, "", PackOptions(max_file_size=1000, pack_size=pack_size))
-    groups = packer._groups(objs)
+    groups = list(packer._groups(objs))
     assert [o for g in groups for o in g] == objs
     assert all(sum(o.size for o in g) <= pack_size for g in groups)
     # A pack is closed only when the next object would not fit.

@@ -1,14 +1,17 @@
 """The S3 tier's MD5 checks that no fault scenario reaches (which ETags are MD5s, and the
 mount's choice for stores whose ETags are not), and how --addressing-style resolves."""
 
+import errno
 import hashlib
+import os
 import subprocess
 import sys
 
 import pytest
 
 from tieredfs.blocks import ObjectVersion
-from tieredfs.errors import ConfigError
+from tests.conftest import fill_up
+from tieredfs.errors import ConfigError, ObjectMissing
 from tieredfs.stats import Counters
 from tieredfs.tiers.s3 import S3Backend, addressing_style
 from tieredfs.tiers.s3_body import Answer, _check_md5, _md5_checkable, check, check_full_object
@@ -157,3 +160,27 @@ def test_a_whole_body_is_checked_against_its_md5_or_else_its_full_object_checksu
     with pytest.raises(Retry):  # --no-etag-md5: the checksum is the check
         check(single, 0, [body], len(body), Answer(checksums=wrong_crc), False, counters)
     assert counters.get("checksum_mismatches") == 2
+
+
+def test_get_file_streams_an_object_to_disk_and_a_failed_write_is_not_retried(s3, s3server, bucket,
+                                                                              tmp_path, tiny_tmpfs):
+    """Pack indexes go through files (get_file, put_file), never whole in memory."""
+    data = os.urandom(3 * (1 << 20) + 5)  # several of get_file's 1 MiB chunks
+    s3.put_object(Bucket=bucket, Key="index.sqlite", Body=data)
+    b = S3Backend(bucket, endpoint_url=s3server.url, region=None, max_requests=2, connect_timeout=2,
+                  read_timeout=10, max_attempts=3, deadline=30, counters=Counters("s3"))
+    try:
+        assert b.get_file("index.sqlite", tmp_path / "got") == hashlib.md5(data).hexdigest()
+        assert (tmp_path / "got").read_bytes() == data
+        assert b.put_file("copy", tmp_path / "got") == hashlib.md5(data).hexdigest()
+        assert s3.get_object(Bucket=bucket, Key="copy")["Body"].read() == data
+        with pytest.raises(ObjectMissing):
+            b.get_file("absent", tmp_path / "absent")
+        # A full disk is the disk's error, at once: not a network failure to retry.
+        fill_up(tiny_tmpfs, leave=64 << 10)
+        s3server.reset_counts()
+        with pytest.raises(OSError) as e:
+            b.get_file("index.sqlite", tiny_tmpfs / "got")
+        assert e.value.errno == errno.ENOSPC and s3server.counts()["GET"] == 1
+    finally:
+        b.close()

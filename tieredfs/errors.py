@@ -97,6 +97,10 @@ class PackIndexUnusable(TieredError):
     not used, and every file is read from its own object."""
 
 
+class PackWorkFailed(TieredError):
+    """`tieredfs pack` cannot write its work files (a full or read-only TMPDIR)."""
+
+
 class PackVerifyFailed(TieredError):
     """`tieredfs pack --verify` found packed bytes that differ from their source."""
 

@@ -19,15 +19,17 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, PackIndexUnusable
-from .packindex import (FORMAT, POINTER, RESERVED, Entry, Other, Pack, PackIndex, checksum,
-                        index_name_of, pointer_bytes, reserved_prefix, write_index)
+from .packindex import (FORMAT, POINTER, RESERVED, Entry, Pack, PackIndex, checksum, index_name_of,
+                        pointer_bytes, reserved_prefix)
+from .packwork import PackWork, work_failed
 from .tiers.s3 import ListedObject, S3Backend
 
 log = logging.getLogger(__name__)
@@ -65,25 +67,6 @@ class Summary:
         return text + (f"; index {self.index}" if self.index else "; index unchanged")
 
 
-def walk_order(key: str) -> tuple:
-    """A directory's files, then its subdirectories one by one, each in name order: the
-    order in which a walk (os.walk, find, a data loader's listing) reads them."""
-    parts = key.split("/")
-    return tuple(parts[:-1]), parts[-1]
-
-
-@dataclass
-class _State:
-    """What the prefix holds before this run: sources, and entries that still hold."""
-
-    sources: dict[str, ListedObject]  # path relative to the prefix -> object
-    pack_objects: dict[str, ListedObject]  # key -> pack or manifest object
-    entries: dict[str, Entry] = field(default_factory=dict)
-    indexed_packs: set[str] = field(default_factory=set)
-    dropped: int = 0
-    others: set[Other] | None = None  # the last index's unpacked objects (None: no index)
-
-
 class Packer:
     def __init__(self, backend: S3Backend, prefix: str, options: PackOptions):
         self.s3 = backend
@@ -99,50 +82,46 @@ class Packer:
     def run(self) -> Summary:
         t0 = time.monotonic()
         summary = Summary(dry_run=self.o.dry_run)
-        state = self._state()
-        summary.kept = len(state.entries)
-        summary.dropped = state.dropped
-        if not self.o.dry_run:
-            summary.adopted = self._adopt(state)
-        todo = sorted((o for path, o in state.sources.items()
-                       if path not in state.entries and 0 < o.size <= self.o.max_file_size),
-                      key=lambda o: walk_order(o.key))
-        groups = self._groups(todo)
-        if self.o.dry_run:
-            summary.files, summary.packs = len(todo), len(groups)
-            summary.bytes = sum(o.size for o in todo)
-        else:
-            self._pack_all(groups, state, summary)
-            others = self._others(state)
-            if (summary.files or summary.adopted or summary.dropped
-                    or (state.others is not None and set(others) != state.others)):
-                summary.index = self._publish(state, others)
+        with tempfile.TemporaryDirectory(prefix="tieredfs-pack-") as tmp:
+            work = PackWork(Path(tmp), self.prefix)
+            try:
+                pack_objects, indexed_packs = self._state(work, summary, Path(tmp))
+                if not self.o.dry_run:
+                    summary.adopted = self._adopt(work, pack_objects, indexed_packs)
+                files, size = work.plan(self.o.max_file_size)
+                if self.o.dry_run:
+                    summary.files, summary.bytes = files, size
+                    summary.packs = sum(1 for _ in self._groups(work.todo()))
+                else:
+                    self._pack_all(work, size, summary)
+                    entries, packs, others_changed = work.finish()
+                    if summary.files or summary.adopted or summary.dropped or others_changed:
+                        summary.index = self._publish(work, entries, packs)
+            finally:
+                work.close()
         summary.seconds = time.monotonic() - t0
         return summary
 
     # --- what is there ---------------------------------------------------------------------
 
-    def _state(self) -> _State:
-        listed = self.s3.list_all(self.prefix)
+    def _state(self, work: PackWork, summary: Summary, tmp: Path) -> tuple[dict[str, ListedObject], set[str]]:
+        """The listing into `work`, then the last index's entries that still hold. Returns
+        the reserved prefix's pack and manifest objects (key -> object), and the packs the
+        last index names."""
         n = len(self.prefix)
-        # Not the packs of this prefix, nor those of a packed prefix below it.
-        state = _State({o.key[n:]: o for o in listed if f"/{RESERVED}/" not in f"/{o.key[n:]}"},
-                       {o.key: o for o in listed if o.key.startswith(self.reserved + "packs/")})
-        index = self.current_index(self.s3, self.prefix, Path(tempfile.gettempdir()))
+        pack_objects: dict[str, ListedObject] = {}
+        for page in self.s3.list_pages(self.prefix):
+            # Not the packs of this prefix, nor those of a packed prefix below it.
+            work.add_sources((o.key[n:], o) for o in page if f"/{RESERVED}/" not in f"/{o.key[n:]}")
+            pack_objects.update((o.key, o) for o in page if o.key.startswith(self.reserved + "packs/"))
+        index = self.current_index(self.s3, self.prefix, tmp)
         if index is None:
-            return state
-        try:
-            for e in index.entries():
-                if self._still_holds(state, e):
-                    state.entries[e.path] = e
-                else:
-                    state.dropped += 1
-            state.indexed_packs = {p.key for p in index.packs.values()}
-            state.others = set(index.others())  # none in an index of before they were listed
-        finally:
-            index.close()
-            index.path.unlink(missing_ok=True)
-        return state
+            return pack_objects, set()
+        indexed_packs, lists_all = {p.key for p in index.packs.values()}, index.lists_all
+        index.close()
+        summary.kept, summary.dropped = work.keep(index.path, {k: o.etag for k, o in pack_objects.items()},
+                                                  lists_all)
+        return pack_objects, indexed_packs
 
     @staticmethod
     def current_index(s3: S3Backend, prefix: str, workdir: Path) -> PackIndex | None:
@@ -152,30 +131,27 @@ class Packer:
             pointer, _ = s3.get_object(where)
         except ObjectMissing:
             return None
-        data, _ = s3.get_object(reserved_prefix(prefix) + index_name_of(pointer, where))
-        local = Path(tempfile.mkstemp(suffix=".sqlite", dir=workdir)[1])
-        local.write_bytes(data)
+        local = workdir / "last-index.sqlite"
+        try:
+            s3.get_file(reserved_prefix(prefix) + index_name_of(pointer, where), local)
+        except OSError as e:
+            local.unlink(missing_ok=True)
+            raise work_failed(workdir, e) from None
         try:
             return PackIndex(local)
         except PackIndexUnusable:
             local.unlink(missing_ok=True)
             raise
 
-    @staticmethod
-    def _still_holds(state: _State, e: Entry) -> bool:
-        src, pack = state.sources.get(e.path), state.pack_objects.get(e.pack.key)
-        return (src is not None and src.etag == e.etag and src.size == e.size
-                and pack is not None and pack.etag == e.pack.etag)
-
-    def _adopt(self, state: _State) -> int:
+    def _adopt(self, work: PackWork, pack_objects: dict[str, ListedObject], indexed_packs: set[str]) -> int:
         """Entries of packs that an interrupted run wrote (with their manifest) but never indexed."""
         adopted = 0
-        for key, obj in sorted(state.pack_objects.items()):
+        for key, obj in sorted(pack_objects.items()):
             if not key.endswith(".json"):
                 continue
             pack_key = key[:-len(".json")] + ".pack"
-            pack_obj = state.pack_objects.get(pack_key)
-            if pack_key in state.indexed_packs or pack_obj is None:
+            pack_obj = pack_objects.get(pack_key)
+            if pack_key in indexed_packs or pack_obj is None:
                 continue
             data, _ = self.s3.get_object(key)
             try:
@@ -184,42 +160,41 @@ class Packer:
             except (ValueError, KeyError, AttributeError):
                 log.warning("event=pack_manifest_unreadable key=%r action=ignored", key)
                 continue
-            pack = Pack(pack_key, pack_obj.etag, pack_obj.size)
-            for path, etag, size, offset, xxh3 in rows:
-                e = Entry(path, etag, size, pack, offset, xxh3)
-                if path not in state.entries and self._still_holds(state, e):
-                    state.entries[path] = e
-                    adopted += 1
+            adopted += work.adopt(Pack(pack_key, pack_obj.etag, pack_obj.size), rows)
         return adopted
 
     # --- writing packs -----------------------------------------------------------------------
 
-    def _groups(self, todo: list[ListedObject]) -> list[list[ListedObject]]:
-        groups, size = [], self.o.pack_size
+    def _groups(self, todo: Iterable[ListedObject]) -> Iterator[list[ListedObject]]:
+        """The objects in packs of up to --pack-size, in order; one pack's objects at a time."""
+        group, size = [], 0
         for o in todo:
-            if not groups or size + o.size > self.o.pack_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(o)
+            if group and size + o.size > self.o.pack_size:
+                yield group
+                group, size = [], 0
+            group.append(o)
             size += o.size
-        return groups
+        if group:
+            yield group
 
-    def _pack_all(self, groups: list[list[ListedObject]], state: _State, summary: Summary) -> None:
-        total = sum(o.size for g in groups for o in g)
+    def _pack_all(self, work: PackWork, total: int, summary: Summary) -> None:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="packing",
                   disable=None if self.o.progress else True) as bar, \
                 ThreadPoolExecutor(self.o.parallel) as pool:
-            for n, group in enumerate(groups):
-                entries = self._write_pack(n, group, pool, bar)
-                for e in entries:
-                    state.entries[e.path] = e
-                summary.files += len(entries)
-                summary.bytes += sum(e.size for e in entries)
-                summary.skipped += len(group) - len(entries)
-                summary.packs += bool(entries)
+            for n, group in enumerate(self._groups(work.todo())):
+                pack, rows = self._write_pack(n, group, pool, bar)
+                if pack is not None:
+                    work.packed(pack, rows)
+                summary.files += len(rows)
+                summary.bytes += sum(row[2] for row in rows)
+                summary.skipped += len(group) - len(rows)
+                summary.packs += pack is not None
                 bar.set_postfix(files=summary.files, packs=summary.packs, refresh=False)
 
-    def _write_pack(self, n: int, group: list[ListedObject], pool: ThreadPoolExecutor, bar) -> list[Entry]:
+    def _write_pack(self, n: int, group: list[ListedObject], pool: ThreadPoolExecutor,
+                    bar) -> tuple[Pack | None, list[tuple]]:
+        """One pack of the group's sources and its manifest; (the pack, its rows (path, etag,
+        size, offset, xxh3)), or (None, []) if every source changed since the listing."""
         def fetch(o: ListedObject) -> bytes | None:
             try:
                 data = self.s3.get_range(ObjectVersion(self.s3.bucket, o.key, o.etag, o.size), 0, o.size)
@@ -234,30 +209,18 @@ class Packer:
                 rows.append((o.key[len(self.prefix):], o.etag, o.size, len(body), checksum(data)))
                 body += data
         if not rows:
-            return []
+            return None, []
         key = f"{self.reserved}packs/{self.run_id}-{n:05d}"
         etag = self.s3.put_object(key + ".pack", bytes(body))
         # After the pack: a manifest names only a pack that exists.
         self.s3.put_object(key + ".json", json.dumps({"format": FORMAT, "entries": rows}).encode())
-        pack = Pack(key + ".pack", etag, len(body))
-        return [Entry(*row[:3], pack, *row[3:]) for row in rows]
+        return Pack(key + ".pack", etag, len(body)), rows
 
-    @staticmethod
-    def _others(state: _State) -> list[Other]:
-        """The prefix's objects not packed: the index lists them too (--listing-from-index)."""
-        return [Other(path, o.etag, o.size, o.mtime_ns) for path, o in state.sources.items()
-                if path not in state.entries]
-
-    def _publish(self, state: _State, others: list[Other]) -> str:
+    def _publish(self, work: PackWork, entries: int, packs: int) -> str:
         """The index version, then the pointer naming it (last: the only overwrite)."""
         name = f"index/{self.run_id}.sqlite"
-        # Each entry with its source's Last-Modified, so a listing from the index shows it.
-        entries = [replace(e, mtime_ns=state.sources[e.path].mtime_ns) for e in state.entries.values()]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "index.sqlite"
-            packs = write_index(path, self.prefix, entries, others)
-            self.s3.put_object(self.reserved + name, path.read_bytes())
-        self.s3.put_object(self.reserved + POINTER, pointer_bytes(name, len(entries), packs))
+        self.s3.put_file(self.reserved + name, work.index_path)
+        self.s3.put_object(self.reserved + POINTER, pointer_bytes(name, entries, packs))
         return name
 
 
@@ -274,17 +237,17 @@ class VerifyReport:
 
 def verify(s3: S3Backend, prefix: str, parallel: int) -> VerifyReport:
     """Every entry of the current index against its pack (checksum) and its source (bytes)."""
-    index = Packer.current_index(s3, prefix, Path(tempfile.gettempdir()))
-    if index is None:
-        raise PackIndexUnusable(f"no pack index under s3://{s3.bucket}/{prefix}: run tieredfs pack first")
-    try:
-        entries = index.entries()
-    finally:
-        index.close()
-        index.path.unlink(missing_ok=True)
-    by_pack: dict[Pack, list[Entry]] = {}
-    for e in entries:
-        by_pack.setdefault(e.pack, []).append(e)
+    with tempfile.TemporaryDirectory(prefix="tieredfs-verify-") as tmp:
+        index = Packer.current_index(s3, prefix, Path(tmp))
+        if index is None:
+            raise PackIndexUnusable(f"no pack index under s3://{s3.bucket}/{prefix}: run tieredfs pack first")
+        try:
+            return _verify_packs(s3, prefix, parallel, index)
+        finally:
+            index.close()
+
+
+def _verify_packs(s3: S3Backend, prefix: str, parallel: int, index: PackIndex) -> VerifyReport:
     report = VerifyReport()
 
     def check(pack_data: bytes, e: Entry) -> str:
@@ -298,7 +261,7 @@ def verify(s3: S3Backend, prefix: str, parallel: int) -> VerifyReport:
         return "ok" if bytes(source) == packed else "bad"
 
     with ThreadPoolExecutor(parallel) as pool:
-        for pack, group in by_pack.items():
+        for pack, group in index.entries_by_pack():
             try:
                 data = bytes(s3.get_range(ObjectVersion(s3.bucket, pack.key, pack.etag, pack.size),
                                           0, pack.size))

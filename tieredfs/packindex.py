@@ -22,6 +22,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import xxhash
 
@@ -83,12 +84,12 @@ def checksum(data) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _etag_stored(etag: str):
+def etag_stored(etag: str):
     """An MD5 ETag (most of them) as its 16 bytes: half the index of its hex."""
     return bytes.fromhex(etag) if len(etag) == 32 and set(etag) <= _MD5_HEX else etag
 
 
-def _etag_read(value) -> str:
+def etag_read(value) -> str:
     return value.hex() if isinstance(value, bytes) else value
 
 
@@ -112,24 +113,36 @@ def index_name_of(pointer: bytes, where: str) -> str:
     return name
 
 
-def write_index(path: Path, prefix: str, entries: list[Entry], others: list[Other] = ()) -> int:
-    """Write one index version to a new local file; returns the number of packs it names."""
-    pack_ids: dict[Pack, int] = {}
-    for e in entries:
-        pack_ids.setdefault(e.pack, len(pack_ids) + 1)
+def new_index(path: Path, prefix: str) -> None:
+    """An empty index version in a new local file: its tables, its format and prefix."""
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA journal_mode=OFF")
         conn.executescript(_SCHEMA)
         conn.executemany("INSERT INTO meta VALUES (?, ?)",
                          [("format", str(FORMAT)), ("prefix", prefix)])
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def write_index(path: Path, prefix: str, entries: list[Entry], others: list[Other] = ()) -> int:
+    """Write one index version to a new local file; returns the number of packs it names.
+    (The packer builds its versions row by row instead: packwork.py.)"""
+    pack_ids: dict[Pack, int] = {}
+    for e in entries:
+        pack_ids.setdefault(e.pack, len(pack_ids) + 1)
+    new_index(path, prefix)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode=OFF")
         conn.executemany("INSERT INTO packs VALUES (?, ?, ?, ?)",
                          [(i, p.key, p.etag, p.size) for p, i in pack_ids.items()])
         conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         ((e.path, _etag_stored(e.etag), e.size, pack_ids[e.pack], e.offset, e.xxh3,
+                         ((e.path, etag_stored(e.etag), e.size, pack_ids[e.pack], e.offset, e.xxh3,
                            e.mtime_ns) for e in sorted(entries, key=lambda e: e.path)))
         conn.executemany("INSERT INTO others VALUES (?, ?, ?, ?)",
-                         ((o.path, _etag_stored(o.etag), o.size, o.mtime_ns)
+                         ((o.path, etag_stored(o.etag), o.size, o.mtime_ns)
                           for o in sorted(others, key=lambda o: o.path)))
         conn.commit()
     finally:
@@ -169,10 +182,34 @@ class PackIndex:
         return [self._entry(*row) for row in self._query(
             "SELECT path, etag, size, pack, offset, xxh3" + self._mtime + " FROM entries", ())]
 
+    def entries_by_pack(self) -> Iterator[tuple[Pack, list[Entry]]]:
+        """Each pack with its entries in offset order, a pack at a time (`--verify`): one
+        pack's entries in memory, not the index's. One sorted query, read a page at a time."""
+        try:
+            with self._lock:
+                cursor = self._conn.execute("SELECT path, etag, size, pack, offset, xxh3" + self._mtime +
+                                            " FROM entries ORDER BY pack, offset")
+            current, group = None, []
+            while True:
+                with self._lock:
+                    page = cursor.fetchmany(_PAGE)
+                for row in page:
+                    if row[3] != current and group:
+                        yield self.packs[current], group
+                        group = []
+                    current = row[3]
+                    group.append(self._entry(*row))
+                if len(page) < _PAGE:
+                    break
+        except sqlite3.Error as e:
+            raise PackIndexUnusable(f"pack index {self.path.name}: {e}") from None
+        if group:
+            yield self.packs[current], group
+
     def others(self) -> list[Other]:
         if not self.lists_all:
             return []
-        return [Other(p, _etag_read(e), s, m or 0) for p, e, s, m in
+        return [Other(p, etag_read(e), s, m or 0) for p, e, s, m in
                 self._query("SELECT path, etag, size, mtime_ns FROM others", ())]
 
     def directory(self, rel: str) -> tuple[list[Entry | Other], list[str]]:
@@ -218,11 +255,11 @@ class PackIndex:
             raise PackIndexUnusable(f"pack index {self.path.name}: {e}") from None
 
     def _entry(self, path, etag, size, pack, offset, xxh3, mtime_ns=0) -> Entry:
-        return Entry(path, _etag_read(etag), size, self.packs[pack], offset, xxh3, mtime_ns or 0)
+        return Entry(path, etag_read(etag), size, self.packs[pack], offset, xxh3, mtime_ns or 0)
 
     @staticmethod
     def _other(path, etag, size, mtime_ns) -> Other:
-        return Other(path, _etag_read(etag), size, mtime_ns or 0)
+        return Other(path, etag_read(etag), size, mtime_ns or 0)
 
     def close(self) -> None:
         with self._lock:

@@ -59,8 +59,8 @@ class _Prefix:
 
 
 class PackRegistry:
-    def __init__(self, bucket: str, get_object: Callable[[str], tuple[bytes, str]], index_dir: Path,
-                 ttl: float, counters: Counters, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, bucket: str, get_object: Callable[[str], tuple[bytes, str]],
+                 get_file: Callable[[str, Path], str], index_dir: Path, ttl: float, counters: Counters, clock: Callable[[], float] = time.monotonic,
                  root: str = "", listing_from_index: bool = False):
         self.bucket = bucket
         self._root = root  # the mount's prefix: its ancestors may be packed
@@ -70,6 +70,7 @@ class PackRegistry:
         self._dirs: OrderedDict[str, dict[str, Entry]] = OrderedDict()
         self._preloaded = 0
         self._get = get_object
+        self._get_file = get_file  # an index, streamed to disk: not held in memory
         self._dir = index_dir
         self._ttl = ttl
         self._clock = clock
@@ -120,16 +121,16 @@ class PackRegistry:
         key = reserved_prefix(prefix) + name
         local = self._dir / (xxhash.xxh3_128_hexdigest(f"{self.bucket}\0{key}".encode()) + ".sqlite")
         if not local.exists():
-            data, _ = self._get(key)
-            self.counters.add("index_downloads")
-            self._dir.mkdir(parents=True, exist_ok=True)
             tmp = local.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
             try:
-                tmp.write_bytes(data)
+                self._dir.mkdir(parents=True, exist_ok=True)
+                self._get_file(key, tmp)
+                self.counters.add("index_downloads")
                 os.replace(tmp, local)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 raise PackIndexUnusable(f"cannot keep the pack index in {self._dir}: {e.strerror}") from None
+            finally:
+                tmp.unlink(missing_ok=True)  # a part downloaded or written (gone once replaced)
         try:
             return PackIndex(local)
         except PackIndexUnusable:

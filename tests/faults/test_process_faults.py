@@ -18,7 +18,7 @@ import pytest
 from conftest import tieredfs_cmd
 from kit import BS, FAST, K, proxy, random_files, read_uncached, record, timed, via_proxy  # noqa: F401 (fixtures)
 from tieredfs.devserver import wait_until
-from test_cache import block_files, tiny_tmpfs
+from test_cache import block_files
 
 pytestmark = pytest.mark.faults
 

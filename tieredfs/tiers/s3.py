@@ -14,7 +14,8 @@ import ipaddress
 import logging
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
 # botocore.compat imports awscrt whenever it is installed, for what a mount does not use
@@ -260,25 +261,40 @@ class S3Backend:
             token = page["NextContinuationToken"]
 
     def list_all(self, prefix: str) -> list[ListedObject]:
-        """Every object under `prefix`, at any depth (the packer's one walk of a prefix)."""
+        """Every object under `prefix`, at any depth (packgc's walk of the reserved prefix)."""
         return self.list_tree(prefix, None)
 
     def list_tree(self, prefix: str, max_keys: int | None) -> list[ListedObject] | None:
         """Every object under `prefix`, at any depth, if there are at most `max_keys` of them
         (None: however many); else None, after listing about `max_keys` of them."""
-        s3_listing.install(self._client, ListedObject)
         objects, token = [], None
         while True:
-            kwargs = {"Bucket": self.bucket, "Prefix": prefix}
-            if token:
-                kwargs["ContinuationToken"] = token
-            page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs))
-            objects.extend(s3_listing.entries(page, _listed)[1])
-            if not page.get("IsTruncated"):
+            page, token = self._list_page(prefix, token)
+            objects.extend(page)
+            if not token:
                 return objects
             if max_keys is not None and len(objects) >= max_keys:
                 return None
-            token = page["NextContinuationToken"]
+
+    def list_pages(self, prefix: str) -> Iterator[list[ListedObject]]:
+        """Every object under `prefix`, at any depth, a page (up to 1,000) at a time: the
+        packer's walk, which keeps no more than a page of the listing in memory."""
+        token = None
+        while True:
+            page, token = self._list_page(prefix, token)
+            yield page
+            if not token:
+                return
+
+    def _list_page(self, prefix: str, token: str | None) -> tuple[list[ListedObject], str | None]:
+        """One page of a recursive listing, and the token of the next (None: the last page)."""
+        s3_listing.install(self._client, ListedObject)
+        kwargs = {"Bucket": self.bucket, "Prefix": prefix}
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = self._call("list", lambda _: self._client.list_objects_v2(**kwargs))
+        return (s3_listing.entries(page, _listed)[1],
+                page["NextContinuationToken"] if page.get("IsTruncated") else None)
 
     def get_object(self, key: str) -> tuple[bytes, str]:
         """(body, ETag) of the current version of a small object (a pack index pointer)."""
@@ -295,6 +311,32 @@ class S3Backend:
 
         return self._call("get", attempt)
 
+    def get_file(self, key: str, path: Path) -> str:
+        """The current version of an object into a local file, a MiB at a time (a pack index
+        of millions of entries is not held in memory); returns its ETag. A failed write of
+        the file raises its OSError, not retried."""
+        def attempt(stop_at: float) -> str:
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            body, got = resp["Body"], 0
+            try:
+                with path.open("wb") as f:
+                    for chunk in body.iter_chunks(1 << 20):
+                        try:
+                            f.write(chunk)
+                        except OSError as e:
+                            raise _LocalWriteFailed(e) from None
+                        got += len(chunk)
+            finally:
+                body.close()
+            if got != resp["ContentLength"]:
+                raise Retry(f"asked {resp['ContentLength']} bytes of {key!r}, got {got}")
+            return resp.get("ETag", "").strip('"')
+
+        try:
+            return self._call("get", attempt)
+        except _LocalWriteFailed as e:
+            raise e.args[0] from None
+
     def put_object(self, key: str, data: bytes) -> str:
         """Write a whole object (packs, their index, its pointer); returns its ETag. The body's
         MD5 goes along, so S3 refuses a body damaged on the way."""
@@ -302,6 +344,17 @@ class S3Backend:
         resp = self._call("put", lambda _: self._client.put_object(
             Bucket=self.bucket, Key=key, Body=data, ContentMD5=md5))
         return resp.get("ETag", "").strip('"')
+
+    def put_file(self, key: str, path: Path) -> str:
+        """put_object of a local file, read as it is sent (a pack index of millions of
+        entries is not held in memory, nor copied by botocore)."""
+        with path.open("rb") as f:
+            md5 = base64.b64encode(hashlib.file_digest(f, "md5").digest()).decode()
+
+        def attempt(_):
+            with path.open("rb") as body:
+                return self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5)
+        return self._call("put", attempt).get("ETag", "").strip('"')
 
     def delete_objects(self, keys: list[str]) -> int:
         """Delete these objects, 1,000 a request (`tieredfs pack --gc`); returns how many went.
@@ -419,6 +472,10 @@ class S3Backend:
             raise Retry(str(e)) from None
         except _TRANSIENT as e:
             raise Unreachable(f"{type(e).__name__}: {e}") from None
+
+
+class _LocalWriteFailed(Exception):
+    """A local file's write failed during a GET (get_file): not the network's, never retried."""
 
 
 def _crt_serves(length: int) -> bool:
