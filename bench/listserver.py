@@ -11,6 +11,7 @@ else; no authentication checked. Threads in this process, on 127.0.0.1.
 import bisect
 import hashlib
 import threading
+import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,6 +34,7 @@ class ListServer:
         # Sizes and ETags indexed once, as S3 keeps them: a listing reads no file.
         self.meta: dict[str, tuple[int, str]] = {}
         self.stored: dict[str, bytes] = {}  # synthetic: bodies PUT, by key
+        self.latency = 0.0  # seconds before each GET, HEAD or LIST is answered (--latency-ms)
         self._lock = threading.Lock()
         if self.base is not None:
             for p in self.base.rglob("*"):
@@ -121,6 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, head: bool):
         owner: ListServer = self.server.owner
+        time.sleep(owner.latency)
         url = urlsplit(self.path)
         bucket, _, key = unquote(url.path).lstrip("/").partition("/")
         if bucket != owner.bucket:
@@ -195,8 +198,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--synthetic", type=int, required=True)
     p.add_argument("--bucket", default="bench")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="added before each GET, HEAD or LIST")
     args = p.parse_args()
-    server = ListServer(None, args.bucket, synthetic=args.synthetic).start()
+    server = ListServer(None, args.bucket, synthetic=args.synthetic)
+    server.latency = args.latency_ms / 1000
+    server.start()
     print(server.url, flush=True)
     sys.stdin.read()
     server.stop()

@@ -19,11 +19,11 @@ from .servers import apply_credentials
 BUCKET = "packmem"
 
 
-def run_once(n: int, dry_run: bool, parallel: int, pack_size: str, again: bool) -> dict:
+def run_once(n: int, dry_run: bool, parallel: int, pack_size: str, again: bool, latency_ms: float) -> dict:
     # The server (its made-up objects take ~250 MiB for 1,000,000) runs in a process of its
     # own: a child's ru_maxrss starts at its parent's RSS, even across exec.
     server = subprocess.Popen([sys.executable, "-m", "bench.listserver", "--synthetic", str(n),
-                               "--bucket", BUCKET], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                               "--bucket", BUCKET, "--latency-ms", str(latency_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
         cmd = [sys.executable, "-m", "tieredfs", "pack", f"s3://{BUCKET}/data", "--endpoint-url",
@@ -62,11 +62,12 @@ def main() -> None:
     p.add_argument("--again", action="store_true",
                    help="measure a second run over the same objects (every entry kept, nothing packed)")
     p.add_argument("--parallel", type=int, default=16)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="the server's added latency per request")
     # Small packs: a pack's bytes are held while it is written, which would hide the slope.
     p.add_argument("--pack-size", default="4M")
     args = p.parse_args()
     apply_credentials()
-    results = [run_once(int(n), args.dry_run, args.parallel, args.pack_size, args.again) for n in args.objects.split(",")]
+    results = [run_once(int(n), args.dry_run, args.parallel, args.pack_size, args.again, args.latency_ms) for n in args.objects.split(",")]
     if len(results) > 1:
         a, b = results[0], results[-1]
         per = (b["peak_rss_mib"] - a["peak_rss_mib"]) * (1 << 20) / (b["objects"] - a["objects"])

@@ -231,8 +231,8 @@ def warmup(paths, recursive, parallel, replay):
 @click.option("--region")
 @click.option("--max-file-size", default="1M", show_default=True, help="objects up to this size are packed")
 @click.option("--pack-size", default="64M", show_default=True, help="bytes per pack object")
-@click.option("--parallel", default=16, show_default=True, type=click.IntRange(1, 256),
-              help="source objects fetched at once")
+@click.option("--parallel", default=64, show_default=True, type=click.IntRange(1, 256),
+              help="source objects fetched at once (one GET, one thread each)")
 @click.option("--dry-run", is_flag=True, help="say what would be packed; write nothing")
 @click.option("--verify", "check", is_flag=True, help="then check every packed file against its source")
 @click.option("--gc", is_flag=True, help="then delete index versions and packs no current index needs")
