@@ -46,3 +46,5 @@ def test_the_lazy_backend_makes_its_client_on_the_first_call_only():
     assert backend.gauges() == {"s3.down": 0} and made == []
     assert listing("p/", attempts=1) == ("p/", 1) and backend.list_dir("q/") == ("q/", None)
     assert made == [1] and backend.gauges() == {"s3.down": 1}
+    # Once made, a method taken is the client's own: no proxy call on the hot path.
+    assert backend.list_dir.__self__ is backend.real() and "list_dir" in vars(backend)

@@ -151,7 +151,13 @@ class LazyBackend:
     def __getattr__(self, name: str):
         from .tiers.s3 import S3Backend
 
-        if not callable(getattr(S3Backend, name, None)):
+        method = callable(getattr(S3Backend, name, None))
+        if self._real is not None and method:
+            # Once made, the client's methods are this object's own: the next call of one
+            # (several per cold GET, on the trio thread) does not come through here.
+            value = self.__dict__[name] = getattr(self._real, name)
+            return value
+        if not method:
             return getattr(self.real(), name)
 
         def call(*args, **kwargs):
