@@ -395,3 +395,29 @@ def test_run_names_sort_in_the_order_runs_began(monkeypatch):
         monkeypatch.setattr(packer.uuid, "uuid4", lambda h=random_part: uuid.UUID(h))
         names.append(packer.Packer(None, "p/", packer.PackOptions()).run_id)
     assert names == sorted(names) and names[0] != names[1]
+
+
+def test_a_source_changed_since_the_listing_is_left_out_of_its_pack(s3, s3server, bucket):
+    """The packer fetches each source by the ETag it listed: one changed since (here: listed
+    with an ETag it no longer has) is skipped, and the pack holds the others back to back."""
+    from tqdm import tqdm
+
+    from tieredfs.packer import Packer, PackOptions
+    from tieredfs.stats import Counters
+    from tieredfs.tiers.s3 import ListedObject, S3Backend
+
+    files = {"p/a": b"A" * 1000, "p/b": b"B" * 3000, "p/c": b"C" * 2000}
+    upload(s3, bucket, files)
+    listed = [ListedObject(k, len(v), 0, s3.head_object(Bucket=bucket, Key=k)["ETag"].strip('"'))
+              for k, v in files.items()]
+    listed[1] = ListedObject("p/b", 3000, 0, "0" * 32)  # b changed after it was listed
+    backend = S3Backend(bucket, endpoint_url=s3server.url, region=None, max_requests=4, connect_timeout=2,
+                        read_timeout=10, max_attempts=2, deadline=30, counters=Counters("s3"))
+    try:
+        with ThreadPoolExecutor(2) as pool, tqdm(disable=True) as bar:
+            pack_made, rows = Packer(backend, "p/", PackOptions())._write_pack(0, listed, pool, bar)
+    finally:
+        backend.close()
+    assert [(path, offset) for path, _, _, offset, _ in rows] == [("a", 0), ("c", 1000)]
+    stored = s3.get_object(Bucket=bucket, Key=pack_made.key)["Body"].read()
+    assert stored == files["p/a"] + files["p/c"] and pack_made.size == 3000

@@ -205,15 +205,19 @@ class Packer:
             bar.update(o.size)
             return data
 
-        body, rows = bytearray(), []
+        # Made at its full size once: growing it by += copied it as it grew (a pack's size
+        # more at the peak). A source that changed meanwhile leaves its room at the end.
+        body, rows, end = bytearray(sum(o.size for o in group)), [], 0
         for o, data in zip(group, pool.map(fetch, group)):
             if data is not None:
-                rows.append((o.key[len(self.prefix):], o.etag, o.size, len(body), checksum(data)))
-                body += data
+                rows.append((o.key[len(self.prefix):], o.etag, o.size, end, checksum(data)))
+                body[end:end + o.size] = data
+                end += o.size
         if not rows:
             return None, []
+        del body[end:]
         key = f"{self.reserved}packs/{self.run_id}-{n:05d}"
-        etag = self.s3.put_object(key + ".pack", bytes(body))
+        etag = self.s3.put_object(key + ".pack", body)  # not copied: botocore sends a bytearray
         # After the pack: a manifest names only a pack that exists.
         self.s3.put_object(key + ".json", json.dumps({"format": FORMAT, "entries": rows}).encode())
         return Pack(key + ".pack", etag, len(body)), rows

@@ -337,7 +337,7 @@ class S3Backend:
         except _LocalWriteFailed as e:
             raise e.args[0] from None
 
-    def put_object(self, key: str, data: bytes) -> str:
+    def put_object(self, key: str, data: bytes | bytearray) -> str:
         """Write a whole object (packs, their index, its pointer); returns its ETag. The body's
         MD5 goes along, so S3 refuses a body damaged on the way."""
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
