@@ -97,3 +97,32 @@ def test_others_of_an_index_that_did_not_list_them(tmp_path):
         work.keep(tmp_path / "old.sqlite", {pack.key: "pe"}, False)
         assert work.finish()[2] is changed
         work.close()
+
+
+def test_in_order_keeps_the_order_and_at_most_a_window_of_calls_out():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tieredfs.packer import in_order
+
+    lock, out, most = threading.Lock(), [0], [0]
+
+    def call(i):
+        with lock:
+            out[0] += 1
+            most[0] = max(most[0], out[0])
+        time.sleep(0.001 * (i % 3))  # finishing out of order
+        with lock:
+            out[0] -= 1
+        return i * i
+
+    submitted = []
+    with ThreadPoolExecutor(8) as pool:
+        real_submit = pool.submit
+        pool.submit = lambda fn, item: submitted.append(item) or real_submit(fn, item)
+        got = []
+        for item, result in in_order(pool, call, range(100), window=5):
+            assert len(submitted) - len(got) <= 5  # never more than the window ahead
+            got.append((item, result))
+    assert got == [(i, i * i) for i in range(100)] and most[0] <= 5

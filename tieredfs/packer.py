@@ -18,8 +18,9 @@ import logging
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +209,7 @@ class Packer:
         # Made at its full size once: growing it by += copied it as it grew (a pack's size
         # more at the peak). A source that changed meanwhile leaves its room at the end.
         body, rows, end = bytearray(sum(o.size for o in group)), [], 0
-        for o, data in zip(group, pool.map(fetch, group)):
+        for o, data in in_order(pool, fetch, group, 2 * self.o.parallel):
             if data is not None:
                 rows.append((o.key[len(self.prefix):], o.etag, o.size, end, checksum(data)))
                 body[end:end + o.size] = data
@@ -228,6 +229,21 @@ class Packer:
         self.s3.put_file(self.reserved + name, work.index_path)
         self.s3.put_object(self.reserved + POINTER, pointer_bytes(name, entries, packs))
         return name
+
+
+def in_order(pool: ThreadPoolExecutor, fn, items: Iterable, window: int) -> Iterator[tuple]:
+    """(item, fn(item)) in the items' order, with at most `window` calls submitted at once:
+    ThreadPoolExecutor.map submits them all, a future each (a pack of 60,000 small files
+    held ~60 MiB of them, bench/pack_memory.py)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
 
 
 @dataclass
@@ -273,7 +289,7 @@ def _verify_packs(s3: S3Backend, prefix: str, parallel: int, index: PackIndex) -
                                           0, pack.size))
             except (ObjectChanged, ObjectMissing):
                 data = b""  # replaced or deleted since indexed: none of its entries holds
-            for e, result in zip(group, pool.map(lambda e: check(data, e), group)):
+            for e, result in in_order(pool, lambda e: check(data, e), group, 2 * parallel):
                 report.checked += 1
                 if result == "stale":
                     report.stale += 1
