@@ -163,27 +163,43 @@ def test_a_packed_file_read_from_tier1_reads_its_own_chunks_not_the_block(s3, s3
     assert stats["chain.part_reads_inline"] > stats.get("chain.part_reads_threaded", 0)
 
 
+def start_pack_and_wait_for_manifests(s3, s3server, bucket: str, env: dict, n: int) -> subprocess.Popen:
+    proc = subprocess.Popen(tieredfs_cmd("pack", f"s3://{bucket}/p", "--endpoint-url", s3server.url,
+                                         "--pack-size", "64K", "--parallel", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert wait_until(lambda: len(manifests(s3, bucket)) >= n or proc.poll() is not None, 120)
+        assert proc.poll() is None, "the packer finished before it could be interrupted"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def manifests(s3, bucket: str) -> list[str]:
+    return [k for k in keys(s3, bucket, "p/.tieredfs/packs/") if k.endswith(".json")]
+
+
 def test_interrupted_pack_resumes_and_never_names_a_missing_pack(s3, s3server, bucket, mount_factory, tmp_path):
     files = small_tree("p/", 300, seed=2)
     upload(s3, bucket, files)
-    proc = subprocess.Popen(tieredfs_cmd("pack", f"s3://{bucket}/p", "--endpoint-url", s3server.url,
-                                         "--pack-size", "64K", "--parallel", "1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        manifests = lambda: [k for k in keys(s3, bucket, "p/.tieredfs/packs/") if k.endswith(".json")]
-        assert wait_until(lambda: len(manifests()) >= 3 or proc.poll() is not None, 120)
-        assert proc.poll() is None, "the packer finished before it could be interrupted"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    interrupted = len(manifests())
+    (tmp_path / "tmpdir").mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmpdir"))
+    proc = start_pack_and_wait_for_manifests(s3, s3server, bucket, env, 3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = len(manifests(s3, bucket))
     assert "p/.tieredfs/index.json" not in keys(s3, bucket, "p/.tieredfs/")  # pointer last
+    # A killed run cannot remove its work files; the next run does.
+    assert [d.name.split("-")[:3] for d in (tmp_path / "tmpdir").iterdir()] == [
+        ["tieredfs", "pack", str(proc.pid)]]
 
-    out = pack(s3server, bucket, "p", "--pack-size", "64K", "--verify").stdout
+    out = pack(s3server, bucket, "p", "--pack-size", "64K", "--verify", env=env).stdout
+    assert not list((tmp_path / "tmpdir").iterdir())
     adopted = int(out.split("adopted ")[1].split(",")[0])
     assert adopted >= 3 and "packed" in out and "verified 300 packed files: 0 differ" in out
-    assert interrupted <= len(manifests())
+    assert interrupted <= len(manifests(s3, bucket))
     # Every pack the index names exists, with the ETag it names.
     stored = {k: s3.head_object(Bucket=bucket, Key=k)["ETag"].strip('"')
               for k in keys(s3, bucket, "p/.tieredfs/packs/") if k.endswith(".pack")}
@@ -202,6 +218,17 @@ def test_interrupted_pack_resumes_and_never_names_a_missing_pack(s3, s3server, b
     m = mount_factory(bucket, prefix="p")
     read_all(m.path, files, "p/")
     assert m.stats()["packs.pack_read_failures"] >= 1
+
+
+def test_a_terminated_pack_removes_its_work_files(s3, s3server, bucket, tmp_path):
+    upload(s3, bucket, small_tree("p/", 200, seed=6))
+    (tmp_path / "tmpdir").mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmpdir"))
+    proc = start_pack_and_wait_for_manifests(s3, s3server, bucket, env, 1)
+    proc.terminate()
+    assert proc.wait(60) == 128 + signal.SIGTERM and b"Traceback" not in proc.stderr.read()
+    assert not list((tmp_path / "tmpdir").iterdir())
+    assert "p/.tieredfs/index.json" not in keys(s3, bucket, "p/.tieredfs/")
 
 
 def test_edge_prefixes_and_awkward_keys(s3, s3server, bucket, mount_factory):

@@ -3,6 +3,7 @@
 import functools
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -251,6 +252,9 @@ def pack_cmd(url, endpoint_url, region, max_file_size, pack_size, parallel, dry_
     from .packer import PackOptions
 
     setup_logging(False)
+    # A scheduler's SIGTERM ends the run as Ctrl-C does: its work files are removed on the way
+    # out (packwork.work_dir). What it wrote is adopted by the next run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     packs = parse_size(pack_size, "pack-size")
     # An object bigger than a pack is never packed, whatever --max-file-size says.
     options = PackOptions(max_file_size=min(packs, parse_size(max_file_size, "max-file-size")),

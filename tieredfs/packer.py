@@ -15,7 +15,6 @@ manifests' entries whose sources are unchanged, and packs the rest.
 
 import json
 import logging
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -30,7 +29,7 @@ from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, PackIndexUnusable
 from .packindex import (FORMAT, POINTER, RESERVED, Entry, Pack, PackIndex, checksum, index_name_of,
                         pointer_bytes, reserved_prefix)
-from .packwork import PackWork, work_failed
+from .packwork import PackWork, work_dir, work_failed
 from .tiers.s3 import ListedObject, S3Backend
 
 log = logging.getLogger(__name__)
@@ -85,10 +84,10 @@ class Packer:
     def run(self) -> Summary:
         t0 = time.monotonic()
         summary = Summary(dry_run=self.o.dry_run)
-        with tempfile.TemporaryDirectory(prefix="tieredfs-pack-") as tmp:
-            work = PackWork(Path(tmp), self.prefix)
+        with work_dir("pack") as tmp:
+            work = PackWork(tmp, self.prefix)
             try:
-                pack_objects, indexed_packs = self._state(work, summary, Path(tmp))
+                pack_objects, indexed_packs = self._state(work, summary, tmp)
                 if not self.o.dry_run:
                     summary.adopted = self._adopt(work, pack_objects, indexed_packs)
                 files, size = work.plan(self.o.max_file_size)
@@ -259,8 +258,8 @@ class VerifyReport:
 
 def verify(s3: S3Backend, prefix: str, parallel: int) -> VerifyReport:
     """Every entry of the current index against its pack (checksum) and its source (bytes)."""
-    with tempfile.TemporaryDirectory(prefix="tieredfs-verify-") as tmp:
-        index = Packer.current_index(s3, prefix, Path(tmp))
+    with work_dir("verify") as tmp:
+        index = Packer.current_index(s3, prefix, tmp)
         if index is None:
             raise PackIndexUnusable(f"no pack index under s3://{s3.bucket}/{prefix}: run tieredfs pack first")
         try:

@@ -14,13 +14,12 @@ Order: index versions first, then packs, so no remaining version names a deleted
 """
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import ConfigError, ObjectMissing
 from .packindex import POINTER, PackIndex, index_name_of, reserved_prefix
+from .packwork import work_dir, work_failed
 from .tiers.s3 import ListedObject, S3Backend
 
 log = logging.getLogger(__name__)
@@ -91,10 +90,12 @@ def _versions_kept(versions: list[str], listed: dict[str, ListedObject], current
 
 
 def _packs_named(s3: S3Backend, key: str) -> set[str]:
-    data, _ = s3.get_object(key)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "index.sqlite"
-        path.write_bytes(data)
+    with work_dir("gc") as tmp:
+        path = tmp / "index.sqlite"
+        try:
+            s3.get_file(key, path)
+        except OSError as e:
+            raise work_failed(tmp, e) from None
         index = PackIndex(path)
         try:
             return {p.key for p in index.packs.values()}

@@ -7,8 +7,12 @@ directory is the system's (TMPDIR): about 250 bytes of disk per object there (th
 and plan ~130, the new index ~65, the last index ~65).
 """
 
+import contextlib
 import functools
+import os
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,6 +37,39 @@ def walk_key(path: str) -> str:
     SQLite's byte order of these strings is the order of (directories, name)."""
     parent, _, name = path.rpartition("/")
     return parent.replace("/", "\x01") + "\x00" + name
+
+
+_KINDS = ("pack", "verify", "gc")
+
+
+@contextlib.contextmanager
+def work_dir(kind: str) -> Iterator[Path]:
+    """A temporary directory for one run's work files (`kind`: pack, verify or gc), named
+    with this process's id. Those of runs that were killed (SIGKILL, a crash: a SIGTERM lets
+    a run remove its own) are removed first, so they do not pile up in TMPDIR."""
+    base = Path(tempfile.gettempdir())
+    _sweep(base)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"tieredfs-{kind}-{os.getpid()}-", dir=base))
+    except OSError as e:
+        raise work_failed(base, e) from None
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _sweep(base: Path) -> None:
+    for d in base.glob("tieredfs-*-*-*"):
+        _, kind, pid, *_ = d.name.split("-")
+        if kind not in _KINDS or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its run is gone
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # alive, as another user
+            pass
 
 
 def work_failed(workdir: Path, e: Exception) -> PackWorkFailed:
