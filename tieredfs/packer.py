@@ -29,7 +29,7 @@ from .blocks import ObjectVersion
 from .errors import ObjectChanged, ObjectMissing, PackIndexUnusable
 from .packindex import (FORMAT, POINTER, RESERVED, Entry, Pack, PackIndex, checksum, index_name_of,
                         pointer_bytes, reserved_prefix)
-from .packwork import PackWork, work_dir, work_failed
+from .packwork import PackWork, downloaded_index, work_dir
 from .tiers.s3 import ListedObject, S3Backend
 
 log = logging.getLogger(__name__)
@@ -127,23 +127,14 @@ class Packer:
 
     @staticmethod
     def current_index(s3: S3Backend, prefix: str, workdir: Path) -> PackIndex | None:
-        """The index the pointer names, downloaded into `workdir`; None if none yet."""
+        """The index the pointer names, downloaded into the work dir `workdir`; None if none yet."""
         where = reserved_prefix(prefix) + POINTER
         try:
             pointer, _ = s3.get_object(where)
         except ObjectMissing:
             return None
-        local = workdir / "last-index.sqlite"
-        try:
-            s3.get_file(reserved_prefix(prefix) + index_name_of(pointer, where), local)
-        except OSError as e:
-            local.unlink(missing_ok=True)
-            raise work_failed(workdir, e) from None
-        try:
-            return PackIndex(local)
-        except PackIndexUnusable:
-            local.unlink(missing_ok=True)
-            raise
+        return downloaded_index(s3, reserved_prefix(prefix) + index_name_of(pointer, where),
+                                workdir / "last-index.sqlite")
 
     def _adopt(self, work: PackWork, pack_objects: dict[str, ListedObject], indexed_packs: set[str]) -> int:
         """Entries of packs that an interrupted run wrote (with their manifest) but never indexed."""

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, ObjectMissing
-from .packindex import POINTER, PackIndex, index_name_of, reserved_prefix
-from .packwork import work_dir, work_failed
+from .packindex import POINTER, index_name_of, reserved_prefix
+from .packwork import downloaded_index, work_dir
 from .tiers.s3 import ListedObject, S3Backend
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,7 @@ def _versions_kept(versions: list[str], listed: dict[str, ListedObject], current
 
 def _packs_named(s3: S3Backend, key: str) -> set[str]:
     with work_dir("gc") as tmp:
-        path = tmp / "index.sqlite"
-        try:
-            s3.get_file(key, path)
-        except OSError as e:
-            raise work_failed(tmp, e) from None
-        index = PackIndex(path)
+        index = downloaded_index(s3, key, tmp / "index.sqlite")
         try:
             return {p.key for p in index.packs.values()}
         finally:

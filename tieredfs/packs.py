@@ -60,8 +60,9 @@ class _Prefix:
 
 class PackRegistry:
     def __init__(self, bucket: str, get_object: Callable[[str], tuple[bytes, str]],
-                 get_file: Callable[[str, Path], str], index_dir: Path, ttl: float, counters: Counters, clock: Callable[[], float] = time.monotonic,
-                 root: str = "", listing_from_index: bool = False):
+                 get_file: Callable[[str, Path], str], index_dir: Path, ttl: float, counters: Counters,
+                 clock: Callable[[], float] = time.monotonic, root: str = "",
+                 listing_from_index: bool = False):
         self.bucket = bucket
         self._root = root  # the mount's prefix: its ancestors may be packed
         self._from_index = listing_from_index

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import PackWorkFailed
-from .packindex import Pack, etag_read, etag_stored, new_index
-from .tiers.s3 import ListedObject
+from .packindex import Pack, PackIndex, etag_read, etag_stored, new_index
+from .tiers.s3 import ListedObject, S3Backend
 
 _WORK_SCHEMA = """
 CREATE TABLE sources (path TEXT PRIMARY KEY, etag NOT NULL, size INTEGER NOT NULL,
@@ -70,6 +70,16 @@ def _sweep(base: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except OSError:  # alive, as another user
             pass
+
+
+def downloaded_index(s3: S3Backend, key: str, path: Path) -> PackIndex:
+    """The index version `key`, downloaded to `path` in a work dir (streamed, not held in
+    memory) and opened. The work dir goes with the file."""
+    try:
+        s3.get_file(key, path)
+    except OSError as e:
+        raise work_failed(path.parent, e) from None
+    return PackIndex(path)
 
 
 def work_failed(workdir: Path, e: Exception) -> PackWorkFailed:
